@@ -1,0 +1,183 @@
+"""Benchmark: zenfed packed CKKS vs NVFlare's stock HE path, on SmolLM2-135M LoRA updates.
+
+Prints one JSON object. Both paths run side by side in one process on the same
+updates. Stock: ``nvflare.app_opt.he.model_encryptor.HEModelEncryptor`` with the
+stock provisioning context (``HEBuilder`` defaults: N=8192, [60, 40, 40], scale
+2^40), serialised as FLARE sends a task result (``Shareable.to_bytes``, fobs).
+zenfed: the sealed envelope a site uploads (header + packed ciphertexts).
+
+Run: ``python bench/bench_he.py [--tiny]`` or ``zenfed bench he --json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from zenfed.privacy.he import EncryptedSum, Encryptor, UpdateLayout, decrypt_sum, fingerprint
+from zenfed.privacy.he_context import make_public_context, make_secret_context
+from zenfed.privacy.he_envelope import open_envelope, seal_envelope
+from zenfed.privacy.he_params import PackingConfig
+
+# SmolLM2-135M (LlamaForCausalLM) configuration.
+HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 30, 9, 3, 64
+SITES = 3
+
+
+def _module_dims() -> dict[str, tuple[int, int]]:
+    kv = KV_HEADS * HEAD_DIM
+    return {
+        "self_attn.q_proj": (HIDDEN, HEADS * HEAD_DIM),
+        "self_attn.k_proj": (HIDDEN, kv),
+        "self_attn.v_proj": (HIDDEN, kv),
+        "self_attn.o_proj": (HEADS * HEAD_DIM, HIDDEN),
+        "mlp.gate_proj": (HIDDEN, INTERMEDIATE),
+        "mlp.up_proj": (HIDDEN, INTERMEDIATE),
+        "mlp.down_proj": (INTERMEDIATE, HIDDEN),
+    }
+
+
+def lora_shapes(*, rank: int, modules: tuple[str, ...], layers: int) -> dict[str, tuple[int, int]]:
+    """PEFT LoRA tensor names and shapes (A: r x in, B: out x r) for SmolLM2-135M."""
+    dims = _module_dims()
+    shapes = {}
+    for i in range(layers):
+        for module in modules:
+            d_in, d_out = dims[module]
+            prefix = f"base_model.model.model.layers.{i}.{module}"
+            shapes[f"{prefix}.lora_A.weight"] = (rank, d_in)
+            shapes[f"{prefix}.lora_B.weight"] = (d_out, rank)
+    return shapes
+
+
+def _updates(shapes: dict[str, tuple[int, int]], n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    # One round of LoRA at lr 2e-4 moves weights by about 1e-3; DP noise is of that order too.
+    return [{k: torch.randn(s, generator=gen) * 1e-3 for k, s in shapes.items()} for _ in range(n)]
+
+
+def _stock_bytes(update: dict[str, torch.Tensor]) -> tuple[int, float]:
+    import tenseal as ts
+    from nvflare.apis.dxo import DXO, DataKind, MetaKey
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_opt.he.constant import HE_ALGORITHM_CKKS
+    from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
+    from nvflare.lighter.impl.he import HEBuilder
+
+    builder = HEBuilder()  # stock provisioning defaults
+    builder.initialize(None, None)
+    context = ts.context_from(builder.get_serialized_context(is_client=True))
+    encryptor = HEModelEncryptor(weigh_by_local_iter=False)
+    encryptor.tenseal_context = context
+    encryptor.encrypt_layers = [True]  # what START_RUN sets: encrypt every layer
+    params = {k: v.numpy().astype(np.float32) for k, v in update.items()}
+    start = time.perf_counter()
+    encrypted, processed = encryptor.encryption(params=params, fl_ctx=FLContext())
+    dxo = DXO(data_kind=DataKind.WEIGHT_DIFF, data=encrypted)
+    dxo.set_meta_prop(MetaKey.PROCESSED_KEYS, processed)
+    dxo.set_meta_prop(MetaKey.PROCESSED_ALGORITHM, HE_ALGORITHM_CKKS)
+    size = len(dxo.to_shareable().to_bytes())
+    return size, time.perf_counter() - start
+
+
+def _case(name: str, shapes: dict, *, secret, public, packing, workers: int) -> dict:
+    updates = _updates(shapes, SITES, seed=len(shapes))
+    layout = UpdateLayout.from_update(updates[0])
+    n_values = layout.n_values
+    weights = [1.0, 0.75, 0.5]
+    fp = fingerprint(secret, packing)
+    with Encryptor(context=secret, packing=packing, workers=workers) as enc:
+        enc.encrypt(updates[0], weight=1.0, layout=layout)  # start the worker processes
+        start = time.perf_counter()
+        blobs = [enc.encrypt(u, weight=w, layout=layout) for u, w in zip(updates, weights)]
+        encrypt_s = (time.perf_counter() - start) / SITES
+    envelopes = [
+        seal_envelope(job="bench", round=1, site=f"site-{i}", fingerprint=fp, n_values=n_values,
+                      ciphertext=b)
+        for i, b in enumerate(blobs)
+    ]
+    start = time.perf_counter()
+    total = EncryptedSum(context=public)
+    for envelope in envelopes:
+        _, ciphertext = open_envelope(envelope, job="bench", round=1, fingerprint=fp,
+                                      n_values=n_values)
+        total.add(ciphertext)
+    summed = total.to_bytes()
+    aggregate_s = time.perf_counter() - start
+    start = time.perf_counter()
+    mean = decrypt_sum(summed, context=secret, packing=packing, layout=layout,
+                       total_weight=sum(weights))
+    decrypt_s = time.perf_counter() - start
+    error = max(
+        (mean[k].double() - sum(w * u[k].double() for u, w in zip(updates, weights)) / sum(weights))
+        .abs().max().item()
+        for k in mean
+    )
+    stock_bytes, stock_s = _stock_bytes(updates[0])
+    fp32 = 4 * n_values
+    return {
+        "name": name,
+        "values": n_values,
+        "tensors": len(shapes),
+        "fp32_bytes": fp32,
+        "zenfed_bytes": len(envelopes[0]),
+        "stock_bytes": stock_bytes,
+        "zenfed_ratio_fp32": round(len(envelopes[0]) / fp32, 3),
+        "stock_ratio_fp32": round(stock_bytes / fp32, 3),
+        "stock_over_zenfed": round(stock_bytes / len(envelopes[0]), 2),
+        "encrypt_values_per_s": round(n_values / encrypt_s),
+        "stock_encrypt_values_per_s": round(n_values / stock_s),
+        "aggregate_s": round(aggregate_s, 3),
+        "aggregate_sites": SITES,
+        "decrypt_s": round(decrypt_s, 3),
+        "max_abs_error": error,
+        "quant_step": packing.step,
+    }
+
+
+def run(*, tiny: bool) -> dict:
+    """Run the benchmark; ``tiny`` uses 2 of the 30 layers (for CI). Returns the JSON object."""
+    layers = 2 if tiny else LAYERS
+    workers = 1 if tiny else min(2, os.cpu_count() or 1)
+    packing = PackingConfig(quant_bits=16, max_sites=64, clip=0.05)
+    secret = make_secret_context()
+    public = make_public_context(secret)
+    qkvo = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    cases = [
+        ("smollm2_135m_r8_qkvo", lora_shapes(rank=8, modules=qkvo, layers=layers)),
+        ("smollm2_135m_r16_all_linear", lora_shapes(rank=16, modules=tuple(_module_dims()),
+                                                    layers=layers)),
+    ]
+    return {
+        "benchmark": "he",
+        "tiny": tiny,
+        "workers": workers,
+        "he": {
+            "poly_modulus_degree": secret.params.poly_modulus_degree,
+            "coeff_mod_bit_sizes": list(secret.params.coeff_mod_bit_sizes),
+            "security_bits": secret.security_bits,
+            "quant_bits": packing.quant_bits,
+            "max_sites": packing.max_sites,
+            "clip": packing.clip,
+        },
+        "cases": [
+            _case(name, shapes, secret=secret, public=public, packing=packing, workers=workers)
+            for name, shapes in cases
+        ],
+        "round_overhead": None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="2 layers instead of 30")
+    print(json.dumps(run(tiny=parser.parse_args().tiny), indent=2))
+
+
+if __name__ == "__main__":
+    main()

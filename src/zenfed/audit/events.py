@@ -1,0 +1,68 @@
+"""Names of the audit events, as constants: a typo becomes an import error, not a silent gap.
+
+Each constant is the ``event`` string of a record. ``fields`` conventions that
+the verifier and the report rely on are listed beside the events that use them.
+"""
+
+from typing import Final
+
+KIT_IDENTITY: Final = "kit_identity"
+"""Written first in every log: certificate PEM and fingerprint, subject, role."""
+JOB_SUBMITTED: Final = "job_submitted"
+"""fields: job (name), job_id, submitter, spec_sha256."""
+JOB_DEPLOYED: Final = "job_deployed"
+"""fields: job_id, sites (list of site names)."""
+JOB_STARTED: Final = "job_started"
+"""fields: job_id."""
+ROUND_STARTED: Final = "round_started"
+"""fields: round, sites (optional list)."""
+ROUND_ENDED: Final = "round_ended"
+"""fields: round."""
+UPDATE_SENT: Final = "update_sent"
+"""Site side. fields: round, sha256, size (bytes), kind (e.g. 'encrypted_adapter_update')."""
+UPDATE_RECEIVED: Final = "update_received"
+"""Server side. fields: site, round, sha256, size (bytes), kind."""
+AGGREGATED: Final = "aggregated"
+"""fields: round, inputs (list of sha256), output (sha256)."""
+EVALUATED: Final = "evaluated"
+"""fields: round, metrics (dict of numbers)."""
+POLICY_DECISION: Final = "policy_decision"
+"""fields: decision ('accepted' or 'refused'), reason, and what was decided on."""
+MODEL_RELEASED: Final = "model_released"
+"""fields: adapter_sha256, released_to, decided_by."""
+ERROR: Final = "error"
+"""fields: kind, message."""
+ATTESTATION: Final = "attestation"
+"""fields: peer, tee_kind, verdict, nonce_sha256, reason."""
+DP_SPENT: Final = "dp_spent"
+"""fields: round, epsilon, delta, noise_multiplier, clip_norm, epsilon_total."""
+LOG_ANCHORED: Final = "log_anchored"
+"""Server side. fields: participant, seq, sha256 (of that participant's record line).
+
+Pins the head of a site's log as the server saw it, so that records cut from the
+end of that site's log are caught by ``verify_result``.
+"""
+LOG_RECOVERED: Final = "log_recovered"
+"""Written on reopen after a crash: fields: moved_to, bytes, sha256 of the partial tail."""
+
+ALL_EVENTS: Final = frozenset(
+    {
+        KIT_IDENTITY,
+        JOB_SUBMITTED,
+        JOB_DEPLOYED,
+        JOB_STARTED,
+        ROUND_STARTED,
+        ROUND_ENDED,
+        UPDATE_SENT,
+        UPDATE_RECEIVED,
+        AGGREGATED,
+        EVALUATED,
+        POLICY_DECISION,
+        MODEL_RELEASED,
+        ERROR,
+        ATTESTATION,
+        DP_SPENT,
+        LOG_ANCHORED,
+        LOG_RECOVERED,
+    }
+)

@@ -1,0 +1,1 @@
+"""FLARE controllers: thin adapters between FLARE and the zenfed core."""

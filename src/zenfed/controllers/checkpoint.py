@@ -1,0 +1,84 @@
+"""Per-round server checkpoints, so a restarted server resumes a job where it stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zenfed.engines.base import AdapterState
+from zenfed.errors import AdapterError
+from zenfed.wire import decode_adapter, encode_adapter, sha256_hex
+
+STATE_FILE = "state.json"
+GLOBAL_FILE = "global.safetensors"
+
+
+@dataclass
+class RunState:
+    """What the controller must remember between rounds."""
+
+    completed_round: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    global_adapter: AdapterState | None = None
+    finished: bool = False
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class CheckpointStore:
+    """A folder holding the latest round's state and global adapter."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def save(self, state: RunState) -> None:
+        """Write the state; the global adapter first, so a crash never pairs new state with old weights."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta: dict[str, Any] = {
+            "completed_round": state.completed_round,
+            "history": state.history,
+            "finished": state.finished,
+            "global_sha256": None,
+        }
+        if state.global_adapter is not None:
+            payload = encode_adapter(state.global_adapter)
+            _atomic_write(self.folder / GLOBAL_FILE, payload)
+            meta["global_sha256"] = sha256_hex(payload)
+        _atomic_write(self.folder / STATE_FILE, json.dumps(meta, indent=2).encode())
+
+    def load(self) -> RunState | None:
+        """Return the saved state, or None if there is none or it is inconsistent."""
+        state_path = self.folder / STATE_FILE
+        if not state_path.is_file():
+            return None
+        try:
+            meta = json.loads(state_path.read_text())
+            adapter = None
+            if meta.get("global_sha256"):
+                payload = (self.folder / GLOBAL_FILE).read_bytes()
+                if sha256_hex(payload) != meta["global_sha256"]:
+                    return None
+                adapter = decode_adapter(payload)
+            return RunState(
+                completed_round=int(meta["completed_round"]),
+                history=list(meta["history"]),
+                global_adapter=adapter,
+                finished=bool(meta.get("finished", False)),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AdapterError):
+            return None

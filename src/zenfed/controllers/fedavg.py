@@ -1,0 +1,283 @@
+"""Server side of a federated LoRA job: rounds, FedAvg, federated evaluation, checkpoints.
+
+Each round broadcasts ``zenfed_train`` with the current global adapter (none in
+round 1: every site starts from the same deterministic initialisation). A site
+first evaluates the adapter it received on its validation split, then trains,
+and answers with its new adapter and both sets of metrics. Results are folded
+into a running weighted sum as they arrive. After the last round a
+``zenfed_evaluate`` task scores the final adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from nvflare.apis.client import Client
+from nvflare.apis.controller_spec import ClientTask, Task
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.impl.controller import Controller
+from nvflare.apis.shareable import Shareable
+from nvflare.apis.signal import Signal
+from nvflare.widgets.info_collector import GroupInfoCollector, InfoCollector
+
+from zenfed import protocol as P
+from zenfed.controllers.aggregators import WeightedMean
+from zenfed.controllers.checkpoint import CheckpointStore, RunState
+from zenfed.engines.export import write_peft_adapter
+from zenfed.errors import ZenfedError
+from zenfed.spec import JobSpec, parse_model
+from zenfed.wire import decode_adapter, encode_adapter, sha256_hex
+
+RESULT_FILE = "zenfed_result.json"
+
+
+class FedLoRAController(Controller):
+    """FedAvg of LoRA adapters with per-round federated evaluation and checkpoints."""
+
+    def __init__(self, spec: dict[str, Any], task_check_period: float = 0.5):
+        """Create the controller.
+
+        Args:
+            spec: The job spec as a dict (``JobSpec.model_dump(mode="json")``).
+            task_check_period: Seconds between task status checks.
+        """
+        super().__init__(task_check_period=task_check_period)
+        self._spec_data = spec
+        self.spec: JobSpec | None = None
+        self._round = 0
+        self._phase = "init"
+        self._aggregator = WeightedMean()
+        self._round_sites: dict[str, dict[str, Any]] = {}
+        self._last_eval: dict[str, float] = {}
+        self._out_dir: Path | None = None
+        self._checkpoints: CheckpointStore | None = None
+        self._job_id = ""
+
+    # -- FLARE lifecycle -------------------------------------------------------------------
+    def start_controller(self, fl_ctx: FLContext) -> None:
+        """Validate the spec and find the run and checkpoint folders."""
+        self.spec = parse_model(JobSpec, self._spec_data, kind="job spec", source="the job's server config")
+        self._job_id = fl_ctx.get_job_id()
+        workspace = fl_ctx.get_engine().get_workspace()
+        self._out_dir = Path(workspace.get_run_dir(self._job_id)) / "zenfed"
+        self._out_dir.mkdir(parents=True, exist_ok=True)
+        key = f"{self.spec.name}-{self.spec.spec_hash()[:16]}"
+        self._checkpoints = CheckpointStore(Path(workspace.get_root_dir()) / "zenfed-checkpoints" / key)
+
+    def stop_controller(self, fl_ctx: FLContext) -> None:
+        """Mark the workflow finished."""
+        self._phase = "finished"
+
+    def process_result_of_unknown_task(
+        self, client: Client, task_name: str, client_task_id: str, result: Shareable, fl_ctx: FLContext
+    ) -> None:
+        """Ignore late results of tasks that already ended."""
+        self.log_warning(fl_ctx, f"ignored a late result for {task_name} from {client.name}")
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        """Report progress to ``show_stats`` (used by ``zenfed submit``'s progress bar)."""
+        super().handle_event(event_type, fl_ctx)
+        if event_type == InfoCollector.EVENT_TYPE_GET_STATS:
+            collector = fl_ctx.get_prop(InfoCollector.CTX_KEY_STATS_COLLECTOR, None)
+            if isinstance(collector, GroupInfoCollector):
+                collector.add_info(group_name="zenfed", info=self.progress())
+
+    def progress(self) -> dict[str, Any]:
+        """Return the job's progress as plain data."""
+        rounds = self.spec.federation.rounds if self.spec else 0
+        return {
+            "phase": self._phase, "round": self._round, "rounds": rounds,
+            "sites_answered": self._aggregator.count, "eval_loss": self._last_eval.get("eval_loss"),
+            "accuracy": self._last_eval.get("accuracy"),
+        }
+
+    # -- the workflow ----------------------------------------------------------------------
+    def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
+        """Run the rounds, resuming from a checkpoint if one exists."""
+        spec, store = self._require_started()
+        state = store.load() or RunState()
+        if state.finished:
+            state = RunState()  # A finished run of the same spec starts afresh.
+        elif state.completed_round:
+            self.log_info(fl_ctx, f"resuming {spec.name} after round {state.completed_round}")
+        for rnd in range(state.completed_round + 1, spec.federation.rounds + 1):
+            self._round, self._phase = rnd, "train"
+            started = time.time()
+            new_global = self._run_round(P.TASK_TRAIN, state.global_adapter, fl_ctx, abort_signal)
+            if abort_signal.triggered or new_global is None:
+                return
+            entry = self._round_record(rnd, started, new_global)
+            state.history.append(entry)
+            state.global_adapter, state.completed_round = new_global, rnd
+            store.save(state)
+            self.log_info(fl_ctx, f"round {rnd}/{spec.federation.rounds} done: {self._summary(entry)}")
+        self._round, self._phase = spec.federation.rounds, "evaluate"
+        self._run_round(P.TASK_EVALUATE, state.global_adapter, fl_ctx, abort_signal)
+        if abort_signal.triggered:
+            return
+        final_eval = self._weighted_eval()
+        state.finished = True
+        store.save(state)
+        self._write_result(state, final_eval)
+        self._phase = "done"
+
+    def _require_started(self) -> tuple[JobSpec, CheckpointStore]:
+        if self.spec is None or self._checkpoints is None:
+            raise ZenfedError("controller used before start_controller")
+        return self.spec, self._checkpoints
+
+    def _run_round(self, task_name: str, global_adapter: Any, fl_ctx: FLContext, abort_signal: Signal) -> Any:
+        """Broadcast one task; return the aggregated adapter (train) or True (evaluate)."""
+        spec, _ = self._require_started()
+        data = Shareable()
+        header: dict[str, Any] = {
+            P.H_JOB_ID: self._job_id, P.H_ROUND: self._round, P.H_SPEC_HASH: spec.spec_hash(),
+            P.H_HAS_GLOBAL: global_adapter is not None,
+        }
+        if global_adapter is not None:
+            payload = encode_adapter(global_adapter)
+            header[P.H_PAYLOAD_SHA256] = sha256_hex(payload)
+            header[P.H_PAYLOAD_BYTES] = len(payload)
+            data[P.KEY_PAYLOAD] = payload
+        data[P.KEY_HEADER] = header
+        self._aggregator = WeightedMean()
+        self._round_sites = {}
+        task = Task(
+            name=task_name, data=data, timeout=spec.federation.task_timeout_s,
+            result_received_cb=self._on_result,
+        )
+        targets = [c.name for c in fl_ctx.get_engine().get_clients()]
+        self.broadcast_and_wait(
+            task=task, fl_ctx=fl_ctx, targets=targets, min_responses=spec.federation.min_sites,
+            wait_time_after_min_received=spec.federation.task_timeout_s, abort_signal=abort_signal,
+        )
+        if abort_signal.triggered:
+            return None
+        answered = len(self._round_sites) if task_name == P.TASK_EVALUATE else self._aggregator.count
+        if answered < spec.federation.min_sites:
+            self.system_panic(
+                f"round {self._round}: only {answered} site(s) contributed, fewer than "
+                f"federation.min_sites={spec.federation.min_sites}; stopping the job", fl_ctx,
+            )
+            abort_signal.trigger("too few sites")
+            return None
+        self._last_eval = self._weighted_eval()
+        return self._aggregator.result() if task_name == P.TASK_TRAIN else True
+
+    def _on_result(self, client_task: ClientTask, fl_ctx: FLContext) -> None:
+        """Validate one site's result and fold it into the sum; reject bad ones, never abort."""
+        site = client_task.client.name
+        result: Shareable = client_task.result
+        client_task.result = None  # Folded in below; do not keep per-site copies.
+        try:
+            self._accept(site, result, client_task.task.name)
+        except (ZenfedError, ValueError, TypeError, KeyError) as err:
+            self.log_error(fl_ctx, f"round {self._round}: rejected the result of {site}: {err}")
+
+    def _accept(self, site: str, result: Shareable, task_name: str) -> None:
+        spec, _ = self._require_started()
+        refusal = result.get(P.KEY_REFUSAL)
+        if refusal:
+            raise ZenfedError(f"the site refused the task: {refusal}")
+        rc = result.get_return_code()
+        if rc != "OK":
+            raise ZenfedError(f"the site returned {rc}")
+        header = result.get(P.KEY_HEADER)
+        if not isinstance(header, dict):
+            raise ZenfedError("result has no zenfed header")
+        if header.get(P.H_ROUND) != self._round or header.get(P.H_JOB_ID) != self._job_id:
+            raise ZenfedError(
+                f"result is for job {header.get(P.H_JOB_ID)} round {header.get(P.H_ROUND)}, "
+                f"expected round {self._round} (a replay or a stale result)"
+            )
+        metrics = {
+            "eval_loss": float(header[P.H_EVAL_LOSS]), "accuracy": float(header[P.H_EVAL_ACCURACY]),
+            "eval_examples": int(header[P.H_EVAL_EXAMPLES]),
+        }
+        if task_name == P.TASK_TRAIN:
+            payload = result.get(P.KEY_PAYLOAD)
+            if not isinstance(payload, bytes):
+                raise ZenfedError("training result carries no adapter payload")
+            digest = sha256_hex(payload)
+            if digest != header.get(P.H_PAYLOAD_SHA256) or len(payload) != header.get(P.H_PAYLOAD_BYTES):
+                raise ZenfedError("payload does not match the SHA-256/size in its header")
+            num_examples = int(header[P.H_NUM_EXAMPLES])
+            weight = float(num_examples) if spec.federation.weighting == "samples" else 1.0
+            self._aggregator.add(site, decode_adapter(payload), weight=weight)
+            metrics.update(
+                train_loss=float(header[P.H_TRAIN_LOSS]), num_examples=num_examples, weight=weight,
+                update_sha256=digest, update_bytes=len(payload),
+            )
+        self._round_sites[site] = metrics
+
+    # -- records ---------------------------------------------------------------------------
+    def _weighted_eval(self) -> dict[str, float]:
+        sites = self._round_sites.values()
+        total = sum(m["eval_examples"] for m in sites)
+        if not total:
+            return {}
+        return {
+            "eval_loss": sum(m["eval_loss"] * m["eval_examples"] for m in sites) / total,
+            "accuracy": sum(m["accuracy"] * m["eval_examples"] for m in sites) / total,
+        }
+
+    def _round_record(self, rnd: int, started: float, new: Any) -> dict[str, Any]:
+        """One row of the history. Sites evaluated the adapter they received: the previous global."""
+        evaluated = self._weighted_eval()
+        return {
+            "round": rnd, "seconds": round(time.time() - started, 3),
+            "evaluated_round": rnd - 1,
+            "eval_loss": evaluated.get("eval_loss"), "accuracy": evaluated.get("accuracy"),
+            "train_loss": self._mean_of("train_loss"),
+            "contributors": list(self._aggregator.contributors),
+            "total_weight": self._aggregator.total_weight,
+            "global_adapter_sha256": sha256_hex(encode_adapter(new)),
+            "sites": dict(self._round_sites),
+        }
+
+    def _mean_of(self, key: str) -> float | None:
+        values = [m[key] for m in self._round_sites.values() if key in m]
+        return sum(values) / len(values) if values else None
+
+    @staticmethod
+    def _summary(entry: dict[str, Any]) -> str:
+        return (
+            f"{len(entry['contributors'])} sites, train loss {entry['train_loss']:.4f}, "
+            f"eval loss of round {entry['evaluated_round']} {entry['eval_loss']:.4f}"
+        )
+
+    def _write_result(self, state: RunState, final_eval: dict[str, float]) -> None:
+        """Write the final adapter (a PEFT folder) and ``zenfed_result.json`` into the run folder."""
+        spec, _ = self._require_started()
+        if self._out_dir is None or state.global_adapter is None:
+            raise ZenfedError("no global adapter to write")
+        adapter_dir = write_peft_adapter(
+            self._out_dir / spec.output.adapter_dir, state.global_adapter,
+            lora=spec.lora, base_model=spec.model.base,
+        )
+        rounds = []
+        for entry in state.history:
+            rounds.append({**entry, "sites": entry["sites"]})
+        # Shift evaluations so that round r reports the adapter produced by round r.
+        for index, entry in enumerate(rounds):
+            later = rounds[index + 1] if index + 1 < len(rounds) else None
+            source = later if later else {"eval_loss": final_eval.get("eval_loss"),
+                                          "accuracy": final_eval.get("accuracy")}
+            entry["eval_loss"], entry["accuracy"] = source["eval_loss"], source["accuracy"]
+            entry["evaluated_round"] = entry["round"]
+        baseline = state.history[0] if state.history else {}
+        result = {
+            "job": {"name": spec.name, "job_id": self._job_id, "spec_hash": spec.spec_hash(),
+                    "spec": spec.model_dump(mode="json")},
+            "base_model": {"name": spec.model.base},
+            "baseline": {"eval_loss": baseline.get("eval_loss"), "accuracy": baseline.get("accuracy")},
+            "rounds": rounds,
+            "final": {"adapter_dir": str(adapter_dir.relative_to(self._out_dir)),
+                      "adapter_sha256": sha256_hex(encode_adapter(state.global_adapter)),
+                      "eval_loss": final_eval.get("eval_loss"), "accuracy": final_eval.get("accuracy"),
+                      "sites": dict(self._round_sites)},
+        }
+        (self._out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,46 @@
+"""LoRA training engines behind one protocol (see ``base.Engine``).
+
+Engines register here by name; a job spec picks one with ``model.engine``.
+Heavy engines are imported only when a job asks for them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from zenfed.engines.base import AdapterState, Engine, EvalResult, TrainResult
+from zenfed.errors import ModelError
+from zenfed.spec import JobSpec
+
+# name -> "module:Class"; imported lazily so a PEFT-only site never imports NeMo.
+ENGINES: dict[str, str] = {
+    "peft": "zenfed.engines.peft:PeftEngine",
+    "nemo": "zenfed.engines.nemo:NemoEngine",
+}
+
+
+def make_engine(spec: JobSpec, *, model_dir: Path, threads: int = 0) -> Engine:
+    """Build the engine a job spec asks for.
+
+    Raises:
+        ModelError: If the engine is unknown or cannot be imported at this site.
+    """
+    target = ENGINES.get(spec.model.engine)
+    if target is None:
+        raise ModelError(f"unknown engine {spec.model.engine!r}; choose one of {sorted(ENGINES)}")
+    module_name, class_name = target.split(":")
+    try:
+        engine_class = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as err:
+        raise ModelError(
+            f"engine {spec.model.engine!r} is not available at this site ({err}); "
+            f"install zenfed with its extras (`make install`)"
+        ) from err
+    engine: Engine = engine_class(
+        model_dir=model_dir, lora=spec.lora, training=spec.training, threads=threads
+    )
+    return engine
+
+
+__all__ = ["ENGINES", "AdapterState", "Engine", "EvalResult", "TrainResult", "make_engine"]

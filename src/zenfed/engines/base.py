@@ -1,0 +1,90 @@
+"""The engine protocol: what a site needs from a LoRA trainer, whatever does the training.
+
+Adapters travel as ``AdapterState``: a dict of HF PEFT state-dict names
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``) to
+contiguous float32 CPU tensors. Every engine speaks this format, so sites with
+different engines aggregate together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from zenfed.data.jsonl import Example
+from zenfed.errors import AdapterError
+
+AdapterState = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one round of local training produced."""
+
+    adapter: AdapterState
+    num_examples: int
+    steps: int
+    train_loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Loss (mean over response tokens) and exact-match accuracy on a dataset."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A LoRA trainer for one base model and one LoRA shape."""
+
+    def initial_adapter(self) -> AdapterState:
+        """Return the deterministic initial adapter (a function of the spec's seed only)."""
+        ...
+
+    def train(
+        self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int
+    ) -> TrainResult:
+        """Load ``adapter``, train ``steps`` optimizer steps on ``examples``, return the result."""
+        ...
+
+    def evaluate(
+        self, *, adapter: AdapterState, examples: Sequence[Example], max_new_tokens: int
+    ) -> EvalResult:
+        """Return the loss and exact-match accuracy of ``adapter`` on ``examples``."""
+        ...
+
+    def generate(self, *, adapter: AdapterState, prompts: Sequence[Example], max_new_tokens: int) -> list[str]:
+        """Return greedy completions of ``prompts`` under ``adapter``."""
+        ...
+
+
+def to_wire(state: dict[str, torch.Tensor]) -> AdapterState:
+    """Return a detached, contiguous float32 CPU copy of ``state``, sorted by name."""
+    return {k: state[k].detach().to(device="cpu", dtype=torch.float32).contiguous().clone() for k in sorted(state)}
+
+
+def check_compatible(expected: AdapterState, received: AdapterState, *, what: str) -> None:
+    """Raise AdapterError unless ``received`` has exactly the names and shapes of ``expected``."""
+    missing = sorted(set(expected) - set(received))
+    extra = sorted(set(received) - set(expected))
+    if missing or extra:
+        raise AdapterError(
+            f"{what} does not match this job's LoRA shape: "
+            f"{len(missing)} tensors missing (e.g. {missing[:2]}), {len(extra)} unexpected "
+            f"(e.g. {extra[:2]}); check that every site runs the same job spec"
+        )
+    for name, tensor in expected.items():
+        other = received[name]
+        if tuple(other.shape) != tuple(tensor.shape):
+            raise AdapterError(
+                f"{what}: tensor {name} has shape {tuple(other.shape)}, expected {tuple(tensor.shape)}"
+            )
+        if other.dtype != torch.float32:
+            raise AdapterError(f"{what}: tensor {name} is {other.dtype}, expected float32")

@@ -1,0 +1,181 @@
+"""The reference engine: LoRA with Hugging Face PEFT on a transformers causal LM."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zenfed.data.jsonl import Example, exact_match
+from zenfed.data.tokenize import collate, collate_prompts, prompt_ids, tokenize_all
+from zenfed.engines.base import AdapterState, EvalResult, TrainResult, check_compatible, to_wire
+from zenfed.engines.lora_init import deterministic_init
+from zenfed.errors import DataError, ModelError
+from zenfed.spec import LoraSpec, TrainingSpec
+
+EVAL_BATCH = 16
+
+
+def lora_config(lora: LoraSpec, *, base_model_name: str | None = None) -> Any:
+    """Return the PEFT ``LoraConfig`` for a spec's LoRA section."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name,
+    )
+
+
+class PeftEngine:
+    """Trains and evaluates LoRA adapters with PEFT. Loads the model once and reuses it."""
+
+    name = "peft"
+
+    def __init__(self, *, model_dir: Path, lora: LoraSpec, training: TrainingSpec, threads: int = 0):
+        self.model_dir = Path(model_dir)
+        self.lora = lora
+        self.training = training
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._init: AdapterState | None = None
+
+    # -- loading ---------------------------------------------------------------------------
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            base = AutoModelForCausalLM.from_pretrained(self.model_dir, torch_dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot load base model from {self.model_dir}: {err}") from err
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        try:
+            model = get_peft_model(base, lora_config(self.lora, base_model_name=str(self.model_dir)))
+        except ValueError as err:
+            raise ModelError(
+                f"LoRA target modules {list(self.lora.target_modules)} do not fit this model: {err}"
+            ) from err
+        self._tokenizer, self._model = tokenizer, model
+        self._init = deterministic_init(self.adapter_state(), seed=self.training.seed)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer."""
+        self._load()
+        return self._tokenizer
+
+    @property
+    def model(self) -> Any:
+        """The PEFT-wrapped model."""
+        self._load()
+        return self._model
+
+    def adapter_state(self) -> AdapterState:
+        """Return the model's current adapter, as it travels on the wire."""
+        from peft import get_peft_model_state_dict
+
+        return to_wire(get_peft_model_state_dict(self._model))
+
+    def load_adapter(self, adapter: AdapterState) -> None:
+        """Load ``adapter`` into the model, after checking its names and shapes."""
+        from peft import set_peft_model_state_dict
+
+        self._load()
+        check_compatible(self.adapter_state(), adapter, what="the global adapter")
+        result = set_peft_model_state_dict(self._model, adapter)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ModelError(f"adapter tensors not used by the model: {unexpected[:3]}")
+
+    # -- the protocol ----------------------------------------------------------------------
+    def initial_adapter(self) -> AdapterState:
+        """Return the deterministic initial adapter (see ``lora_init``)."""
+        self._load()
+        if self._init is None:
+            raise ModelError("the model loaded without an initial adapter; reload the engine")
+        return {k: v.clone() for k, v in self._init.items()}
+
+    def train(
+        self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int
+    ) -> TrainResult:
+        """Train ``steps`` AdamW steps from ``adapter`` on ``examples``."""
+        if not examples:
+            raise DataError("no training examples; check the site's dataset")
+        self.load_adapter(adapter)
+        model, tokenizer = self._model, self._tokenizer
+        data = tokenize_all(tokenizer, examples, max_len=self.training.seq_len)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.training.learning_rate, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(seed)
+        order: list[int] = []
+        losses: list[float] = []
+        model.train()
+        for _ in range(steps):
+            if len(order) < self.training.batch_size:
+                order.extend(torch.randperm(len(data), generator=generator).tolist())
+            batch_ids, order = order[: self.training.batch_size], order[self.training.batch_size:]
+            batch = collate([data[i] for i in batch_ids], pad_id=tokenizer.pad_token_id)
+            loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        model.eval()
+        return TrainResult(
+            adapter=self.adapter_state(), num_examples=len(examples), steps=steps,
+            train_loss=sum(losses) / len(losses),
+            metrics={"train_loss_last": losses[-1]},
+        )
+
+    @torch.no_grad()
+    def evaluate(
+        self, *, adapter: AdapterState, examples: Sequence[Example], max_new_tokens: int
+    ) -> EvalResult:
+        """Return token-weighted response loss and exact-match accuracy."""
+        if not examples:
+            raise DataError("no evaluation examples; check the site's validation file")
+        self.load_adapter(adapter)
+        model, tokenizer = self._model, self._tokenizer
+        model.eval()
+        data = tokenize_all(tokenizer, examples, max_len=self.training.seq_len)
+        total, tokens = 0.0, 0
+        for start in range(0, len(data), EVAL_BATCH):
+            batch = collate(data[start:start + EVAL_BATCH], pad_id=tokenizer.pad_token_id)
+            count = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * count
+            tokens += count
+        predictions = self._generate_loaded(examples, max_new_tokens)
+        accuracy = exact_match(predictions, [e.response for e in examples])
+        loss = total / tokens if tokens else math.nan
+        return EvalResult(loss=loss, accuracy=accuracy, num_examples=len(examples))
+
+    @torch.no_grad()
+    def generate(self, *, adapter: AdapterState, prompts: Sequence[Example], max_new_tokens: int) -> list[str]:
+        """Return greedy completions of ``prompts`` under ``adapter``."""
+        self.load_adapter(adapter)
+        return self._generate_loaded(prompts, max_new_tokens)
+
+    def _generate_loaded(self, prompts: Sequence[Example], max_new_tokens: int) -> list[str]:
+        model, tokenizer = self._model, self._tokenizer
+        model.eval()
+        outputs: list[str] = []
+        for start in range(0, len(prompts), EVAL_BATCH):
+            chunk = [prompt_ids(tokenizer, e) for e in prompts[start:start + EVAL_BATCH]]
+            batch = collate_prompts(chunk, pad_id=tokenizer.pad_token_id)
+            generated = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = generated[:, batch["input_ids"].shape[1]:]
+            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        return outputs

@@ -1,0 +1,1 @@
+"""FLARE executors: thin adapters between FLARE and the zenfed core."""

@@ -1,0 +1,62 @@
+"""Finding and applying a site's own policy (FLARE side: it knows where kits keep files)."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+from zenfed.errors import PolicyError
+from zenfed.spec import JobSpec, SitePolicy, load_site_policy
+
+POLICY_FILE = "zenfed_site.yaml"
+# The simulator gives every site a copy of one shared local/ folder, so there
+# each site's policy is kept under its own name.
+SHARED_POLICY_DIR = "zenfed_sites"
+
+
+def find_site_policy(*, site: str, site_config_dir: str | None) -> Path:
+    """Return the path of a site's policy file.
+
+    A provisioned site keeps it at ``local/zenfed_site.yaml`` in its kit. In the
+    simulator, where sites share one ``local/`` folder, it is
+    ``local/zenfed_sites/SITE.yaml``.
+
+    Raises:
+        PolicyError: If neither exists.
+    """
+    candidates = []
+    if site_config_dir:
+        local = Path(site_config_dir)
+        candidates = [local / POLICY_FILE, local / SHARED_POLICY_DIR / f"{site}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    tried = ", ".join(str(p) for p in candidates) or "no location configured"
+    raise PolicyError(
+        f"site {site!r} has no zenfed site policy (tried: {tried}); provision the site with "
+        f"`zenfed provision` or write {POLICY_FILE} into the kit's local/ folder"
+    )
+
+
+def load_policy_for(*, site: str, site_config_dir: str | None) -> SitePolicy:
+    """Load a site's policy and check it belongs to this site."""
+    policy = load_site_policy(find_site_policy(site=site, site_config_dir=site_config_dir))
+    if policy.site != site:
+        raise PolicyError(
+            f"the site policy is for {policy.site!r}, but this site is {site!r}; fix its 'site:'"
+        )
+    return policy
+
+
+def check_job_allowed(policy: SitePolicy, spec: JobSpec) -> None:
+    """Raise PolicyError with the reason if the site's policy refuses this job."""
+    if not any(fnmatch.fnmatchcase(spec.name, pattern) for pattern in policy.allowed_jobs):
+        raise PolicyError(
+            f"job {spec.name!r} is not in this site's allowed_jobs {list(policy.allowed_jobs)}"
+        )
+    allowed = policy.allowed_base_models
+    if "*" not in allowed and spec.model.base not in allowed:
+        raise PolicyError(
+            f"base model {spec.model.base!r} is not in this site's allowed_base_models {list(allowed)}"
+        )
+    policy.dataset(spec.data.dataset)

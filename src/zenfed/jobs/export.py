@@ -1,0 +1,88 @@
+"""Export a JobSpec as a FLARE job folder: configuration only, no custom code.
+
+Sites run the installed, version-pinned ``zenfed`` package; the folder names
+its classes by path. That is what FLARE requires once confidential computing is
+on, and what a regulated site's change control wants.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from zenfed import protocol as P
+from zenfed.errors import JobError
+from zenfed.spec import JobSpec
+
+# One app, deployed everywhere: its server config runs on the server and its
+# client config on every site. FLARE's "@ALL" cannot be mixed with named sites.
+APP = "app"
+CONTROLLER_CLASS = "zenfed.controllers.fedavg.FedLoRAController"
+EXECUTOR_CLASS = "zenfed.executors.lora_executor.LoRAExecutor"
+
+
+def job_configs(spec: JobSpec) -> dict[str, dict[str, Any]]:
+    """Return the job folder's files as data: relative path -> JSON content."""
+    spec_data = spec.model_dump(mode="json")
+    meta = {
+        "name": spec.name,
+        "resource_spec": {},
+        "deploy_map": {APP: ["@ALL"]},
+        "min_clients": spec.federation.min_sites,
+    }
+    server = {
+        "format_version": 2,
+        "workflows": [{"id": "zenfed_controller", "path": CONTROLLER_CLASS, "args": {"spec": spec_data}}],
+        "components": [],
+    }
+    site = {
+        "format_version": 2,
+        "executors": [{
+            "tasks": [P.TASK_TRAIN, P.TASK_EVALUATE],
+            "executor": {"id": "zenfed_executor", "path": EXECUTOR_CLASS, "args": {"spec": spec_data}},
+        }],
+        "task_data_filters": [],
+        "task_result_filters": [],
+        "components": [],
+    }
+    return {
+        "meta.json": meta,
+        f"{APP}/config/config_fed_server.json": server,
+        f"{APP}/config/config_fed_client.json": site,
+    }
+
+
+def export_job(spec: JobSpec, *, out: str | Path, overwrite: bool = False) -> Path:
+    """Write ``spec`` as a FLARE job folder at ``out``, atomically.
+
+    Args:
+        spec: A validated job spec.
+        out: The job folder to create (e.g. ``jobs/demo-lora``).
+        overwrite: Replace an existing folder.
+
+    Returns:
+        The job folder.
+
+    Raises:
+        JobError: If ``out`` exists and ``overwrite`` is false.
+    """
+    target = Path(out)
+    if target.exists() and not overwrite:
+        raise JobError(f"{target} already exists; remove it or pass --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for relative, content in job_configs(spec).items():
+            path = staging / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target

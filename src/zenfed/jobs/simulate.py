@@ -1,0 +1,83 @@
+"""Run a job in the FLARE simulator, for development: real FLARE processes, no kits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+
+from zenfed.errors import JobError
+from zenfed.jobs.allow_list import class_allow_list
+from zenfed.jobs.export import export_job
+from zenfed.spec import DatasetLocation, JobSpec, SitePolicy
+
+SIMULATOR_JOB = "simulate_job"
+
+
+def builtin_policies(data_dir: Path, *, sites: int, dataset: str, allow_any_model: bool) -> dict[str, SitePolicy]:
+    """Return site policies pointing each ``site-K`` at its folder of the built-in data."""
+    models = ("*",) if allow_any_model else ("default",)
+    return {
+        f"site-{k}": SitePolicy(
+            site=f"site-{k}", datasets={dataset: DatasetLocation(path=data_dir / f"site-{k}")},
+            allowed_base_models=models, torch_threads=1,
+        )
+        for k in range(1, sites + 1)
+    }
+
+
+def prepare_workspace(workspace: Path, policies: Mapping[str, SitePolicy]) -> None:
+    """Write the shared ``local/`` folder the simulator copies to every participant."""
+    local = workspace / "local"
+    (local / "zenfed_sites").mkdir(parents=True, exist_ok=True)
+    (local / "resources.json").write_text(json.dumps({"class_allow_list": class_allow_list()}, indent=2))
+    for site, policy in policies.items():
+        text = yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False)
+        (local / "zenfed_sites" / f"{site}.yaml").write_text(text)
+
+
+def run_simulation(
+    spec: JobSpec, *, workspace: str | Path, policies: Mapping[str, SitePolicy], threads: int | None = None,
+    log_path: Path | None = None,
+) -> Path:
+    """Run ``spec`` in the FLARE simulator and return the server's result folder.
+
+    Args:
+        spec: The job.
+        workspace: Run folder (replaced if it exists): ``job/``, the simulator's ``sim/``, and its log.
+        policies: Site name -> its policy; one simulated site each.
+        threads: Sites run at once (default: all).
+        log_path: Where the simulator's output goes (default: ``WORKSPACE/simulator.log``).
+
+    Returns:
+        The folder holding ``zenfed_result.json`` and the final adapter.
+
+    Raises:
+        JobError: If the simulator fails or the job leaves no result.
+    """
+    # The simulator clears its own workspace at start, so the job folder and the
+    # log live beside it: WORKSPACE/{job,sim,simulator.log}.
+    root = Path(workspace).resolve()
+    if root.exists():
+        shutil.rmtree(root)
+    ws = root / "sim"
+    ws.mkdir(parents=True)
+    prepare_workspace(ws, policies)
+    job_dir = export_job(spec, out=root / "job" / spec.name)
+    sites = sorted(policies)
+    log = log_path or root / "simulator.log"
+    cmd = [
+        str(Path(sys.executable).with_name("nvflare")), "simulator", str(job_dir), "-w", str(ws),
+        "-c", ",".join(sites), "-t", str(threads or len(sites)),
+    ]
+    with log.open("w") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+    result_dir = ws / "server" / SIMULATOR_JOB / "zenfed"
+    if code != 0 or not (result_dir / "zenfed_result.json").is_file():
+        raise JobError(f"the simulator run failed (exit {code}); see {log}")
+    return result_dir

@@ -1,0 +1,1 @@
+"""Privacy tools: packed CKKS aggregation (``he``) and differential privacy (``dp``)."""

@@ -1,0 +1,70 @@
+"""Differential privacy for zenfed: the public API in one place.
+
+- Accounting (``dp_accountant``): :class:`PrivacyAccountant`, :func:`planned_epsilon`,
+  :func:`solve_noise_multiplier`, :func:`plan_record_dp`, :func:`default_delta`.
+- Record-level DP-SGD (``dp_sgd``): :class:`DPSGD`, :class:`PoissonSampler`.
+- Client-level DP (``dp_client``): :func:`clip_update`, :func:`add_gaussian_noise`,
+  :class:`LocalClientDP`, :class:`DistributedClientDP`, :func:`client_level_dp`.
+- Budgets (``dp_ledger``): :class:`PrivacyLedger`, :class:`BudgetDecision`.
+
+See docs/privacy.md for how to use them from a training loop and for the threat models.
+"""
+
+from zenfed.privacy.dp_accountant import (
+    DEFAULT_CLIENT_DELTA,
+    PrivacyAccountant,
+    RecordDPPlan,
+    default_delta,
+    plan_record_dp,
+    planned_epsilon,
+    sample_rate_for,
+    solve_noise_multiplier,
+)
+from zenfed.privacy.dp_client import (
+    ClientDPResult,
+    ClientLevelDP,
+    DistributedClientDP,
+    LocalClientDP,
+    add_gaussian_noise,
+    client_level_dp,
+    clip_update,
+    update_norm,
+)
+from zenfed.privacy.dp_errors import (
+    LedgerError,
+    LedgerTamperedError,
+    PrivacyBudgetError,
+    PrivacyError,
+)
+from zenfed.privacy.dp_ledger import BudgetDecision, PrivacyLedger, SpendRecord
+from zenfed.privacy.dp_sgd import DPSGD, DPStepStats, PoissonSampler, secure_generator
+
+__all__ = [
+    "DEFAULT_CLIENT_DELTA",
+    "DPSGD",
+    "BudgetDecision",
+    "ClientDPResult",
+    "ClientLevelDP",
+    "DPStepStats",
+    "DistributedClientDP",
+    "LedgerError",
+    "LedgerTamperedError",
+    "LocalClientDP",
+    "PoissonSampler",
+    "PrivacyAccountant",
+    "PrivacyBudgetError",
+    "PrivacyError",
+    "PrivacyLedger",
+    "RecordDPPlan",
+    "SpendRecord",
+    "add_gaussian_noise",
+    "client_level_dp",
+    "clip_update",
+    "default_delta",
+    "plan_record_dp",
+    "planned_epsilon",
+    "sample_rate_for",
+    "secure_generator",
+    "solve_noise_multiplier",
+    "update_norm",
+]

@@ -1,0 +1,250 @@
+"""Record-level DP-SGD on the trainable (LoRA) parameters of a causal language model.
+
+Per-example gradients come from ``torch.func`` (``functional_call`` + ``vmap`` +
+``grad``), taken only with respect to the parameters that require grad, so a
+PEFT model's frozen base weights cost nothing extra. Each example's gradient is
+clipped to L2 norm C, the clipped gradients are summed, Gaussian noise of std
+sigma*C is added, and the result is divided by the expected batch size q*n. The
+result is written to ``.grad``, so any optimizer can step.
+
+The privacy unit is one training record (one sequence). Batches must be drawn
+with :class:`PoissonSampler` at the same rate the accountant is told.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+
+from zenfed.privacy.dp_accountant import PrivacyAccountant, _check_rate, _positive
+from zenfed.privacy.dp_errors import PrivacyError
+
+IGNORE_INDEX = -100
+# Scaling by C / (norm * (1 + _CLIP_SLACK)) keeps every clipped norm <= C despite rounding.
+_CLIP_SLACK = 1e-6
+
+
+def secure_generator(device: str | torch.device = "cpu") -> torch.Generator:
+    """Return a torch generator seeded from the operating system's random source."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    return generator
+
+
+class PoissonSampler:
+    """Batch sampler: each step takes every record independently with probability q.
+
+    Batch sizes vary (and may be 0); that is what the accountant assumes. It
+    works as a ``torch.utils.data.DataLoader(batch_sampler=...)``, but an empty
+    batch must still be a step: call :meth:`DPSGD.privatize_grads` and the
+    optimizer on it (the update is then pure noise).
+
+    Args:
+        num_records: records in the site's training set.
+        sample_rate: q, the probability of each record being in a batch.
+        num_steps: batches to yield per iteration.
+        generator: source of randomness; default a securely seeded one.
+
+    """
+
+    def __init__(
+        self,
+        *,
+        num_records: int,
+        sample_rate: float,
+        num_steps: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if num_records < 1 or num_steps < 0:
+            raise PrivacyError(
+                f"num_records must be >= 1 and num_steps >= 0, got {num_records}, {num_steps}"
+            )
+        self.num_records = num_records
+        self.sample_rate = _check_rate(sample_rate)
+        self.num_steps = num_steps
+        self.generator = generator if generator is not None else secure_generator()
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.num_steps):
+            draws = torch.rand(self.num_records, generator=self.generator)
+            yield torch.nonzero(draws < self.sample_rate).flatten().tolist()
+
+
+@dataclass(frozen=True)
+class DPStepStats:
+    """What one DP-SGD step did (safe to log: it is computed before noise, per batch)."""
+
+    batch_size: int
+    mean_loss: float | None
+    mean_grad_norm: float | None
+    clipped_fraction: float | None
+
+
+def causal_mask_4d(attention_mask: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    """Return an additive (1, 1, T, T) causal+padding mask for one example's 1-D mask.
+
+    Hugging Face models build masks with data-dependent branches that ``vmap``
+    cannot trace; a ready 4-D mask is used as is. Masked entries take the
+    dtype's finite minimum (not -inf), so a fully padded row stays finite.
+    """
+    length = attention_mask.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal & attention_mask.bool()[None, :]
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, low)[None, None]
+
+
+class DPSGD:
+    """Per-example clipping and Gaussian noise for the trainable parameters of a model.
+
+    Args:
+        model: a causal LM (e.g. a PEFT-wrapped Hugging Face model, or the HF module
+            a NeMo model wraps) taking ``input_ids`` and ``attention_mask`` and
+            returning logits (or an object with ``.logits``).
+        clip_norm: C, the L2 bound on each example's gradient.
+        noise_multiplier: sigma; the noise std is sigma * C.
+        sample_rate: q, the Poisson rate the batches are drawn with.
+        num_records: n, the site's training records; the sum is divided by q * n.
+        accountant: if given, one step is composed on every call.
+        generator: noise source; default a securely seeded one.
+        chunk_size: examples per ``vmap`` chunk (bounds memory); None for all at once.
+
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        clip_norm: float,
+        noise_multiplier: float,
+        sample_rate: float,
+        num_records: int,
+        accountant: PrivacyAccountant | None = None,
+        generator: torch.Generator | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.clip_norm = _positive("clip_norm", clip_norm)
+        if noise_multiplier < 0:
+            raise PrivacyError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if noise_multiplier == 0 and accountant is not None:
+            raise PrivacyError("noise_multiplier 0 gives no privacy; do not pass an accountant")
+        self.noise_multiplier = float(noise_multiplier)
+        self.sample_rate = _check_rate(sample_rate)
+        if num_records < 1:
+            raise PrivacyError(f"num_records must be at least 1, got {num_records}")
+        self.expected_batch_size = self.sample_rate * num_records
+        self.accountant = accountant
+        self.generator = generator if generator is not None else secure_generator()
+        self.chunk_size = chunk_size
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise PrivacyError("the model has no trainable parameters; add LoRA adapters first")
+
+    def _example_loss(
+        self,
+        params: dict[str, torch.Tensor],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        # One example: mean next-token cross-entropy over its unmasked label tokens.
+        first = next(iter(params.values()))
+        mask = causal_mask_4d(attention_mask, dtype=first.dtype)
+        out = functional_call(
+            self.model,
+            params,
+            args=(),
+            kwargs={"input_ids": input_ids[None], "attention_mask": mask, "use_cache": False},
+            strict=False,
+        )
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        targets = labels[1:]
+        total = torch.nn.functional.cross_entropy(
+            logits[0, :-1].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+    def per_example_grads(
+        self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Return per-example gradients ``{name: (B, *shape)}`` and per-example losses ``(B,)``."""
+        params = {n: p.detach() for n, p in self.params.items()}
+        fn = vmap(
+            grad_and_value(self._example_loss),
+            in_dims=(None, 0, 0, 0),
+            randomness="different",
+            chunk_size=self.chunk_size,
+        )
+        with warnings.catch_warnings():
+            # CPU SDPA has no batching rule yet: vmap falls back to a loop, correct but slower.
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            grads, losses = fn(params, input_ids, attention_mask, labels)
+        return grads, losses
+
+    def privatize_grads(
+        self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> DPStepStats:
+        """Write clipped, summed, noised, normalised gradients to each trainable ``.grad``.
+
+        Args:
+            input_ids: (B, T) token ids of a Poisson-sampled batch; B may be 0.
+            attention_mask: (B, T), 1 for real tokens.
+            labels: (B, T), -100 for tokens without loss.
+
+        Returns:
+            Statistics of the batch before noise.
+
+        """
+        if not (input_ids.shape == attention_mask.shape == labels.shape) or input_ids.dim() != 2:
+            raise PrivacyError(
+                "input_ids, attention_mask and labels must all have the same (batch, tokens) "
+                f"shape, got {tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, "
+                f"{tuple(labels.shape)}"
+            )
+        batch = int(input_ids.shape[0])
+        sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+        stats = DPStepStats(0, None, None, None)
+        if batch > 0:
+            grads, losses = self.per_example_grads(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels
+            )
+            flat = torch.cat([g.reshape(batch, -1).double() for g in grads.values()], dim=1)
+            norms = flat.norm(dim=1)
+            factors = (self.clip_norm / (norms * (1 + _CLIP_SLACK))).clamp(max=1.0)
+            for name, g in grads.items():
+                scale = factors.to(torch.float32).view(-1, *([1] * (g.dim() - 1)))
+                sums[name] = (g.float() * scale).sum(dim=0)
+            stats = DPStepStats(
+                batch_size=batch,
+                mean_loss=float(losses.mean()),
+                mean_grad_norm=float(norms.mean()),
+                clipped_fraction=float((norms > self.clip_norm).double().mean()),
+            )
+        std = self.noise_multiplier * self.clip_norm
+        for name, param in self.params.items():
+            noisy = sums[name]
+            if std > 0:
+                noise = torch.normal(
+                    0.0,
+                    std,
+                    size=noisy.shape,
+                    generator=self.generator,
+                    device=self.generator.device,
+                )
+                noisy = noisy + noise.to(noisy.device)
+            param.grad = (noisy / self.expected_batch_size).to(param.dtype)
+        if self.accountant is not None:
+            self.accountant.step(
+                noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate
+            )
+        return stats

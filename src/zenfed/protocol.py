@@ -1,0 +1,34 @@
+"""The round protocol shared by the controller and the executor: task names and message keys.
+
+Both sides import this core module, so a header name is spelled in one place.
+Messages are FLARE Shareables holding plain data only: a header dict of
+strings and numbers, and the payload bytes (an encoded adapter).
+"""
+
+from __future__ import annotations
+
+TASK_TRAIN = "zenfed_train"
+TASK_EVALUATE = "zenfed_evaluate"
+
+# Keys inside the Shareable.
+KEY_HEADER = "zenfed_header"
+KEY_PAYLOAD = "zenfed_payload"
+KEY_REFUSAL = "zenfed_refusal"
+
+# Header fields, task data (server -> site).
+H_JOB_ID = "job_id"
+H_ROUND = "round"
+H_SPEC_HASH = "spec_hash"
+H_PAYLOAD_SHA256 = "payload_sha256"
+H_PAYLOAD_BYTES = "payload_bytes"
+H_HAS_GLOBAL = "has_global"
+
+# Header fields, task result (site -> server).
+H_SITE = "site"
+H_NUM_EXAMPLES = "num_examples"
+H_TRAIN_LOSS = "train_loss"
+H_EVAL_LOSS = "eval_loss"
+H_EVAL_ACCURACY = "eval_accuracy"
+H_EVAL_EXAMPLES = "eval_examples"
+H_EVAL_ROUND = "eval_round"
+H_STEPS = "steps"

@@ -1,0 +1,1 @@
+"""FLARE provisioning: thin adapters between FLARE and the zenfed core."""

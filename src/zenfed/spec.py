@@ -1,0 +1,312 @@
+"""Job specs, site policies and project specs: pydantic v2 models loaded from YAML.
+
+A ``JobSpec`` is what a data scientist writes; it goes to the server and to
+every site, so it names datasets only by a logical name. A ``SitePolicy`` is
+what a site's IT writes; it never leaves the site and maps dataset names to
+local paths. A ``ProjectSpec`` describes a federation for provisioning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from zenfed.errors import SpecError
+
+DEFAULT_BASE_MODEL = "default"
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+class _Strict(BaseModel):
+    """Base for all spec models: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Which base model to fine-tune and with which engine."""
+
+    base: str = Field(
+        DEFAULT_BASE_MODEL,
+        description="'default' (SmolLM2-135M-Instruct from `zenfed models prepare`) or a path "
+        "to a Hugging Face model folder that exists at every site",
+    )
+    engine: Literal["peft", "nemo"] = Field(
+        "peft", description="training engine: 'peft' (reference) or 'nemo'"
+    )
+
+
+class LoraSpec(_Strict):
+    """LoRA adapter shape."""
+
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank r, an integer from 1 to 256")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha, a positive number (often 2*rank)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout in [0, 1)")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+        min_length=1,
+        description="module names to adapt, e.g. [q_proj, k_proj, v_proj, o_proj]",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_modules(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a module twice; list each module once")
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not a module name; use names like 'q_proj'")
+        return value
+
+
+class TrainingSpec(_Strict):
+    """Local training per round."""
+
+    local_steps: int = Field(10, ge=1, le=100_000, description="optimizer steps per site per round")
+    batch_size: int = Field(4, ge=1, le=4096, description="examples per step, at least 1")
+    seq_len: int = Field(256, ge=16, le=32_768, description="max tokens per example, 16 or more")
+    learning_rate: float = Field(
+        2e-4, gt=0, le=1.0, description="AdamW learning rate, e.g. 2e-4"
+    )
+    seed: int = Field(0, ge=0, description="seed for LoRA initialisation and data order")
+
+
+class FederationSpec(_Strict):
+    """Rounds and how site updates are combined."""
+
+    rounds: int = Field(3, ge=1, le=10_000, description="federated rounds, at least 1")
+    min_sites: int = Field(2, ge=1, description="sites that must answer each round")
+    weighting: Literal["samples", "uniform"] = Field(
+        "samples", description="'samples' (weight by training examples) or 'uniform'"
+    )
+    task_timeout_s: int = Field(
+        3600, ge=10, description="seconds a round waits for sites before going on without them"
+    )
+
+
+class DataSpec(_Strict):
+    """Which dataset each site trains on, by logical name only."""
+
+    dataset: str = Field(
+        "builtin",
+        pattern=_NAME_PATTERN,
+        description="a dataset name that each site maps to a local path in its site policy",
+    )
+
+
+class EvaluationSpec(_Strict):
+    """Federated evaluation after each round."""
+
+    max_examples: int = Field(64, ge=1, description="validation examples per site per round")
+    max_new_tokens: int = Field(16, ge=1, le=512, description="tokens generated for exact match")
+
+
+class OutputSpec(_Strict):
+    """What the job leaves behind."""
+
+    adapter_dir: str = Field(
+        "adapter", pattern=_NAME_PATTERN, description="folder name of the final PEFT adapter"
+    )
+
+
+class JobSpec(_Strict):
+    """A federated LoRA job, as written by a data scientist."""
+
+    name: str = Field(pattern=_NAME_PATTERN, description="job name: letters, digits, . _ -")
+    model: ModelSpec = ModelSpec()
+    lora: LoraSpec = LoraSpec()
+    training: TrainingSpec = TrainingSpec()
+    federation: FederationSpec = FederationSpec()
+    data: DataSpec = DataSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    output: OutputSpec = OutputSpec()
+
+    def spec_hash(self) -> str:
+        """Return the SHA-256 of the canonical JSON form of this spec."""
+        return hashlib.sha256(canonical_json(self.model_dump(mode="json"))).hexdigest()
+
+
+class DatasetLocation(_Strict):
+    """Where one named dataset lives at a site."""
+
+    path: Path = Field(description="folder holding train.jsonl and valid.jsonl")
+    train: str = Field("train.jsonl", description="training file name inside the folder")
+    valid: str = Field("valid.jsonl", description="validation file name inside the folder")
+
+
+class SitePolicy(_Strict):
+    """A site's own rules; lives in the site kit and never leaves the site."""
+
+    site: str = Field(pattern=_NAME_PATTERN, description="the site's provisioned name")
+    datasets: dict[str, DatasetLocation] = Field(
+        default_factory=dict, description="dataset name -> local location"
+    )
+    allowed_base_models: tuple[str, ...] = Field(
+        (DEFAULT_BASE_MODEL,), description="base models this site agrees to train ('*' for any)"
+    )
+    allowed_jobs: tuple[str, ...] = Field(
+        ("*",), description="job name patterns (fnmatch) this site accepts"
+    )
+    torch_threads: int = Field(0, ge=0, description="CPU threads for training, 0 for the default")
+
+    def dataset(self, name: str) -> DatasetLocation:
+        """Return the location of dataset ``name``, or raise a PolicyError naming the fix."""
+        from zenfed.errors import PolicyError
+
+        if name not in self.datasets:
+            known = ", ".join(sorted(self.datasets)) or "none"
+            raise PolicyError(
+                f"site {self.site!r} has no dataset named {name!r} (it has: {known}); "
+                f"add it under 'datasets:' in the site policy"
+            )
+        return self.datasets[name]
+
+
+class ServerSpec(_Strict):
+    """The FLARE server of a project."""
+
+    name: str = Field("server", pattern=_NAME_PATTERN, description="server host name")
+    host: str = Field("localhost", description="address sites connect to")
+    fl_port: int = Field(8002, ge=1, le=65535, description="federated learning port")
+    admin_port: int = Field(8003, ge=1, le=65535, description="admin port")
+
+
+class SiteSpec(_Strict):
+    """One site of a project, with the policy written into its kit."""
+
+    name: str = Field(pattern=_NAME_PATTERN, description="site name, e.g. 'hospital-a'")
+    org: str = Field("zenfed", pattern=_NAME_PATTERN, description="organisation of the site")
+    datasets: dict[str, DatasetLocation] = Field(default_factory=dict)
+    allowed_base_models: tuple[str, ...] = (DEFAULT_BASE_MODEL,)
+    allowed_jobs: tuple[str, ...] = ("*",)
+    torch_threads: int = Field(0, ge=0)
+
+    def policy(self) -> SitePolicy:
+        """Return the site policy that provisioning writes into this site's kit."""
+        fields = self.model_dump(exclude={"name", "org"})
+        return SitePolicy(site=self.name, **fields)
+
+
+class AdminSpec(_Strict):
+    """A human admin of a project."""
+
+    name: str = Field(pattern=r"^[^@\s]+@[^@\s]+$", description="admin e-mail, e.g. admin@org.org")
+    org: str = Field("zenfed", pattern=_NAME_PATTERN)
+    role: Literal["project_admin", "org_admin", "lead", "member"] = "project_admin"
+
+
+class ProjectSpec(_Strict):
+    """A federation to provision: one server, its sites and admins."""
+
+    name: str = Field(pattern=_NAME_PATTERN, description="project name")
+    server: ServerSpec = ServerSpec()
+    sites: tuple[SiteSpec, ...] = Field(min_length=1, description="at least one site")
+    admins: tuple[AdminSpec, ...] = Field(min_length=1, description="at least one admin")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ProjectSpec:
+        names = [self.server.name, *(s.name for s in self.sites), *(a.name for a in self.admins)]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"participant names must be unique; repeated: {', '.join(dupes)}")
+        if self.server.fl_port == self.server.admin_port:
+            raise ValueError("server.fl_port and server.admin_port must differ")
+        return self
+
+
+def canonical_json(data: Any) -> bytes:
+    """Serialise ``data`` as canonical JSON bytes (sorted keys, no spaces)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _format_validation_error(kind: str, source: str, err: ValidationError, model: type[BaseModel]) -> str:
+    lines = [f"invalid {kind} in {source}:"]
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "is not a known field; remove it or check its spelling"
+        elif item["type"] == "missing":
+            msg = "is required; add it"
+        hint = _field_description(model, item["loc"])
+        got = "" if item["type"] in ("missing",) else f" (got {item.get('input')!r})"
+        lines.append(f"  - {loc}: {msg}{got}" + (f"; expected {hint}" if hint else ""))
+    return "\n".join(lines)
+
+
+def _field_description(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    current: Any = model
+    description = None
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return description
+        info = fields[part]
+        description = info.description
+        current = info.annotation
+    return description
+
+
+def parse_model(model: type[_M], data: Any, *, kind: str, source: str) -> _M:
+    """Validate ``data`` as ``model``, raising SpecError with a readable message.
+
+    Args:
+        model: The pydantic model class.
+        data: Parsed YAML or JSON data.
+        kind: What is being read, for the message (e.g. "job spec").
+        source: Where it came from, for the message (e.g. a file path).
+
+    Returns:
+        The validated model.
+
+    Raises:
+        SpecError: If the data does not validate; the message names every bad field.
+    """
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid {kind} in {source}: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_validation_error(kind, source, err, model)) from None
+
+
+def load_yaml_model(model: type[_M], path: str | Path, *, kind: str) -> _M:
+    """Load a YAML file and validate it as ``model``.
+
+    Raises:
+        SpecError: If the file is missing, not YAML, or does not validate.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{kind} file {path} does not exist; check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"{kind} file {path} is not valid YAML: {err}") from None
+    return parse_model(model, data, kind=kind, source=str(path))
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    """Load and validate a job spec YAML file."""
+    return load_yaml_model(JobSpec, path, kind="job spec")
+
+
+def load_site_policy(path: str | Path) -> SitePolicy:
+    """Load and validate a site policy YAML file."""
+    return load_yaml_model(SitePolicy, path, kind="site policy")
+
+
+def load_project_spec(path: str | Path) -> ProjectSpec:
+    """Load and validate a project YAML file."""
+    return load_yaml_model(ProjectSpec, path, kind="project spec")
