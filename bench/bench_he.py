@@ -91,6 +91,10 @@ def _case(name: str, shapes: dict, *, secret, public, packing, workers: int) -> 
     n_values = layout.n_values
     weights = [1.0, 0.75, 0.5]
     fp = fingerprint(secret, packing)
+    with Encryptor(context=secret, packing=packing) as single:
+        cpu = time.process_time()
+        single.encrypt(updates[0], weight=1.0, layout=layout)
+        cpu_s = time.process_time() - cpu
     with Encryptor(context=secret, packing=packing, workers=workers) as enc:
         enc.encrypt(updates[0], weight=1.0, layout=layout)  # start the worker processes
         start = time.perf_counter()
@@ -131,6 +135,7 @@ def _case(name: str, shapes: dict, *, secret, public, packing, workers: int) -> 
         "stock_ratio_fp32": round(stock_bytes / fp32, 3),
         "stock_over_zenfed": round(stock_bytes / len(envelopes[0]), 2),
         "encrypt_values_per_s": round(n_values / encrypt_s),
+        "encrypt_values_per_cpu_s": round(n_values / cpu_s),
         "stock_encrypt_values_per_s": round(n_values / stock_s),
         "aggregate_s": round(aggregate_s, 3),
         "aggregate_sites": SITES,

@@ -171,8 +171,10 @@ class SitePolicy(_Strict):
 class ServerSpec(_Strict):
     """The FLARE server of a project."""
 
-    name: str = Field("server", pattern=_NAME_PATTERN, description="server host name")
-    host: str = Field("localhost", description="address sites connect to")
+    name: str = Field(
+        "localhost", pattern=_NAME_PATTERN,
+        description="the server's host name, which sites connect to and its certificate names",
+    )
     fl_port: int = Field(8002, ge=1, le=65535, description="federated learning port")
     admin_port: int = Field(8003, ge=1, le=65535, description="admin port")
 

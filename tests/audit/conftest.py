@@ -88,7 +88,9 @@ def foreign_project(tmp_path_factory: pytest.TempPathFactory) -> Project:
 
 
 def _payload(site: str, rnd: int) -> bytes:
-    return hashlib.sha256(f"{site}/{rnd}".encode()).digest() * (1000 + 37 * rnd)
+    # Stand-in for a serialized ciphertext: its size differs per site and round.
+    return hashlib.sha256(f"{site}/{rnd}".encode()).digest() * (1000 + 37 * rnd + 5 * len(site)
+                                                                 + 3 * int(site[-1]))
 
 
 def write_result(project: Project, out: Path, *, rounds: int = 3) -> Path:
@@ -111,7 +113,7 @@ def write_result(project: Project, out: Path, *, rounds: int = 3) -> Path:
     server.append(events.JOB_STARTED, job_id=job_id)
     site_logs = {s: AuditLog.for_kit(project.startup[s], log_path=audit / f"{s}.jsonl")
                  for s in SITES}
-    for s, log in site_logs.items():
+    for log in site_logs.values():
         log.append(events.POLICY_DECISION, decision="accepted", job_id=job_id,
                    reason="model and dataset allowed by the site policy")
         log.append(events.ATTESTATION, peer=SERVER, tee_kind="mock", verdict="trusted")

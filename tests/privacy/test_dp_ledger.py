@@ -6,6 +6,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,24 @@ def test_works_with_a_provisioned_flare_kit(tmp_path):
             signing_key_path=site1 / "client.key",
             certificate_path=site2 / "client.crt",
         )
+
+
+def test_concurrent_writers_lose_no_spend(keys, ledger_path):
+    # Prepare: two jobs of one site, each with its own ledger object on the same file.
+    writers = [PrivacyLedger(ledger_path, signing_key_path=keys[0]) for _ in range(2)]
+
+    # Execute
+    def spend(ledger, job):
+        for r in range(8):
+            ledger.record_spend(dataset="notes", job=job, round=r, epsilon=0.5 * (r + 1), delta=0)
+
+    threads = [threading.Thread(target=spend, args=(w, f"job-{i}")) for i, w in enumerate(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    # Assert
+    reopened = PrivacyLedger(ledger_path, signing_key_path=keys[0])
+    assert len(reopened.records()) == 16
+    assert reopened.spent(dataset="notes") == pytest.approx(8.0)

@@ -199,3 +199,45 @@ def test_bad_inputs_raise_privacy_error(model):
     ids = torch.zeros(2, 5, dtype=torch.long)
     with pytest.raises(PrivacyError):
         dp.privatize_grads(input_ids=ids, attention_mask=ids[:, :4], labels=ids)
+
+
+@pytest.mark.slow  # importing NeMo takes about 20 s here
+def test_per_example_grads_through_nemo_lora_adapters():
+    lora = pytest.importorskip("nemo.collections.llm.peft.lora")
+    # Prepare: the HF module NeMo's HFAutoModelForCausalLM wraps, with NeMo's own LoRA layers.
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    )
+    hf = LlamaForCausalLM(config)
+    hf.requires_grad_(False)
+    for layer in hf.model.layers:
+        for name in ("q_proj", "v_proj"):
+            adapter = lora.LinearAdapter(getattr(layer.self_attn, name), dim=4, alpha=8)
+            torch.nn.init.normal_(adapter.lora_b.weight, std=0.05)
+            setattr(layer.self_attn, name, adapter)
+    input_ids, attention_mask, labels = _batch()
+    dp = DPSGD(hf, clip_norm=1.0, noise_multiplier=0.0, sample_rate=1.0, num_records=4)
+
+    # Execute
+    grads, _ = dp.per_example_grads(
+        input_ids=input_ids, attention_mask=attention_mask, labels=labels
+    )
+
+    # Assert
+    assert sorted(grads) == sorted(n for n, p in hf.named_parameters() if p.requires_grad)
+    for i in range(4):
+        hf.zero_grad()
+        hf(
+            input_ids=input_ids[i : i + 1],
+            attention_mask=attention_mask[i : i + 1],
+            labels=labels[i : i + 1],
+        ).loss.backward()
+        for name, param in hf.named_parameters():
+            if param.requires_grad:
+                torch.testing.assert_close(grads[name][i], param.grad, rtol=1e-4, atol=1e-6)

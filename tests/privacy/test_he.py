@@ -42,9 +42,10 @@ def _updates(n_sites: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def _fedavg(updates, weights):
+def _fedavg(updates, weights, clip=None):
     total = sum(weights)
-    return {k: sum(w * u[k].double() for u, w in zip(updates, weights)) / total for k in updates[0]}
+    value = (lambda t: t.double()) if clip is None else (lambda t: t.double().clamp(-clip, clip))
+    return {k: sum(w * value(u[k]) for u, w in zip(updates, weights)) / total for k in updates[0]}
 
 
 def _he_fedavg(secret, public, packing, updates, weights):
@@ -55,7 +56,7 @@ def _he_fedavg(secret, public, packing, updates, weights):
             summed.add(enc.encrypt(update, weight=weight, layout=layout))
     blob = summed.to_bytes()
     assert len(blob) == expected_ciphertext_bytes(
-        n_values=layout.n_values, context=secret, packing=packing
+        n_values=layout.n_values, context=secret, packing=packing, summed=True
     )
     return decrypt_sum(blob, context=secret, packing=packing, layout=layout, total_weight=sum(weights))
 
@@ -82,7 +83,7 @@ def test_quantised_sum_matches_fedavg_within_one_step(secret, public, n_sites):
     # Execute
     result = _he_fedavg(secret, public, QUANT, updates, weights)
     # Assert: rounding error at most n * step / 2 on the sum, i.e. <= step on this mean
-    plain = _fedavg(updates, weights)
+    plain = _fedavg(updates, weights, clip=QUANT.clip)
     bound = n_sites * QUANT.step / 2 / sum(weights)
     errors = [(result[k].double() - v).abs().max().item() for k, v in plain.items()]
     assert max(errors) <= bound <= QUANT.step
@@ -118,9 +119,11 @@ def test_wire_size_is_at_most_4x_float32(secret):
     # Prepare: an update big enough that padding of the last ciphertext is negligible
     n_values = 200_000
     # Execute
-    size = expected_ciphertext_bytes(n_values=n_values, context=secret, packing=QUANT)
-    # Assert
-    assert size <= 4 * 4 * n_values
+    upload = expected_ciphertext_bytes(n_values=n_values, context=secret, packing=QUANT)
+    summed = expected_ciphertext_bytes(n_values=n_values, context=secret, packing=QUANT, summed=True)
+    # Assert: 4 values per slot (2 packed x real/imaginary), seeded: about 1x float32 up
+    assert upload <= 1.0 * 4 * n_values
+    assert summed <= 2.0 * 4 * n_values
 
 
 def test_server_context_cannot_decrypt(secret, public):

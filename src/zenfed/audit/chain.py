@@ -272,7 +272,7 @@ class _Walk:
         return None
 
     def links(self, index: int, prev: str, expected: int) -> bool:
-        """True if the record at ``index`` is genuine and continues the chain at ``prev``."""
+        """Tell whether the record at ``index`` is genuine and continues the chain at ``prev``."""
         if index >= len(self.records) or (self.partial_tail and index == len(self.lines) - 1):
             return False
         record = self.records[index]

@@ -84,7 +84,8 @@ def _confidentiality(report: dict[str, Any]) -> tuple[str, str]:
     text = (f"Encryption: {', '.join(enc) or 'none recorded'}; differential privacy: "
             f"{', '.join(dp) or 'none recorded'}; audit chain "
             f"{'intact' if report['audit']['ok'] else 'NOT intact'}.")
-    status = EVIDENCED if enc and dp and report["audit"]["ok"] else PARTIAL if enc or dp else MISSING
+    ok = report["audit"]["ok"]
+    status = EVIDENCED if enc and dp and ok else PARTIAL if enc or dp else MISSING
     return status, text
 
 

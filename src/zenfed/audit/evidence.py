@@ -26,7 +26,9 @@ def load_result(result_dir: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except ValueError as exc:
-        raise AuditError(f"{path} is not valid JSON ({exc}); download the job result again") from exc
+        raise AuditError(
+            f"{path} is not valid JSON ({exc}); download the job result again"
+        ) from exc
     if not isinstance(data, dict):
         raise AuditError(f"{path} does not hold a JSON object; download the job result again")
     return data

@@ -65,8 +65,9 @@ def render_pdf(report: dict[str, Any], plots: dict[str, bytes]) -> bytes:
     s, titles = report["summary"], dict(SECTIONS)
     story: list[Any] = [
         Paragraph("Compliance report", _H1),
-        _p(f"Federated fine-tuning job {s['job_name'] or 'unnamed'} (id {s['job_id'] or 'unrecorded'})"
-           f" - generated {report['generated_at']} by {report['generator']}"),
+        _p(f"Federated fine-tuning job {s['job_name'] or 'unnamed'} "
+           f"(id {s['job_id'] or 'unrecorded'}) - generated {report['generated_at']} "
+           f"by {report['generator']}"),
     ]
 
     def section(key: str, number: int) -> None:
@@ -138,7 +139,7 @@ def render_pdf(report: dict[str, Any], plots: dict[str, bytes]) -> bytes:
          for r in res["sites"]], [0.12, 0.11, 0.22, 0.25, 0.15, 0.15]))
 
     section("curves", 5)
-    for name, png in sorted(plots.items()):
+    for name, png in sorted(plots.items(), key=lambda kv: kv[0] != "loss"):
         img = Image(io.BytesIO(png))
         scale = min(1.0, (_WIDTH * 0.85) / img.drawWidth)
         img.drawWidth, img.drawHeight = img.drawWidth * scale, img.drawHeight * scale
@@ -149,7 +150,8 @@ def render_pdf(report: dict[str, Any], plots: dict[str, bytes]) -> bytes:
         story.append(_p("No round metrics were recorded."))
     sites = s["sites"]
     rows = [[r["round"], format_number(r["eval_loss"]), format_number(r["accuracy"])]
-            + [format_number(r["sites"][x]["train_loss"]) if x in r["sites"] else "n/a" for x in sites]
+            + [format_number(r["sites"][x]["train_loss"]) if x in r["sites"] else "n/a"
+               for x in sites]
             for r in report["curves"]["rounds"]]
     n = 3 + len(sites)
     story.append(_table(["Round", "Evaluation loss", "Accuracy"]
@@ -194,7 +196,7 @@ def render_pdf(report: dict[str, Any], plots: dict[str, bytes]) -> bytes:
     story.append(_table(["Framework", "Reference", "Control", "Evidence from this job", "Status"],
                         [[c["framework"], c["reference"], c["control"], c["evidence"],
                           c["status"]] for c in report["controls"]],
-                        [0.11, 0.13, 0.16, 0.45, 0.15]))
+                        [0.1, 0.16, 0.16, 0.44, 0.14]))
     story.append(Spacer(1, 6))
     story.append(_p(f"Result folder: {report['result_dir']}. The machine-readable version of "
                     "this report is report.json.", _CELL))

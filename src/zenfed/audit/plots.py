@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: servers and CI have no display
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _png(fig: Any) -> bytes:
@@ -24,7 +25,9 @@ def _series(rounds: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
     return xs, [r[key] for r in rounds if r.get(key) is not None]
 
 
-def _site_series(rounds: list[dict[str, Any]], site: str, key: str) -> tuple[list[int], list[float]]:
+def _site_series(
+    rounds: list[dict[str, Any]], site: str, key: str
+) -> tuple[list[int], list[float]]:
     pts = [(r["round"], r["sites"][site][key]) for r in rounds
            if site in r["sites"] and r["sites"][site].get(key) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -57,7 +60,7 @@ def curve_plots(rounds: list[dict[str, Any]]) -> dict[str, bytes]:
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         plots[name] = _png(fig)

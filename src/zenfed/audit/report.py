@@ -145,7 +145,12 @@ def build_report(result_dir: Path, *, out_dir: Path) -> ReportPaths:
         AuditError: the result cannot be read, or the report cannot be written.
 
     """
-    from zenfed.audit.pdf import render_pdf  # reportlab is only needed here
+    try:
+        from zenfed.audit.pdf import render_pdf  # reportlab is only needed here
+    except ImportError as exc:
+        raise AuditError(
+            f"report.pdf needs reportlab ({exc}); install zenfed with its dependencies"
+        ) from exc
 
     report = assemble(result_dir)
     plots = curve_plots(report["curves"]["rounds"])

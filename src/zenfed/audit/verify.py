@@ -89,7 +89,7 @@ def verify_result(result_dir: Path, *, root_ca_path: Path | None = None) -> Resu
     if not root.is_file():
         raise AuditError(f"no root CA at {root}; copy the project's rootCA.pem there or pass it")
     paths = {p.stem: p for p in sorted(audit.glob("*.jsonl"))}
-    certs = {name: c for name, p in paths.items() if (c := embedded_cert(p)) is not None}
+    certs = _project_certs(paths, crypto.load_cert(root))
     logs = {
         name: verify_log(p, root_ca_path=root,
                          other_certs={n: c for n, c in certs.items() if n != name})
@@ -114,7 +114,19 @@ def verify_result(result_dir: Path, *, root_ca_path: Path | None = None) -> Resu
                          mismatches=mismatches, problems=problems, matched_updates=matched)
 
 
-def _find_server(logs: dict[str, LogVerdict], records: dict[str, list[dict[str, Any]]]) -> str | None:
+def _project_certs(paths: dict[str, Path], root: x509.Certificate) -> dict[str, x509.Certificate]:
+    """Certificates embedded in the logs that this project's root CA issued, by log name."""
+    out = {}
+    for name, path in paths.items():
+        cert = embedded_cert(path)
+        if cert is not None and crypto.check_issued_by(cert, root).ok:
+            out[name] = cert
+    return out
+
+
+def _find_server(
+    logs: dict[str, LogVerdict], records: dict[str, list[dict[str, Any]]]
+) -> str | None:
     for name, verdict in logs.items():
         if verdict.role == "server":
             return name
@@ -124,7 +136,9 @@ def _find_server(logs: dict[str, LogVerdict], records: dict[str, list[dict[str, 
     return None
 
 
-def _identity_problems(logs: dict[str, LogVerdict], certs: dict[str, x509.Certificate]) -> list[str]:
+def _identity_problems(
+    logs: dict[str, LogVerdict], certs: dict[str, x509.Certificate]
+) -> list[str]:
     problems = []
     for name, verdict in logs.items():
         if verdict.participant is not None and verdict.participant != name:
@@ -259,8 +273,9 @@ def main_verify(path: Path, *, root_ca: Path | None = None, out: TextIO | None =
                 raise AuditError(
                     f"no rootCA.pem beside {path}; pass the project's root CA (from any "
                     "startup kit) to check that the signer belongs to this project")
-            siblings = {p.stem: c for p in path.parent.glob("*.jsonl")
-                        if p != path and (c := embedded_cert(p)) is not None}
+            siblings = _project_certs(
+                {p.stem: p for p in path.parent.glob("*.jsonl") if p != path},
+                crypto.load_cert(root))
             single = verify_log(path, root_ca_path=root, other_certs=siblings)
             print(f"{path.name}: {single.describe()}", file=stream)
             ok = single.ok

@@ -71,7 +71,7 @@ def add_gaussian_noise(
 
 @dataclass(frozen=True)
 class ClientDPResult:
-    """A privatized update and what was done to it (the norm is safe to keep locally)."""
+    """A privatized update and what was done to it (the norm is not DP: keep it at the site)."""
 
     update: Update
     pre_clip_norm: float

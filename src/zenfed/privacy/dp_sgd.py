@@ -80,7 +80,7 @@ class PoissonSampler:
 
 @dataclass(frozen=True)
 class DPStepStats:
-    """What one DP-SGD step did (safe to log: it is computed before noise, per batch)."""
+    """What one DP-SGD step did, computed before noise: not DP, so keep it at the site."""
 
     batch_size: int
     mean_loss: float | None

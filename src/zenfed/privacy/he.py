@@ -16,6 +16,7 @@ matches plaintext to about 1e-8 absolute.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import math
 import struct
@@ -31,10 +32,19 @@ import torch
 from zenfed.privacy.he_context import HEContext, context_from_bytes, context_to_bytes
 from zenfed.privacy.he_params import HEError, HEKeyError, PackingConfig, SlotLayout, slot_layout
 from zenfed.privacy.he_wire import CHUNK_HEAD_BYTES
-from zenfed.privacy.he_wire import HEDecodeError, compact_vector, expand_vector
+from zenfed.privacy.he_seal import SealKit
+from zenfed.privacy.he_wire import (
+    HEDecodeError,
+    compact_ciphertexts,
+    compact_vector,
+    expand_ciphertexts,
+    expand_vector,
+)
 from zenfed.spec import canonical_json
 
-CHUNK_CIPHERTEXTS = 32
+CHUNK_CIPHERTEXTS = 16
+# SEAL's saved PRNG info after a seeded ciphertext's c0 (header, PRNG type, 64-byte seed).
+SEED_TAIL_BYTES = 81
 _BLOB_MAGIC = b"ZFB1"
 
 
@@ -108,14 +118,24 @@ def fingerprint(context: HEContext, packing: PackingConfig) -> str:
     ).hexdigest()
 
 
-def expected_ciphertext_bytes(*, n_values: int, context: HEContext, packing: PackingConfig) -> int:
-    """Exact size of the ciphertext blob for ``n_values`` values (a site's, or a sum)."""
+def expected_ciphertext_bytes(
+    *, n_values: int, context: HEContext, packing: PackingConfig, summed: bool = False
+) -> int:
+    """Exact size of the ciphertext blob for ``n_values`` values.
+
+    Args:
+        n_values: Values in the update.
+        context: Any context of the key set (public or secret).
+        packing: The packing configuration.
+        summed: False for a site's upload (seeded ciphertexts), True for a sum.
+    """
     lay = slot_layout(context.params, packing)
     params = context.params
-    n_slots = -(-n_values // lay.fields_per_slot)
-    n_ct = -(-n_slots // params.slots)
-    words = 2 * params.poly_modulus_degree * (len(params.coeff_mod_bit_sizes) - 1)
-    per_ct = words * max(params.coeff_mod_bit_sizes[:-1]) // 8
+    n_reals = -(-n_values // lay.fields_per_slot)
+    n_ct = -(-n_reals // params.poly_modulus_degree)
+    polys = 2 if summed else 1
+    words = polys * params.poly_modulus_degree * (len(params.coeff_mod_bit_sizes) - 1)
+    per_ct = words * max(params.coeff_mod_bit_sizes[:-1]) // 8 + (0 if summed else SEED_TAIL_BYTES)
     sizes = [min(CHUNK_CIPHERTEXTS, n_ct - i) for i in range(0, n_ct, CHUNK_CIPHERTEXTS)]
     return 8 + 8 * len(sizes) + sum(CHUNK_HEAD_BYTES + k * (4 + per_ct) for k in sizes)
 
@@ -168,23 +188,25 @@ def _weighted(values: np.ndarray, weight: float, packing: PackingConfig, lay: Sl
     return weighted
 
 
-def _encrypt_chunk(context: ts.Context, slots: np.ndarray, scale_bits: int, bits: int) -> bytes:
-    vector = ts.ckks_vector(context, slots.tolist(), scale=2.0**scale_bits)
-    return compact_vector(vector.serialize(), coeff_bits=bits)
+def _encrypt_chunk(kit: SealKit, reals: np.ndarray, scale_bits: int, bits: int) -> bytes:
+    cts = kit.encrypt(reals, scale=2.0**scale_bits)
+    sizes = [kit.reals_per_ciphertext // 2] * len(cts)
+    return compact_ciphertexts(cts, sizes=sizes, scale=2.0**scale_bits, coeff_bits=bits)
 
 
-_WORKER_CONTEXT: ts.Context | None = None
+_WORKER_KIT: SealKit | None = None
 
 
 def _worker_init(context_bytes: bytes) -> None:
-    global _WORKER_CONTEXT
-    _WORKER_CONTEXT = context_from_bytes(context_bytes).tenseal
+    global _WORKER_KIT
+    _WORKER_KIT = SealKit(context_from_bytes(context_bytes))
+    atexit.register(_WORKER_KIT.close)
 
 
 def _worker_encrypt(args: tuple[np.ndarray, int, int]) -> bytes:
-    if _WORKER_CONTEXT is None:
+    if _WORKER_KIT is None:
         raise HEError("encryption worker has no context")
-    return _encrypt_chunk(_WORKER_CONTEXT, *args)
+    return _encrypt_chunk(_WORKER_KIT, *args)
 
 
 def _join_chunks(chunks: Sequence[bytes]) -> bytes:
@@ -228,6 +250,7 @@ class Encryptor:
         self.layout = slot_layout(context.params, packing)
         self.fingerprint = fingerprint(context, packing)
         self._bits = max(context.params.coeff_mod_bit_sizes[:-1])
+        self._kit = SealKit(context)
         self._pool: ProcessPoolExecutor | None = None
         if workers > 1:
             self._pool = ProcessPoolExecutor(
@@ -244,7 +267,8 @@ class Encryptor:
         self.close()
 
     def close(self) -> None:
-        """Stop the worker processes, if any."""
+        """Stop the worker processes, if any, and remove temporary files."""
+        self._kit.close()
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
@@ -266,13 +290,13 @@ class Encryptor:
         if values.size == 0:
             raise HEError("the update has no values; nothing to encrypt")
         slots = pack_values(values, packing=self.packing, layout=self.layout)
-        per_chunk = CHUNK_CIPHERTEXTS * self.context.params.slots
+        per_chunk = CHUNK_CIPHERTEXTS * self._kit.reals_per_ciphertext
         jobs = [
             (slots[i : i + per_chunk], self.layout.scale_bits, self._bits)
             for i in range(0, max(slots.size, 1), per_chunk)
         ]
         if self._pool is None:
-            chunks = [_encrypt_chunk(self.context.tenseal, *job) for job in jobs]
+            chunks = [_encrypt_chunk(self._kit, *job) for job in jobs]
         else:
             chunks = list(self._pool.map(_worker_encrypt, jobs))
         return _join_chunks(chunks)
@@ -350,8 +374,10 @@ def decrypt_sum(
     if not (math.isfinite(total_weight) and total_weight > 0):
         raise HEError(f"total_weight must be a positive number, got {total_weight}")
     lay = slot_layout(context.params, packing)
-    reader = EncryptedSum(context=context)
-    reader.add(blob)
-    slots = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in reader._chunks])
-    values = unpack_values(slots, n_values=layout.n_values, packing=packing, layout=lay)
+    with SealKit(context) as kit:
+        reals = np.concatenate([kit.decrypt(expand_ciphertexts(c)[1]) for c in split_chunks(blob)])
+    needed = -(-layout.n_values // lay.fields_per_slot)
+    if reals.size < needed:
+        raise HEDecodeError(f"the sum holds {reals.size} slots, the layout needs {needed}")
+    values = unpack_values(reals, n_values=layout.n_values, packing=packing, layout=lay)
     return unflatten_update(values / total_weight, layout=layout)

@@ -11,7 +11,12 @@ reversible to the exact TenSEAL bytes SEAL loads (uncompressed), and
 Layout (little endian)::
 
     b"ZFC1" | u8 seal_major | u8 seal_minor | u8 coeff_bits | u8 0 | f64 scale
-    | u32 n_ct | u32 meta_len | meta | n_ct x u32 chunk size | n_ct x packed words
+    | u32 n_ct | u32 meta_len | u32 tail_len | meta | n_ct x u32 slot count
+    | n_ct x (packed words | tail)
+
+A seeded ciphertext (SEAL's symmetric encryption saved with its seed: c1 is
+regenerated from a 64-byte seed on load) has half the words and a tail holding
+the seed; a sum of ciphertexts has all the words and no tail.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ class HEDecodeError(HEError):
 
 
 _MAGIC = b"ZFC1"
-_HEAD = struct.Struct("<4sBBBBdII")
+_HEAD = struct.Struct("<4sBBBBdIII")
 _SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compr, reserved, size
 _SEAL_MAGIC = 0xA15E
 _COMPR_NONE, _COMPR_ZSTD = 0, 2
@@ -91,6 +96,27 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
         if not byte & 0x80:
             return value, pos
+
+
+def parse_fields(data: bytes) -> dict[int, bytes | int]:
+    """Parse the top level of a protobuf message: field number -> last value."""
+    out: dict[int, bytes | int] = {}
+    pos = 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 2:
+            length, pos = _read_varint(data, pos)
+            out[field] = data[pos : pos + length]
+            pos += length
+        elif wire == 0:
+            out[field], pos = _read_varint(data, pos)
+        elif wire == 1:
+            out[field] = data[pos : pos + 8]
+            pos += 8
+        else:
+            raise HEDecodeError(f"unexpected protobuf wire type {wire}")
+    return out
 
 
 def _parse_vector_proto(data: bytes) -> tuple[list[int], list[bytes], float]:
@@ -159,7 +185,9 @@ def _unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     return out.reshape(-1)[:count]
 
 
-def _split_ciphertext(ct: bytes) -> tuple[int, int, bytes, np.ndarray]:
+def _split_ciphertext(ct: bytes) -> tuple[int, int, bytes, np.ndarray, bytes]:
+    if len(ct) < 16 + _META_LEN + 24:
+        raise HEDecodeError("SEAL ciphertext is truncated")
     magic, hsize, major, minor, compr, _, size = _SEAL_HEADER.unpack_from(ct)
     if magic != _SEAL_MAGIC or hsize != 16 or size != len(ct):
         raise HEDecodeError("not a SEAL ciphertext")
@@ -170,61 +198,69 @@ def _split_ciphertext(ct: bytes) -> tuple[int, int, bytes, np.ndarray]:
         raise HEDecodeError(f"unsupported SEAL compression mode {compr}")
     meta = body[:_META_LEN]
     inner = body[_META_LEN:]
-    imagic, ihsize, _, _, icompr, _, isize = _SEAL_HEADER.unpack_from(inner)
-    if imagic != _SEAL_MAGIC or icompr != _COMPR_NONE or isize != len(inner):
+    imagic, _, _, _, icompr, _, isize = _SEAL_HEADER.unpack_from(inner)
+    if imagic != _SEAL_MAGIC or icompr != _COMPR_NONE or isize > len(inner):
         raise HEDecodeError("unexpected SEAL coefficient array")
     (count,) = struct.unpack_from("<Q", inner, 16)
+    if 24 + 8 * count != isize:
+        raise HEDecodeError("SEAL coefficient array has a wrong length")
     words = np.frombuffer(inner, dtype="<u8", count=count, offset=24)
-    return major, minor, meta, words
+    return major, minor, meta, words, inner[isize:]
 
 
-def _join_ciphertext(major: int, minor: int, meta: bytes, words: np.ndarray) -> bytes:
+def _join_ciphertext(major: int, minor: int, meta: bytes, words: np.ndarray, tail: bytes) -> bytes:
     array = struct.pack("<Q", len(words)) + words.astype("<u8").tobytes()
     inner = _SEAL_HEADER.pack(_SEAL_MAGIC, 16, major, minor, _COMPR_NONE, 0, 16 + len(array))
-    body = meta + inner + array
+    body = meta + inner + array + tail
     return _SEAL_HEADER.pack(_SEAL_MAGIC, 16, major, minor, _COMPR_NONE, 0, 16 + len(body)) + body
 
 
-def compact_vector(data: bytes, *, coeff_bits: int) -> bytes:
-    """Turn ``CKKSVector.serialize()`` bytes into the compact wire form.
+def compact_ciphertexts(
+    cts: list[bytes], *, sizes: list[int], scale: float, coeff_bits: int
+) -> bytes:
+    """Pack SEAL ciphertext bytes (seeded or not, all alike) into the compact wire form.
 
     Args:
-        data: TenSEAL CKKS vector bytes (no context).
+        cts: SEAL ``Ciphertext.save`` bytes, one per ciphertext.
+        sizes: Slot count TenSEAL records for each ciphertext.
+        scale: The CKKS scale they were encoded at.
         coeff_bits: Bits of the data modulus; every coefficient is below 2**coeff_bits.
 
     Raises:
-        HEDecodeError: If ``data`` is not a TenSEAL CKKS vector of the expected kind.
-
+        HEDecodeError: If the ciphertexts are malformed or differ in parameters.
     """
-    sizes, cts, scale = _parse_vector_proto(data)
     if not cts or len(sizes) != len(cts):
-        raise HEDecodeError("a TenSEAL vector without ciphertexts")
+        raise HEDecodeError("a ciphertext vector without ciphertexts")
     parts = [_split_ciphertext(ct) for ct in cts]
-    major, minor, meta, _ = parts[0]
+    major, minor, meta, first_words, first_tail = parts[0]
     chunks = []
-    for p_major, p_minor, p_meta, words in parts:
-        if (p_major, p_minor, p_meta) != (major, minor, meta):
+    for p_major, p_minor, p_meta, words, tail in parts:
+        if (p_major, p_minor, p_meta) != (major, minor, meta) or len(tail) != len(first_tail):
             raise HEDecodeError("ciphertexts of one vector differ in parameters")
-        if words.size % 64 or (coeff_bits < 64 and int(words.max()) >> coeff_bits):
+        if words.size != first_words.size or words.size % 64:
+            raise HEDecodeError("ciphertexts of one vector differ in size")
+        if coeff_bits < 64 and int(words.max()) >> coeff_bits:
             raise HEDecodeError("ciphertext coefficients exceed the data modulus")
-        chunks.append(_pack_bits(words, coeff_bits))
-    head = _HEAD.pack(_MAGIC, major, minor, coeff_bits, 0, scale, len(cts), len(meta))
-    sizes_bytes = struct.pack(f"<{len(sizes)}I", *sizes)
-    return head + meta + sizes_bytes + b"".join(chunks)
+        chunks.append(_pack_bits(words, coeff_bits) + tail)
+    head = _HEAD.pack(
+        _MAGIC, major, minor, coeff_bits, 0, scale, len(cts), len(meta), len(first_tail)
+    )
+    return head + meta + struct.pack(f"<{len(sizes)}I", *sizes) + b"".join(chunks)
 
 
-def expand_vector(data: bytes) -> bytes:
-    """Turn compact wire bytes back into TenSEAL CKKS vector bytes.
+def expand_ciphertexts(data: bytes) -> tuple[list[int], list[bytes], float]:
+    """Inverse of :func:`compact_ciphertexts`: slot counts, SEAL ciphertext bytes, scale.
 
     Raises:
         HEDecodeError: If the bytes are truncated, padded or not in the compact form.
-
     """
     if len(data) < _HEAD.size:
         raise HEDecodeError(f"ciphertext blob of {len(data)} bytes is too short")
-    magic, major, minor, bits, _, scale, n_ct, meta_len = _HEAD.unpack_from(data)
-    if magic != _MAGIC or not 1 <= bits <= 64 or meta_len != _META_LEN or n_ct == 0:
+    magic, major, minor, bits, _, scale, n_ct, meta_len, tail_len = _HEAD.unpack_from(data)
+    if magic != _MAGIC or not 1 <= bits <= 64 or meta_len != _META_LEN or not 0 < n_ct < 1 << 20:
         raise HEDecodeError("ciphertext blob does not start with a zenfed compact header")
+    if tail_len > 4096:
+        raise HEDecodeError("ciphertext blob has an impossible seed size")
     pos = _HEAD.size
     meta = data[pos : pos + meta_len]
     pos += meta_len
@@ -233,16 +269,32 @@ def expand_vector(data: bytes) -> bytes:
     sizes = list(struct.unpack_from(f"<{n_ct}I", data, pos))
     pos += 4 * n_ct
     size, degree, moduli = struct.unpack_from("<QQQ", meta, 33)
-    words = size * degree * moduli
+    words = (1 if tail_len else size) * degree * moduli  # seeded: c1 is in the seed
     if words % 64 or words == 0 or words > 1 << 24:
         raise HEDecodeError("ciphertext blob has an impossible ciphertext shape")
-    per_ct = words // 64 * bits * 8
+    packed = words // 64 * bits * 8
+    per_ct = packed + tail_len
     if len(data) != pos + per_ct * n_ct:
         raise HEDecodeError(
-            f"ciphertext blob is {len(data)} bytes; {pos + per_ct * n_ct} expected for {n_ct} ciphertexts"
+            f"ciphertext blob is {len(data)} bytes; {pos + per_ct * n_ct} expected "
+            f"for {n_ct} ciphertexts"
         )
     cts = []
     for i in range(n_ct):
-        chunk = data[pos + i * per_ct : pos + (i + 1) * per_ct]
-        cts.append(_join_ciphertext(major, minor, meta, _unpack_bits(chunk, bits, words)))
+        start = pos + i * per_ct
+        unpacked = _unpack_bits(data[start : start + packed], bits, words)
+        tail = data[start + packed : start + per_ct]
+        cts.append(_join_ciphertext(major, minor, meta, unpacked, tail))
+    return sizes, cts, scale
+
+
+def compact_vector(data: bytes, *, coeff_bits: int) -> bytes:
+    """Turn ``CKKSVector.serialize()`` bytes into the compact wire form."""
+    sizes, cts, scale = _parse_vector_proto(data)
+    return compact_ciphertexts(cts, sizes=sizes, scale=scale, coeff_bits=coeff_bits)
+
+
+def expand_vector(data: bytes) -> bytes:
+    """Turn compact wire bytes back into TenSEAL CKKS vector bytes (for ``ckks_vector_from``)."""
+    sizes, cts, scale = expand_ciphertexts(data)
     return _build_vector_proto(sizes, cts, scale)

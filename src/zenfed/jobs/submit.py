@@ -1,0 +1,127 @@
+"""``zenfed submit``: submit a job folder with the Flare API, follow it, download its result."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zenfed.errors import DeploymentError, JobError
+
+TERMINAL = ("FINISHED", "ABORTED", "FAILED")  # FLARE statuses start with one of these.
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """What a submitted job ended as."""
+
+    job_id: str
+    status: str
+    result_dir: Path
+
+
+def _session(admin_kit: Path, timeout_s: float) -> Any:
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    if not (admin_kit / "startup" / "fed_admin.json").is_file():
+        raise DeploymentError(f"{admin_kit} is not an admin kit (no startup/fed_admin.json)")
+    try:
+        return new_secure_session(username=admin_kit.name, startup_kit_location=str(admin_kit), timeout=timeout_s)
+    except Exception as err:  # The Flare API raises several unrelated types here.
+        raise DeploymentError(
+            f"cannot reach the server with the admin kit {admin_kit}: {err}; is the deployment up (`zenfed up`)?"
+        ) from None
+
+
+def _progress(session: Any, job_id: str) -> dict[str, Any]:
+    try:
+        stats = session.show_stats(job_id, "server")
+    except Exception:  # Stats are best-effort; the job's status decides.
+        return {}
+    found = stats.get("zenfed") if isinstance(stats, dict) else None
+    if found is None and isinstance(stats, dict):
+        found = next((v.get("zenfed") for v in stats.values() if isinstance(v, dict) and "zenfed" in v), None)
+    return found or {}
+
+
+def submit(
+    job_dir: str | Path, *, admin_kit: str | Path, results_root: str | Path, timeout_s: float = 3600.0,
+    progress: bool = True,
+) -> SubmitResult:
+    """Submit ``job_dir``, follow it with a progress bar, and download its result.
+
+    Args:
+        job_dir: A FLARE job folder (e.g. from ``zenfed job export``).
+        admin_kit: The admin's startup kit folder.
+        results_root: The result goes to ``results_root/JOB_ID/``.
+        timeout_s: Give up (and abort the job) after this many seconds.
+        progress: Show a live progress bar.
+
+    Raises:
+        JobError: If the job does not finish or cannot be downloaded.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    job = Path(job_dir).resolve()
+    if not (job / "meta.json").is_file():
+        raise JobError(f"{job} is not a FLARE job folder (no meta.json); make one with `zenfed job export`")
+    session = _session(Path(admin_kit).resolve(), timeout_s=30.0)
+    try:
+        job_id = session.submit_job(str(job))
+        status = "SUBMITTED"
+        deadline = time.time() + timeout_s
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn())
+        with Progress(*columns, disable=not progress, transient=False) as bar:
+            task = bar.add_task(f"job {job_id[:8]}", total=None, info="submitted")
+            while True:
+                status = str(session.get_job_meta(job_id).get("status", ""))
+                info = _progress(session, job_id)
+                if info.get("rounds"):
+                    done = info["round"] - (0 if info.get("phase") in ("evaluate", "done") else 1)
+                    loss = info.get("eval_loss")
+                    bar.update(task, total=info["rounds"], completed=max(done, 0), info=(
+                        f"round {info['round']}/{info['rounds']} · {info.get('phase')} · "
+                        f"{info.get('sites_answered', 0)} site(s) answered"
+                        + (f" · eval loss {loss:.4f}" if isinstance(loss, float) else "")
+                    ))
+                else:
+                    bar.update(task, info=status.lower())
+                if status.startswith(TERMINAL):
+                    break
+                if time.time() > deadline:
+                    session.abort_job(job_id)
+                    raise JobError(f"job {job_id} did not finish within {timeout_s:.0f} s; it was aborted")
+                time.sleep(2.0)
+        target = Path(results_root).resolve() / job_id
+        downloaded = Path(session.download_job_result(job_id))
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(downloaded), str(target))
+    finally:
+        session.close()
+    if not status.startswith("FINISHED"):
+        raise JobError(f"job {job_id} ended as {status}; its downloaded workspace is in {target}")
+    return SubmitResult(job_id=job_id, status=status, result_dir=target)
+
+
+def find_result_file(result_dir: Path) -> Path:
+    """Return ``zenfed_result.json`` inside a downloaded job result.
+
+    Raises:
+        JobError: If the result holds none (the job did not complete).
+    """
+    matches = sorted(result_dir.rglob("zenfed/zenfed_result.json"))
+    if not matches:
+        raise JobError(f"{result_dir} holds no zenfed_result.json; the job did not complete")
+    return matches[0]
+
+
+def load_result(result_dir: Path) -> dict[str, Any]:
+    """Load the job result written by the controller."""
+    data: dict[str, Any] = json.loads(find_result_file(result_dir).read_text())
+    return data

@@ -1,0 +1,86 @@
+"""FLARE provisioning builder: zenfed's additions to every kit.
+
+- Server and sites: ``local/resources.json`` whose class allow-list admits
+  ``zenfed.`` (jobs carry no code, so FLARE builds zenfed's classes from the
+  installed package) and, on the server, a job store and snapshot store inside
+  the kit instead of ``/tmp/nvflare``.
+- Sites: ``local/zenfed_site.yaml``, the site policy, which site IT may edit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from nvflare.lighter.constants import CtxKey
+from nvflare.lighter.ctx import ProvisionContext
+from nvflare.lighter.entity import Project
+from nvflare.lighter.spec import Builder
+
+from zenfed.executors.site_policy import POLICY_FILE
+from zenfed.jobs.allow_list import ZENFED_PREFIX
+from zenfed.spec import SitePolicy, parse_model
+
+RESOURCES = "resources.json"
+RESOURCES_DEFAULT = "resources.json.default"
+
+
+class ZenfedKitBuilder(Builder):
+    """Writes zenfed's resources and site policies into the kits ``nvflare provision`` builds."""
+
+    def __init__(self, site_policies: dict[str, dict[str, Any]] | None = None):
+        """Create the builder.
+
+        Args:
+            site_policies: Site name -> site policy data (see ``zenfed.spec.SitePolicy``).
+        """
+        self.site_policies = {
+            name: parse_model(SitePolicy, data, kind="site policy", source=f"project, site {name}")
+            for name, data in (site_policies or {}).items()
+        }
+
+    def build(self, project: Project, ctx: ProvisionContext) -> None:
+        """Add zenfed's files to the server and every client kit."""
+        server = project.get_server()
+        if server is not None:
+            kit = Path(ctx.get_ws_dir(server))
+            self._write_resources(kit, server_stores=True, final_kit=self._final_kit_dir(ctx, server.name))
+        for client in project.get_clients():
+            kit = Path(ctx.get_ws_dir(client))
+            self._write_resources(kit, server_stores=False, final_kit=None)
+            policy = self.site_policies.get(client.name) or SitePolicy(site=client.name)
+            text = yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False)
+            path = kit / "local" / POLICY_FILE
+            path.write_text(f"# zenfed site policy for {client.name}: edited by site IT, never leaves the site.\n{text}")
+            os.chmod(path, 0o600)
+
+    @staticmethod
+    def _final_kit_dir(ctx: ProvisionContext, name: str) -> Path:
+        """Where a kit will live once the workspace builder moves ``wip`` to the next ``prod_NN``."""
+        stage = int(ctx.get(CtxKey.LAST_PROD_STAGE, -1)) + 1
+        return Path(ctx.get_workspace()).resolve() / f"prod_{stage:02d}" / name
+
+    @staticmethod
+    def _write_resources(kit: Path, *, server_stores: bool, final_kit: Path | None) -> None:
+        local = kit / "local"
+        default = local / RESOURCES_DEFAULT
+        resources: dict[str, Any] = json.loads(default.read_text()) if default.is_file() else {}
+        allow = list(resources.get("class_allow_list") or [])
+        if ZENFED_PREFIX not in allow:
+            allow.append(ZENFED_PREFIX)
+        resources["class_allow_list"] = allow
+        resources.setdefault("class_list_enforcement_mode", "enforce")
+        if server_stores and final_kit is not None:
+            root = final_kit
+            for component in resources.get("components", []):
+                if component.get("id") == "job_manager":
+                    component.setdefault("args", {})["uri_root"] = str(root / "jobs-storage")
+            snapshot = resources.get("snapshot_persistor", {}).get("args", {}).get("storage", {}).get("args")
+            if isinstance(snapshot, dict):
+                snapshot["root_dir"] = str(root / "snapshot-storage")
+        local.mkdir(parents=True, exist_ok=True)
+        (local / RESOURCES).write_text(json.dumps(resources, indent=2) + "\n")
+

@@ -1,0 +1,119 @@
+"""``zenfed provision``: a ProjectSpec -> an ``nvflare provision`` run with zenfed's builders.
+
+The generated ``project.yml`` is kept in the workspace, so what FLARE was asked
+to build is on the record. Certificates and keys come from FLARE's own
+builders; zenfed's builders add site policies and resources.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zenfed.errors import DeploymentError
+from zenfed.spec import ProjectSpec
+
+LAYOUT_FILE = "zenfed-deployment.json"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Where a provisioned project's kits are."""
+
+    workspace: str
+    project: str
+    server: str
+    server_kit: str
+    fl_port: int
+    admin_port: int
+    site_kits: dict[str, str]
+    admin_kits: dict[str, str]
+
+    @classmethod
+    def load(cls, workspace: str | Path) -> Deployment:
+        """Read the layout ``zenfed provision`` wrote into ``workspace``.
+
+        Raises:
+            DeploymentError: If ``workspace`` was not made by ``zenfed provision``.
+        """
+        path = Path(workspace) / LAYOUT_FILE
+        if not path.is_file():
+            raise DeploymentError(f"{workspace} is not a zenfed workspace (no {LAYOUT_FILE}); run `zenfed provision`")
+        return cls(**json.loads(path.read_text()))
+
+    def admin_kit(self, name: str | None = None) -> Path:
+        """Return an admin's kit (the first admin's if ``name`` is None)."""
+        if not self.admin_kits:
+            raise DeploymentError("this project has no admin")
+        key = name or sorted(self.admin_kits)[0]
+        if key not in self.admin_kits:
+            raise DeploymentError(f"no admin named {key!r}; admins: {sorted(self.admin_kits)}")
+        return Path(self.admin_kits[key])
+
+
+def flare_project(spec: ProjectSpec, *, extra_builders: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Return the ``nvflare provision`` project file for ``spec``."""
+    participants: list[dict[str, Any]] = [{
+        "name": spec.server.name, "type": "server", "org": "zenfed",
+        "fed_learn_port": spec.server.fl_port, "admin_port": spec.server.admin_port,
+    }]
+    participants += [{"name": s.name, "type": "client", "org": s.org} for s in spec.sites]
+    participants += [{"name": a.name, "type": "admin", "org": a.org, "role": a.role} for a in spec.admins]
+    policies = {s.name: s.policy().model_dump(mode="json") for s in spec.sites}
+    builders: list[dict[str, Any]] = [
+        {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder"},
+        {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
+        {"path": "nvflare.lighter.impl.cert.CertBuilder"},
+        {"path": "zenfed.provisioning.kit_builder.ZenfedKitBuilder", "args": {"site_policies": policies}},
+        *(extra_builders or []),
+        # Signing comes last, after every builder has written its files.
+        {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
+    ]
+    return {
+        "api_version": 3, "name": spec.name, "description": "zenfed federated LoRA project",
+        "participants": participants, "builders": builders,
+    }
+
+
+def provision(spec: ProjectSpec, *, out: str | Path, extra_builders: list[dict[str, Any]] | None = None) -> Deployment:
+    """Provision ``spec`` into the workspace ``out`` and return where the kits are.
+
+    Args:
+        spec: The project.
+        out: Workspace folder. A previous provisioning there is replaced.
+        extra_builders: More FLARE builders (path/args dicts) to run before signing.
+
+    Raises:
+        DeploymentError: If ``nvflare provision`` fails.
+    """
+    ws = Path(out).resolve()
+    ws.mkdir(parents=True, exist_ok=True)
+    for stale in (ws / spec.name, ws / LAYOUT_FILE):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    project_file = ws / "project.yml"
+    project_file.write_text(yaml.safe_dump(flare_project(spec, extra_builders=extra_builders), sort_keys=False))
+    cmd = [str(Path(sys.executable).with_name("nvflare")), "provision", "-p", str(project_file), "-w", str(ws), "--force"]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    prod = ws / spec.name / "prod_00"
+    if run.returncode != 0 or not prod.is_dir():
+        tail = (run.stdout + run.stderr).strip().splitlines()[-15:]
+        raise DeploymentError("nvflare provision failed:\n" + "\n".join(tail))
+    deployment = Deployment(
+        workspace=str(ws), project=spec.name, server=spec.server.name,
+        server_kit=str(prod / spec.server.name), fl_port=spec.server.fl_port,
+        admin_port=spec.server.admin_port,
+        site_kits={s.name: str(prod / s.name) for s in spec.sites},
+        admin_kits={a.name: str(prod / a.name) for a in spec.admins},
+    )
+    (ws / LAYOUT_FILE).write_text(json.dumps(asdict(deployment), indent=2) + "\n")
+    return deployment
