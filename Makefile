@@ -23,7 +23,15 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 demo: install
 	$(BIN)/zenfed demo
 
-test: install
+# Headless Chromium renders the compliance report in the tests (Debian package).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; \
+	else echo "chromium is missing and cannot be installed without root; the render test will skip"; fi
+
+test: install $(CHROMIUM)
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install

@@ -4,7 +4,8 @@ Prints one JSON object. Both paths run side by side in one process on the same
 updates. Stock: ``nvflare.app_opt.he.model_encryptor.HEModelEncryptor`` with the
 stock provisioning context (``HEBuilder`` defaults: N=8192, [60, 40, 40], scale
 2^40), serialised as FLARE sends a task result (``Shareable.to_bytes``, fobs).
-zenfed: the sealed envelope a site uploads (header + packed ciphertexts).
+zenfed: the sealed envelope a site uploads (header + packed, seeded ciphertexts);
+``zenfed_sum_bytes`` is the encrypted sum the server sends back (not seeded).
 
 Run: ``python bench/bench_he.py [--tiny]`` or ``zenfed bench he --json``.
 """
@@ -12,8 +13,10 @@ Run: ``python bench/bench_he.py [--tiny]`` or ``zenfed bench he --json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -55,10 +58,25 @@ def lora_shapes(*, rank: int, modules: tuple[str, ...], layers: int) -> dict[str
     return shapes
 
 
-def _updates(shapes: dict[str, tuple[int, int]], n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+def _updates(shapes: dict[str, tuple[int, int]], n: int, seed: int) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     # One round of LoRA at lr 2e-4 moves weights by about 1e-3; DP noise is of that order too.
     return [{k: torch.randn(s, generator=gen) * 1e-3 for k, s in shapes.items()} for _ in range(n)]
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    # TenSEAL's C++ prints a warning on stdout for every vector larger than one
+    # ciphertext (all of the stock path's); keep stdout for the JSON object.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _stock_bytes(update: dict[str, torch.Tensor]) -> tuple[int, float]:
@@ -98,7 +116,10 @@ def _case(name: str, shapes: dict, *, secret, public, packing, workers: int) -> 
     with Encryptor(context=secret, packing=packing, workers=workers) as enc:
         enc.encrypt(updates[0], weight=1.0, layout=layout)  # start the worker processes
         start = time.perf_counter()
-        blobs = [enc.encrypt(u, weight=w, layout=layout) for u, w in zip(updates, weights)]
+        blobs = [
+            enc.encrypt(u, weight=w, layout=layout)
+            for u, w in zip(updates, weights, strict=True)
+        ]
         encrypt_s = (time.perf_counter() - start) / SITES
     envelopes = [
         seal_envelope(job="bench", round=1, site=f"site-{i}", fingerprint=fp, n_values=n_values,
@@ -118,11 +139,13 @@ def _case(name: str, shapes: dict, *, secret, public, packing, workers: int) -> 
                        total_weight=sum(weights))
     decrypt_s = time.perf_counter() - start
     error = max(
-        (mean[k].double() - sum(w * u[k].double() for u, w in zip(updates, weights)) / sum(weights))
+        (mean[k].double() - sum(w * u[k].double() for u, w in zip(updates, weights, strict=True))
+         / sum(weights))
         .abs().max().item()
         for k in mean
     )
-    stock_bytes, stock_s = _stock_bytes(updates[0])
+    with _stdout_to_stderr():
+        stock_bytes, stock_s = _stock_bytes(updates[0])
     fp32 = 4 * n_values
     return {
         "name": name,
@@ -132,6 +155,8 @@ def _case(name: str, shapes: dict, *, secret, public, packing, workers: int) -> 
         "zenfed_bytes": len(envelopes[0]),
         "stock_bytes": stock_bytes,
         "zenfed_ratio_fp32": round(len(envelopes[0]) / fp32, 3),
+        "zenfed_sum_bytes": len(summed),
+        "zenfed_sum_ratio_fp32": round(len(summed) / fp32, 3),
         "stock_ratio_fp32": round(stock_bytes / fp32, 3),
         "stock_over_zenfed": round(stock_bytes / len(envelopes[0]), 2),
         "encrypt_values_per_s": round(n_values / encrypt_s),

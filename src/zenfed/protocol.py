@@ -14,6 +14,7 @@ TASK_EVALUATE = "zenfed_evaluate"
 KEY_HEADER = "zenfed_header"
 KEY_PAYLOAD = "zenfed_payload"
 KEY_REFUSAL = "zenfed_refusal"
+KEY_AUDIT_LOG = "zenfed_audit_log"  # a site's own signed log, attached to its final answer
 
 # Header fields, task data (server -> site).
 H_JOB_ID = "job_id"
@@ -32,3 +33,6 @@ H_EVAL_ACCURACY = "eval_accuracy"
 H_EVAL_EXAMPLES = "eval_examples"
 H_EVAL_ROUND = "eval_round"
 H_STEPS = "steps"
+H_BASE_MODEL_SHA256 = "base_model_sha256"
+
+UPDATE_KIND = "adapter_update"  # what leaves a site: LoRA adapter weights, never records

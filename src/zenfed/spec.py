@@ -21,6 +21,7 @@ from zenfed.errors import SpecError
 
 DEFAULT_BASE_MODEL = "default"
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+_ORG_PATTERN = r"^[A-Za-z0-9_]+$"  # FLARE's rule for organisation names
 
 
 class _Strict(BaseModel):
@@ -154,6 +155,9 @@ class SitePolicy(_Strict):
         ("*",), description="job name patterns (fnmatch) this site accepts"
     )
     torch_threads: int = Field(0, ge=0, description="CPU threads for training, 0 for the default")
+    keep_sent_updates: bool = Field(
+        True, description="keep a copy of every update this site sent, in its own job folder"
+    )
 
     def dataset(self, name: str) -> DatasetLocation:
         """Return the location of dataset ``name``, or raise a PolicyError naming the fix."""
@@ -183,11 +187,12 @@ class SiteSpec(_Strict):
     """One site of a project, with the policy written into its kit."""
 
     name: str = Field(pattern=_NAME_PATTERN, description="site name, e.g. 'hospital-a'")
-    org: str = Field("zenfed", pattern=_NAME_PATTERN, description="organisation of the site")
+    org: str = Field("zenfed", pattern=_ORG_PATTERN, description="organisation: letters, digits, _")
     datasets: dict[str, DatasetLocation] = Field(default_factory=dict)
     allowed_base_models: tuple[str, ...] = (DEFAULT_BASE_MODEL,)
     allowed_jobs: tuple[str, ...] = ("*",)
     torch_threads: int = Field(0, ge=0)
+    keep_sent_updates: bool = True
 
     def policy(self) -> SitePolicy:
         """Return the site policy that provisioning writes into this site's kit."""
@@ -199,7 +204,7 @@ class AdminSpec(_Strict):
     """A human admin of a project."""
 
     name: str = Field(pattern=r"^[^@\s]+@[^@\s]+$", description="admin e-mail, e.g. admin@org.org")
-    org: str = Field("zenfed", pattern=_NAME_PATTERN)
+    org: str = Field("zenfed", pattern=_ORG_PATTERN, description="organisation: letters, digits, _")
     role: Literal["project_admin", "org_admin", "lead", "member"] = "project_admin"
 
 

@@ -176,3 +176,14 @@ def test_result_without_optional_parts_still_reports(result_dir, tmp_path):
     assert report["data_residency"]["total_bytes"] > 0  # still backed by the site logs
     assert "No round metrics were recorded." in paths.html.read_text()
     assert paths.pdf.read_bytes().startswith(b"%PDF")
+
+
+def test_missing_site_log_is_reported_from_the_servers_receipts(result_dir, tmp_path):
+    (result_dir / "audit" / "site-2.jsonl").unlink()
+    report = json.loads(build_report(result_dir, out_dir=tmp_path / "out").json.read_text())
+    row = next(r for r in report["data_residency"]["sites"] if r["site"] == "site-2")
+    assert row["source"] == "server audit log" and row["consistent"] is True
+    assert "No site log was available for site-2" in report["data_residency"]["statement"]
+    assert report["audit"]["missing_logs"] == ["site-2"]
+    missing = next(p for p in report["participants"] if p["name"] == "site-2")
+    assert missing["log_status"] == "missing"

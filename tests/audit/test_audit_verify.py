@@ -221,3 +221,48 @@ def test_single_log_without_root_ca_cannot_be_verified(result_dir, tmp_path):
     out = io.StringIO()
     assert main_verify(lone, out=out) == 2
     assert "rootCA.pem" in out.getvalue()
+
+
+@pytest.mark.parametrize("scheme", [crypto.RSA_PSS, crypto.RSA_PKCS1V15])
+def test_rsa_signature_recovery_tells_edit_from_foreign_key_without_other_certs(
+    project, tmp_path, scheme
+):
+    # Prepare: a site log, then two copies: one edited, one edited and re-signed by site-2
+    path = tmp_path / "site-1.jsonl"
+    with AuditLog.open(path, participant="site-1", key_path=project.key("site-1"),
+                       cert_path=project.cert("site-1"), scheme=scheme) as log:
+        for rnd in range(8):
+            log.append(events.ROUND_STARTED, round=rnd)
+    edited, resigned = tmp_path / "a" / "edited.jsonl", tmp_path / "b" / "resigned.jsonl"
+    for target in (edited, resigned):
+        target.parent.mkdir()
+        target.write_bytes(path.read_bytes())
+    edit(edited, project)
+    wrong_key(resigned, project)
+    # Execute: no other certificate is offered, only this participant's and the root
+    a = verify_log(edited, root_ca_path=project.root_ca)
+    b = verify_log(resigned, root_ca_path=project.root_ca)
+    # Assert
+    assert (a.first_bad.kind, a.first_bad.line) == (Damage.EDITED, TARGET + 1)
+    assert (b.first_bad.kind, b.first_bad.line) == (Damage.WRONG_KEY, TARGET + 1)
+    assert "not this participant's" in b.first_bad.detail
+
+
+def test_site_log_swapped_for_another_jobs_log_is_caught_by_cross_check(result_dir,
+                                                                         make_result):
+    # Prepare: site-1's genuine log from another job of the same project
+    other = make_result("other", rounds=2)
+    (result_dir / "audit" / "site-1.jsonl").write_bytes(
+        (other / "audit" / "site-1.jsonl").read_bytes())
+    # Execute
+    verdict = verify_result(result_dir)
+    # Assert: the swapped log verifies on its own, but not against the server's records
+    assert verdict.logs["site-1"].ok
+    assert not verdict.ok
+    assert verdict.mismatches or verdict.problems
+
+
+def test_main_verify_accepts_the_audit_folder(result_dir):
+    out = io.StringIO()
+    assert main_verify(result_dir / "audit", out=out) == 0
+    assert "server1: INTACT" in out.getvalue()

@@ -35,7 +35,7 @@ def public(secret):
 
 def _updates(n_sites: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    shapes = {"layers.0.q.lora_A": (8, 64), "layers.0.q.lora_B": (64, 8), "layers.1.v.lora_B": (33, 7)}
+    shapes = {"l0.q.lora_A": (8, 64), "l0.q.lora_B": (64, 8), "l1.v.lora_B": (33, 7)}
     return [
         {name: torch.randn(shape, generator=gen) * 0.01 for name, shape in shapes.items()}
         for _ in range(n_sites)
@@ -45,20 +45,23 @@ def _updates(n_sites: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
 def _fedavg(updates, weights, clip=None):
     total = sum(weights)
     value = (lambda t: t.double()) if clip is None else (lambda t: t.double().clamp(-clip, clip))
-    return {k: sum(w * value(u[k]) for u, w in zip(updates, weights)) / total for k in updates[0]}
+    pairs = list(zip(updates, weights, strict=True))
+    return {k: sum(w * value(u[k]) for u, w in pairs) / total for k in updates[0]}
 
 
 def _he_fedavg(secret, public, packing, updates, weights):
     layout = UpdateLayout.from_update(updates[0])
     summed = EncryptedSum(context=public)
     with Encryptor(context=secret, packing=packing) as enc:
-        for update, weight in zip(updates, weights):
+        for update, weight in zip(updates, weights, strict=True):
             summed.add(enc.encrypt(update, weight=weight, layout=layout))
     blob = summed.to_bytes()
     assert len(blob) == expected_ciphertext_bytes(
         n_values=layout.n_values, context=secret, packing=packing, summed=True
     )
-    return decrypt_sum(blob, context=secret, packing=packing, layout=layout, total_weight=sum(weights))
+    return decrypt_sum(
+        blob, context=secret, packing=packing, layout=layout, total_weight=sum(weights)
+    )
 
 
 @pytest.mark.parametrize("n_sites", [2, 3, 16])
@@ -88,6 +91,23 @@ def test_quantised_sum_matches_fedavg_within_one_step(secret, public, n_sites):
     errors = [(result[k].double() - v).abs().max().item() for k, v in plain.items()]
     assert max(errors) <= bound <= QUANT.step
     assert max(errors) > 0  # it really was quantised
+
+
+def test_the_whole_round_prints_nothing_on_stdout(secret, public, capfd):
+    # TenSEAL warns on stdout for vectors spanning several ciphertexts; FLARE logs are ours
+    big = [{"w": torch.full((30_000,), 0.01)}] * 2
+    _he_fedavg(secret, public, QUANT, big, [1.0, 1.0])
+    assert capfd.readouterr().out == ""
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_64_sites_at_the_clip_bound_use_the_full_headroom_without_overflow(secret, public, sign):
+    # Prepare: every value of every site at +-clip: the largest packed sums there are
+    updates = [{"w": torch.full((9000,), sign * QUANT.clip)} for _ in range(64)]
+    # Execute
+    result = _he_fedavg(secret, public, QUANT, updates, [1.0] * 64)
+    # Assert: exact, since clip is a multiple of the step
+    assert torch.allclose(result["w"], torch.full((9000,), sign * QUANT.clip), rtol=0, atol=1e-9)
 
 
 def test_values_beyond_clip_are_clipped(secret, public):
@@ -120,7 +140,9 @@ def test_wire_size_is_at_most_4x_float32(secret):
     n_values = 200_000
     # Execute
     upload = expected_ciphertext_bytes(n_values=n_values, context=secret, packing=QUANT)
-    summed = expected_ciphertext_bytes(n_values=n_values, context=secret, packing=QUANT, summed=True)
+    summed = expected_ciphertext_bytes(
+        n_values=n_values, context=secret, packing=QUANT, summed=True
+    )
     # Assert: 4 values per slot (2 packed x real/imaginary), seeded: about 1x float32 up
     assert upload <= 1.0 * 4 * n_values
     assert summed <= 2.0 * 4 * n_values
@@ -143,16 +165,17 @@ def test_ciphertext_of_another_key_or_shape_is_refused(secret, public):
     # Prepare
     updates = _updates(2)
     layout = UpdateLayout.from_update(updates[0])
-    small = {"layers.0.q.lora_A": updates[0]["layers.0.q.lora_A"]}
+    big = {"w": torch.zeros(20_000)}  # three ciphertexts; the others fit one
     enc = Encryptor(context=secret, packing=QUANT)
     summed = EncryptedSum(context=public)
-    summed.add(enc.encrypt(updates[0], weight=1.0, layout=layout))
+    summed.add(enc.encrypt(big, weight=1.0, layout=UpdateLayout.from_update(big)))
     before = summed.to_bytes()
     # Execute / Assert: a different shape, scale or garbage leaves the sum untouched
     with pytest.raises(HEDecodeError):
-        summed.add(enc.encrypt(small, weight=1.0, layout=UpdateLayout.from_update(small)))
+        summed.add(enc.encrypt(updates[0], weight=1.0, layout=layout))
     with pytest.raises(HEDecodeError):
-        summed.add(Encryptor(context=secret, packing=REAL).encrypt(updates[1], weight=1.0, layout=layout))
+        real = Encryptor(context=secret, packing=REAL)
+        summed.add(real.encrypt(updates[1], weight=1.0, layout=layout))
     with pytest.raises(HEDecodeError):
         summed.add(b"ZFB1" + b"\x00" * 40)
     assert summed.count == 1 and summed.to_bytes() == before

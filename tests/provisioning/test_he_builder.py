@@ -88,15 +88,24 @@ def test_the_server_context_adds_but_cannot_decrypt(kits):
     layout = UpdateLayout.from_update(updates[0])
     # Execute
     summed = EncryptedSum(context=server)
-    for ctx, update in zip((site_a, site_b), updates):
-        summed.add(Encryptor(context=ctx, packing=packing).encrypt(update, weight=1.0, layout=layout))
+    for ctx, update in zip((site_a, site_b), updates, strict=True):
+        with Encryptor(context=ctx, packing=packing) as enc:
+            summed.add(enc.encrypt(update, weight=1.0, layout=layout))
     blob = summed.to_bytes()
     # Assert
     with pytest.raises(HEKeyError):
         decrypt_sum(blob, context=server, packing=packing, layout=layout, total_weight=2.0)
     with pytest.raises(ValueError):  # TenSEAL itself has no key to decrypt with
-        summed._chunks[0].decrypt()
+        summed._chunks[0][0].decrypt()
     mean = decrypt_sum(blob, context=site_b, packing=packing, layout=layout, total_weight=2.0)
     assert torch.allclose(mean["w"], torch.full((4, 300), 0.02), atol=packing.step)
     assert site_a.key_id == site_b.key_id == server.key_id
     assert os.access(kits / "server1" / "startup", os.R_OK)
+
+
+def test_the_builder_refuses_parameters_below_128_bits():
+    from zenfed.privacy.he_params import HESecurityError
+    from zenfed.provisioning.he_builder import HEContextBuilder
+
+    with pytest.raises(HESecurityError):
+        HEContextBuilder(poly_modulus_degree=4096, coeff_mod_bit_sizes=[60, 60])

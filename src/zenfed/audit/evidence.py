@@ -193,6 +193,10 @@ def _residency(
         "updates (LoRA adapter deltas), not data records: a site log records no other outbound "
         "transfer, and the training and evaluation records stayed at their sites."
     )
+    unlogged = [r["site"] for r in rows if r["source"] != "site audit log"]
+    if unlogged:
+        statement += (f" No site log was available for {', '.join(unlogged)}: those figures come "
+                      "from the server's receipts, or are absent.")
     return {"statement": statement, "total_bytes": total, "total_updates": updates,
             "sites": rows}
 

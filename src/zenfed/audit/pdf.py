@@ -19,7 +19,9 @@ _BODY = ParagraphStyle("body", parent=_STYLES["BodyText"], fontSize=9, leading=1
 _CELL = ParagraphStyle("cell", parent=_BODY, fontSize=8, leading=10)
 _HASH = ParagraphStyle("hash", parent=_CELL, fontName="Courier", fontSize=7, leading=9)
 _H1 = _STYLES["Title"]
-_H2 = ParagraphStyle("h2", parent=_STYLES["Heading2"], textColor=colors.HexColor("#2c5282"))
+_H2 = ParagraphStyle("h2", parent=_STYLES["Heading2"], textColor=colors.HexColor("#2c5282"),
+                     keepWithNext=1)
+_STATUS_COLOURS = {"evidenced": "#1b5e20", "partial": "#8a5a00", "not evidenced": "#8a1c1c"}
 _WIDTH = A4[0] - 36 * mm
 
 
@@ -58,6 +60,11 @@ def _verdict(ok: bool, text: str) -> Table:
         ("TOPPADDING", (0, 0), (-1, -1), 6), ("BOTTOMPADDING", (0, 0), (-1, -1), 6),
     ]))
     return table
+
+
+def _status(status: str) -> Paragraph:
+    colour = _STATUS_COLOURS.get(status, "#1d232a")
+    return Paragraph(f'<font color="{colour}"><b>{escape(status)}</b></font>', _CELL)
 
 
 def render_pdf(report: dict[str, Any], plots: dict[str, bytes]) -> bytes:
@@ -195,8 +202,8 @@ def render_pdf(report: dict[str, Any], plots: dict[str, bytes]) -> bytes:
                     "supports a compliance assessment; it does not replace one."))
     story.append(_table(["Framework", "Reference", "Control", "Evidence from this job", "Status"],
                         [[c["framework"], c["reference"], c["control"], c["evidence"],
-                          c["status"]] for c in report["controls"]],
-                        [0.1, 0.16, 0.16, 0.44, 0.14]))
+                          _status(c["status"])] for c in report["controls"]],
+                        [0.12, 0.15, 0.16, 0.43, 0.14]))
     story.append(Spacer(1, 6))
     story.append(_p(f"Result folder: {report['result_dir']}. The machine-readable version of "
                     "this report is report.json.", _CELL))

@@ -11,19 +11,24 @@ into a running weighted sum as they arrive. After the last round a
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 from nvflare.apis.client import Client
 from nvflare.apis.controller_spec import ClientTask, Task
+from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.job_def import JobMetaKey
 from nvflare.apis.impl.controller import Controller
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 from nvflare.widgets.info_collector import GroupInfoCollector, InfoCollector
 
 from zenfed import protocol as P
+from zenfed.audit import events as E
+from zenfed.audit.sink import AuditSink
 from zenfed.controllers.aggregators import WeightedMean
 from zenfed.controllers.checkpoint import CheckpointStore, RunState
 from zenfed.engines.export import write_peft_adapter
@@ -55,6 +60,9 @@ class FedLoRAController(Controller):
         self._out_dir: Path | None = None
         self._checkpoints: CheckpointStore | None = None
         self._job_id = ""
+        self._audit = AuditSink(None)
+        self._update_hashes: list[str] = []
+        self._base_model_sha256: str | None = None
 
     # -- FLARE lifecycle -------------------------------------------------------------------
     def start_controller(self, fl_ctx: FLContext) -> None:
@@ -66,10 +74,24 @@ class FedLoRAController(Controller):
         self._out_dir.mkdir(parents=True, exist_ok=True)
         key = f"{self.spec.name}-{self.spec.spec_hash()[:16]}"
         self._checkpoints = CheckpointStore(Path(workspace.get_root_dir()) / "zenfed-checkpoints" / key)
+        self._audit = AuditSink.for_participant(
+            startup_dir=workspace.get_startup_kit_dir(), participant=fl_ctx.get_identity_name(),
+            log_path=self._out_dir / "audit" / f"{fl_ctx.get_identity_name()}.jsonl",
+        )
+        meta = fl_ctx.get_prop(FLContextKey.JOB_META) or {}
+        sites = sorted(c.name for c in fl_ctx.get_engine().get_clients())
+        self._audit.record(
+            E.JOB_SUBMITTED, job=self.spec.name, job_id=self._job_id,
+            submitter=str(meta.get(JobMetaKey.SUBMITTER_NAME.value, "unknown")),
+            spec_sha256=self.spec.spec_hash(),
+        )
+        self._audit.record(E.JOB_DEPLOYED, job_id=self._job_id, sites=sites)
+        self._audit.record(E.JOB_STARTED, job_id=self._job_id)
 
     def stop_controller(self, fl_ctx: FLContext) -> None:
-        """Mark the workflow finished."""
+        """Mark the workflow finished and close the audit log."""
         self._phase = "finished"
+        self._audit.close()
 
     def process_result_of_unknown_task(
         self, client: Client, task_name: str, client_task_id: str, result: Shareable, fl_ctx: FLContext
@@ -145,11 +167,13 @@ class FedLoRAController(Controller):
         data[P.KEY_HEADER] = header
         self._aggregator = WeightedMean()
         self._round_sites = {}
+        self._update_hashes = []
+        targets = [c.name for c in fl_ctx.get_engine().get_clients()]
+        self._audit.record(E.ROUND_STARTED, round=self._round, task=task_name, sites=sorted(targets))
         task = Task(
             name=task_name, data=data, timeout=spec.federation.task_timeout_s,
             result_received_cb=self._on_result,
         )
-        targets = [c.name for c in fl_ctx.get_engine().get_clients()]
         self.broadcast_and_wait(
             task=task, fl_ctx=fl_ctx, targets=targets, min_responses=spec.federation.min_sites,
             wait_time_after_min_received=spec.federation.task_timeout_s, abort_signal=abort_signal,
@@ -158,6 +182,10 @@ class FedLoRAController(Controller):
             return None
         answered = len(self._round_sites) if task_name == P.TASK_EVALUATE else self._aggregator.count
         if answered < spec.federation.min_sites:
+            self._audit.record(
+                E.ERROR, kind="too_few_sites", round=self._round,
+                message=f"{answered} site(s) contributed; federation.min_sites={spec.federation.min_sites}",
+            )
             self.system_panic(
                 f"round {self._round}: only {answered} site(s) contributed, fewer than "
                 f"federation.min_sites={spec.federation.min_sites}; stopping the job", fl_ctx,
@@ -165,7 +193,23 @@ class FedLoRAController(Controller):
             abort_signal.trigger("too few sites")
             return None
         self._last_eval = self._weighted_eval()
-        return self._aggregator.result() if task_name == P.TASK_TRAIN else True
+        evaluated_round = self._round - 1 if task_name == P.TASK_TRAIN else self._round
+        self._audit.record(
+            E.EVALUATED, round=evaluated_round, scope="federated",
+            metrics={k: float(v) for k, v in self._last_eval.items()},
+        )
+        if task_name == P.TASK_EVALUATE:
+            self._audit.record(E.ROUND_ENDED, round=self._round, task=task_name)
+            return True
+        new_global = self._aggregator.result()
+        self._audit.record(
+            E.AGGREGATED, round=self._round, inputs=sorted(self._update_hashes),
+            output=sha256_hex(encode_adapter(new_global)), method="fedavg",
+            total_weight=self._aggregator.total_weight,
+        )
+        self._audit.record(E.ROUND_ENDED, round=self._round, task=task_name,
+                           contributors=sorted(self._aggregator.contributors))
+        return new_global
 
     def _on_result(self, client_task: ClientTask, fl_ctx: FLContext) -> None:
         """Validate one site's result and fold it into the sum; reject bad ones, never abort."""
@@ -176,6 +220,7 @@ class FedLoRAController(Controller):
             self._accept(site, result, client_task.task.name)
         except (ZenfedError, ValueError, TypeError, KeyError) as err:
             self.log_error(fl_ctx, f"round {self._round}: rejected the result of {site}: {err}")
+            self._audit.record(E.ERROR, kind="result_rejected", site=site, round=self._round, message=str(err)[:500])
 
     def _accept(self, site: str, result: Shareable, task_name: str) -> None:
         spec, _ = self._require_started()
@@ -207,11 +252,30 @@ class FedLoRAController(Controller):
             num_examples = int(header[P.H_NUM_EXAMPLES])
             weight = float(num_examples) if spec.federation.weighting == "samples" else 1.0
             self._aggregator.add(site, decode_adapter(payload), weight=weight)
+            self._update_hashes.append(digest)
+            self._audit.record(
+                E.UPDATE_RECEIVED, site=site, round=self._round, sha256=digest, size=len(payload),
+                kind=P.UPDATE_KIND,
+            )
             metrics.update(
                 train_loss=float(header[P.H_TRAIN_LOSS]), num_examples=num_examples, weight=weight,
                 update_sha256=digest, update_bytes=len(payload),
             )
+        if header.get(P.H_BASE_MODEL_SHA256):
+            self._base_model_sha256 = str(header[P.H_BASE_MODEL_SHA256])
+        log_bytes = result.get(P.KEY_AUDIT_LOG)
+        if task_name == P.TASK_EVALUATE and isinstance(log_bytes, bytes):
+            self._store_site_log(site, log_bytes)
         self._round_sites[site] = metrics
+
+    def _store_site_log(self, site: str, data: bytes) -> None:
+        """Keep a site's signed log in the job result and pin its head in the server's log."""
+        if self._out_dir is None or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", site):
+            raise ZenfedError(f"cannot store the audit log of site {site!r}")
+        lines = data.rstrip(b"\n").split(b"\n")
+        head = json.loads(lines[-1])
+        (self._out_dir / "audit" / f"{site}.jsonl").write_bytes(data)
+        self._audit.record(E.LOG_ANCHORED, participant=site, seq=int(head["seq"]), sha256=sha256_hex(lines[-1]))
 
     # -- records ---------------------------------------------------------------------------
     def _weighted_eval(self) -> dict[str, float]:
@@ -272,7 +336,7 @@ class FedLoRAController(Controller):
         result = {
             "job": {"name": spec.name, "job_id": self._job_id, "spec_hash": spec.spec_hash(),
                     "spec": spec.model_dump(mode="json")},
-            "base_model": {"name": spec.model.base},
+            "base_model": {"name": spec.model.base, "sha256": self._base_model_sha256},
             "baseline": {"eval_loss": baseline.get("eval_loss"), "accuracy": baseline.get("accuracy")},
             "rounds": rounds,
             "final": {"adapter_dir": str(adapter_dir.relative_to(self._out_dir)),
@@ -281,3 +345,7 @@ class FedLoRAController(Controller):
                       "sites": dict(self._round_sites)},
         }
         (self._out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        self._audit.record(
+            E.MODEL_RELEASED, adapter_sha256=result["final"]["adapter_sha256"],
+            released_to="job result (adapter/)", decided_by="job spec: plaintext FedAvg",
+        )

@@ -78,12 +78,23 @@ def check_manifest(model_dir: Path) -> str | None:
 
 
 def model_fingerprint(model_dir: Path) -> str:
-    """Return the SHA-256 of a prepared model's weights, from its manifest."""
-    problem = check_manifest(model_dir)
-    if problem:
-        raise ModelError(f"base model at {model_dir} is not usable: {problem}")
-    manifest = json.loads((model_dir / MANIFEST).read_text())
-    return str(manifest.get("weights_sha256") or manifest.get("files"))
+    """Return the SHA-256 of a model's weights: from its manifest, or by hashing its weight files.
+
+    Raises:
+        ModelError: If a manifest exists and the folder no longer matches it.
+    """
+    if (model_dir / MANIFEST).is_file():
+        problem = check_manifest(model_dir)
+        if problem:
+            raise ModelError(f"base model at {model_dir} is not usable: {problem}")
+        manifest = json.loads((model_dir / MANIFEST).read_text())
+        if manifest.get("weights_sha256"):
+            return str(manifest["weights_sha256"])
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        digest.update(path.name.encode())
+        digest.update(_sha256_file(path).encode())
+    return digest.hexdigest()
 
 
 def _gguf_path() -> Path:

@@ -8,6 +8,8 @@ the job. Only the adapter (and metrics) leave the site.
 from __future__ import annotations
 
 import random
+import zlib
+from pathlib import Path
 from typing import Any
 
 from nvflare.apis.executor import Executor
@@ -17,10 +19,12 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
 from zenfed import protocol as P
+from zenfed.audit import events as E
+from zenfed.audit.sink import AuditSink
 from zenfed.data.jsonl import Example, load_jsonl
 from zenfed.engines import make_engine
 from zenfed.engines.base import AdapterState, Engine
-from zenfed.engines.base_model import resolve_base_model
+from zenfed.engines.base_model import model_fingerprint, resolve_base_model
 from zenfed.errors import PolicyError, ZenfedError
 from zenfed.executors.site_policy import check_job_allowed, load_policy_for
 from zenfed.spec import JobSpec, SitePolicy, parse_model
@@ -43,6 +47,9 @@ class LoRAExecutor(Executor):
         self._engine: Engine | None = None
         self._train: list[Example] = []
         self._valid: list[Example] = []
+        self._sent_dir: Path | None = None
+        self._audit: AuditSink | None = None
+        self._base_model_sha256: str | None = None
 
     def execute(
         self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal
@@ -60,22 +67,34 @@ class LoRAExecutor(Executor):
             return self._run(task_name, spec, header, adapter, site, abort_signal)
         except PolicyError as err:
             self.log_warning(fl_ctx, f"{site} refused {task_name}: {err}")
+            self._record(E.POLICY_DECISION, decision="refused", reason=str(err)[:500], task=task_name)
             reply = make_reply(ReturnCode.OK)
             reply[P.KEY_REFUSAL] = str(err)
             return reply
         except ZenfedError as err:
             self.log_error(fl_ctx, f"{site} failed {task_name}: {err}")
+            self._record(E.ERROR, kind=type(err).__name__, message=str(err)[:500], task=task_name)
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _record(self, event: str, **fields: Any) -> None:
+        if self._audit is not None:
+            self._audit.record(event, **fields)
 
     # -- steps ----------------------------------------------------------------------------
     def _prepare(self, site: str, fl_ctx: FLContext) -> tuple[JobSpec, SitePolicy]:
         """Load the spec, the site policy, the data and the engine, once per job."""
         if self._spec is not None and self._policy is not None:
             return self._spec, self._policy
-        spec = parse_model(
-            JobSpec, self._spec_data, kind="job spec", source="the job's site config"
-        )
         workspace = fl_ctx.get_engine().get_workspace()
+        job_id = fl_ctx.get_job_id()
+        run_dir = Path(workspace.get_run_dir(job_id)) / "zenfed"
+        if self._audit is None:
+            self._audit = AuditSink.for_participant(
+                startup_dir=workspace.get_startup_kit_dir(), participant=site,
+                log_path=run_dir / "audit" / f"{site}.jsonl",
+            )
+            self._audit.record(E.JOB_STARTED, job_id=job_id)
+        spec = parse_model(JobSpec, self._spec_data, kind="job spec", source="the job's site config")
         policy = load_policy_for(site=site, site_config_dir=workspace.get_site_config_dir())
         check_job_allowed(policy, spec)
         location = policy.dataset(spec.data.dataset)
@@ -85,7 +104,15 @@ class LoRAExecutor(Executor):
         random.Random(spec.training.seed).shuffle(valid)
         self._valid = valid[: spec.evaluation.max_examples]
         model_dir = resolve_base_model(spec.model.base)
+        self._base_model_sha256 = model_fingerprint(model_dir)
         self._engine = make_engine(spec, model_dir=model_dir, threads=policy.torch_threads)
+        if policy.keep_sent_updates:
+            self._sent_dir = run_dir / "sent"
+        self._record(
+            E.POLICY_DECISION, decision="accepted", job=spec.name, spec_sha256=spec.spec_hash(),
+            dataset=spec.data.dataset, base_model_sha256=self._base_model_sha256,
+            reason="job, base model and dataset allowed by the site policy",
+        )
         self._spec, self._policy = spec, policy
         return spec, policy
 
@@ -121,13 +148,19 @@ class LoRAExecutor(Executor):
             P.H_EVAL_LOSS: evaluation.loss,
             P.H_EVAL_ACCURACY: evaluation.accuracy,
             P.H_EVAL_EXAMPLES: evaluation.num_examples,
+            P.H_BASE_MODEL_SHA256: self._base_model_sha256,
         }
+        self._record(
+            E.EVALUATED, round=rnd - 1 if task_name == P.TASK_TRAIN else rnd, scope="local validation",
+            metrics={"eval_loss": evaluation.loss, "accuracy": evaluation.accuracy,
+                     "examples": evaluation.num_examples},
+        )
         reply = make_reply(ReturnCode.OK)
         if task_name == P.TASK_TRAIN:
             if abort_signal.triggered:
                 return make_reply(ReturnCode.TASK_ABORTED)
             # Each site and round draws its own batches, reproducibly.
-            seed = spec.training.seed * 1_000_003 + rnd * 7919 + sum(site.encode())
+            seed = spec.training.seed * 1_000_003 + rnd * 7919 + zlib.crc32(site.encode())
             trained = engine.train(
                 adapter=adapter, examples=self._train, steps=spec.training.local_steps, seed=seed
             )
@@ -142,8 +175,21 @@ class LoRAExecutor(Executor):
                 }
             )
             reply[P.KEY_PAYLOAD] = payload
+            self._keep_sent(rnd, payload)
+            self._record(E.UPDATE_SENT, round=rnd, sha256=sha256_hex(payload), size=len(payload), kind=P.UPDATE_KIND)
+        elif self._audit is not None and self._audit.path is not None:
+            # The final answer carries the site's own signed log into the job result.
+            self._audit.record(E.ROUND_ENDED, round=rnd, task=task_name)
+            reply[P.KEY_AUDIT_LOG] = self._audit.path.read_bytes()
         reply[P.KEY_HEADER] = out
         return reply
+
+    def _keep_sent(self, rnd: int, payload: bytes) -> None:
+        """Keep the site's own copy of what left it, named by round (the site's record, not the server's)."""
+        if self._sent_dir is None:
+            return
+        self._sent_dir.mkdir(parents=True, exist_ok=True)
+        (self._sent_dir / f"round-{rnd:04d}.safetensors").write_bytes(payload)
 
     def _require_engine(self) -> Engine:
         if self._engine is None:

@@ -81,3 +81,20 @@ def run_simulation(
     if code != 0 or not (result_dir / "zenfed_result.json").is_file():
         raise JobError(f"the simulator run failed (exit {code}); see {log}")
     return result_dir
+
+
+def load_policies(folder: Path) -> dict[str, SitePolicy]:
+    """Load every ``SITE.yaml`` site policy in ``folder``.
+
+    Raises:
+        JobError: If the folder holds no policy.
+    """
+    from zenfed.spec import load_site_policy
+
+    policies = {p.stem: load_site_policy(p) for p in sorted(Path(folder).glob("*.yaml"))}
+    if not policies:
+        raise JobError(f"{folder} holds no SITE.yaml site policies")
+    for name, policy in policies.items():
+        if policy.site != name:
+            raise JobError(f"{folder / (name + '.yaml')} is for site {policy.site!r}; name the file {policy.site}.yaml")
+    return policies

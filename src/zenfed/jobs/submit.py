@@ -77,19 +77,26 @@ def submit(
                    TimeElapsedColumn())
         with Progress(*columns, disable=not progress, transient=False) as bar:
             task = bar.add_task(f"job {job_id[:8]}", total=None, info="submitted")
+            live = bar.console.is_terminal
+            last_line = ""
             while True:
                 status = str(session.get_job_meta(job_id).get("status", ""))
-                info = _progress(session, job_id)
+                info = _progress(session, job_id) if status == "RUNNING" else {}
                 if info.get("rounds"):
                     done = info["round"] - (0 if info.get("phase") in ("evaluate", "done") else 1)
                     loss = info.get("eval_loss")
-                    bar.update(task, total=info["rounds"], completed=max(done, 0), info=(
+                    line = (
                         f"round {info['round']}/{info['rounds']} · {info.get('phase')} · "
                         f"{info.get('sites_answered', 0)} site(s) answered"
                         + (f" · eval loss {loss:.4f}" if isinstance(loss, float) else "")
-                    ))
+                    )
+                    bar.update(task, total=info["rounds"], completed=max(done, 0), info=line)
                 else:
-                    bar.update(task, info=status.lower())
+                    line = status.lower()
+                    bar.update(task, info=line)
+                if progress and not live and line != last_line:
+                    print(f"job {job_id[:8]}: {line}", flush=True)  # Logs and CI get one line per change.
+                last_line = line
                 if status.startswith(TERMINAL):
                     break
                 if time.time() > deadline:
@@ -102,11 +109,29 @@ def submit(
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(downloaded), str(target))
+        _lift_zenfed_outputs(target)
     finally:
         session.close()
     if not status.startswith("FINISHED"):
         raise JobError(f"job {job_id} ended as {status}; its downloaded workspace is in {target}")
     return SubmitResult(job_id=job_id, status=status, result_dir=target)
+
+
+def _lift_zenfed_outputs(target: Path) -> None:
+    """Move the controller's outputs (result, adapter, audit logs) to the top of the result folder.
+
+    FLARE's download nests them in ``workspace/zenfed/``; the rest of FLARE's
+    download (its logs, the job as submitted) stays where it is.
+    """
+    nested = target / "workspace" / "zenfed"
+    if not nested.is_dir():
+        return
+    for item in nested.iterdir():
+        destination = target / item.name
+        if not destination.exists():
+            shutil.move(str(item), str(destination))
+    if not any(nested.iterdir()):
+        nested.rmdir()
 
 
 def find_result_file(result_dir: Path) -> Path:
@@ -115,7 +140,8 @@ def find_result_file(result_dir: Path) -> Path:
     Raises:
         JobError: If the result holds none (the job did not complete).
     """
-    matches = sorted(result_dir.rglob("zenfed/zenfed_result.json"))
+    direct = result_dir / "zenfed_result.json"
+    matches = [direct] if direct.is_file() else sorted(result_dir.rglob("zenfed_result.json"))
     if not matches:
         raise JobError(f"{result_dir} holds no zenfed_result.json; the job did not complete")
     return matches[0]

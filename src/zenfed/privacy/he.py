@@ -2,16 +2,18 @@
 
 A site flattens its update (named float32 tensors) into one vector, multiplies it
 by its weight, quantises it (values clipped to ``[-clip, clip]``, 16 bits by
-default) and packs several quantised integers into each CKKS slot, with headroom
-so that up to ``max_sites`` sums never carry between fields. The slots are
-encrypted with the secret key, in chunks of at most ``CHUNK_CIPHERTEXTS``
-ciphertexts, and sent in a compact form without the context (``he_wire``).
+default) and packs two quantised integers into each real, with headroom so that
+up to ``max_sites`` sums never carry between fields (``he_pack``). Each complex
+CKKS slot carries two such reals; the secret key encrypts them with SEAL's seeded
+symmetric encryption (``he_seal``), in chunks of at most ``CHUNK_CIPHERTEXTS``
+ciphertexts, sent bit-packed and without the context (``he_wire``): about 0.95
+bytes per float32 byte.
 
-The server adds ciphertexts in place with a public-only context. A key holder
-decrypts the sum, unpacks it and divides by the plain total weight.
+The server adds ciphertexts in place with a public-only TenSEAL context. A key
+holder decrypts the sum, unpacks it and divides by the plain total weight.
 
-With quantisation off each slot carries one float at scale 2^40; the sum then
-matches plaintext to about 1e-8 absolute.
+With quantisation off each real is one value at scale 2^40; the sum then
+matches plaintext to about 1e-9 absolute.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from multiprocessing import get_context
 
 import numpy as np
@@ -30,15 +31,22 @@ import tenseal as ts
 import torch
 
 from zenfed.privacy.he_context import HEContext, context_from_bytes, context_to_bytes
+from zenfed.privacy.he_pack import (
+    UpdateLayout,
+    flatten_update,
+    pack_values,
+    unflatten_update,
+    unpack_values,
+)
 from zenfed.privacy.he_params import HEError, HEKeyError, PackingConfig, SlotLayout, slot_layout
-from zenfed.privacy.he_wire import CHUNK_HEAD_BYTES
 from zenfed.privacy.he_seal import SealKit
 from zenfed.privacy.he_wire import (
+    CHUNK_HEAD_BYTES,
     HEDecodeError,
+    build_vector_proto,
     compact_ciphertexts,
-    compact_vector,
     expand_ciphertexts,
-    expand_vector,
+    parse_vector_proto,
 )
 from zenfed.spec import canonical_json
 
@@ -47,55 +55,20 @@ CHUNK_CIPHERTEXTS = 16
 SEED_TAIL_BYTES = 81
 _BLOB_MAGIC = b"ZFB1"
 
-
-@dataclass(frozen=True)
-class UpdateLayout:
-    """Names and shapes of an update, in packing order."""
-
-    entries: tuple[tuple[str, tuple[int, ...]], ...]
-
-    @classmethod
-    def from_update(
-        cls, update: Mapping[str, torch.Tensor], *, order: Sequence[str] | None = None
-    ) -> UpdateLayout:
-        """Layout of ``update`` in ``order`` (default: sorted names)."""
-        names = list(order) if order is not None else sorted(update)
-        if sorted(names) != sorted(update):
-            raise HEError("order must list every tensor name of the update exactly once")
-        return cls(tuple((n, tuple(int(d) for d in update[n].shape)) for n in names))
-
-    @property
-    def n_values(self) -> int:
-        """Total number of values."""
-        return sum(math.prod(shape) for _, shape in self.entries)
-
-    def digest(self) -> str:
-        """SHA-256 of the names and shapes, to check both sides agree."""
-        return hashlib.sha256(canonical_json([[n, list(s)] for n, s in self.entries])).hexdigest()
-
-
-def flatten_update(update: Mapping[str, torch.Tensor], *, layout: UpdateLayout) -> np.ndarray:
-    """Concatenate the tensors of ``update`` in layout order into one float64 vector."""
-    parts = []
-    for name, shape in layout.entries:
-        tensor = update.get(name)
-        if tensor is None or tuple(tensor.shape) != shape:
-            got = None if tensor is None else tuple(tensor.shape)
-            raise HEError(f"update tensor {name!r} has shape {got}, the layout expects {shape}")
-        parts.append(tensor.detach().to("cpu", torch.float64).reshape(-1).numpy())
-    return np.concatenate(parts) if parts else np.zeros(0)
-
-
-def unflatten_update(vector: np.ndarray, *, layout: UpdateLayout) -> dict[str, torch.Tensor]:
-    """Split a flat vector back into named float32 tensors."""
-    if vector.size != layout.n_values:
-        raise HEError(f"vector has {vector.size} values, the layout needs {layout.n_values}")
-    out, pos = {}, 0
-    for name, shape in layout.entries:
-        size = math.prod(shape)
-        out[name] = torch.from_numpy(vector[pos : pos + size].astype(np.float32)).reshape(shape)
-        pos += size
-    return out
+__all__ = [
+    "CHUNK_CIPHERTEXTS",
+    "EncryptedSum",
+    "Encryptor",
+    "UpdateLayout",
+    "decrypt_sum",
+    "expected_ciphertext_bytes",
+    "fingerprint",
+    "flatten_update",
+    "pack_values",
+    "split_chunks",
+    "unflatten_update",
+    "unpack_values",
+]
 
 
 def fingerprint(context: HEContext, packing: PackingConfig) -> str:
@@ -128,6 +101,7 @@ def expected_ciphertext_bytes(
         context: Any context of the key set (public or secret).
         packing: The packing configuration.
         summed: False for a site's upload (seeded ciphertexts), True for a sum.
+
     """
     lay = slot_layout(context.params, packing)
     params = context.params
@@ -140,38 +114,9 @@ def expected_ciphertext_bytes(
     return 8 + 8 * len(sizes) + sum(CHUNK_HEAD_BYTES + k * (4 + per_ct) for k in sizes)
 
 
-def pack_values(values: np.ndarray, *, packing: PackingConfig, layout: SlotLayout) -> np.ndarray:
-    """Quantise weighted values and pack them into slot reals (float64, exact integers)."""
-    if packing.quant_bits is None:
-        return values.astype(np.float64)
-    q = np.rint(np.clip(values, -packing.clip, packing.clip) / packing.step).astype(np.int64)
-    per = layout.fields_per_slot
-    q = np.concatenate([q, np.zeros((-q.size) % per, dtype=np.int64)]).reshape(-1, per)
-    slots = q[:, -1].copy()
-    for j in range(per - 2, -1, -1):
-        slots = (slots << layout.field_bits) + q[:, j]
-    return slots.astype(np.float64)
-
-
-def unpack_values(
-    slots: np.ndarray, *, n_values: int, packing: PackingConfig, layout: SlotLayout
+def _weighted(
+    values: np.ndarray, weight: float, packing: PackingConfig, lay: SlotLayout
 ) -> np.ndarray:
-    """Inverse of :func:`pack_values` for a sum of packed slots; returns float64 values."""
-    if packing.quant_bits is None:
-        return slots[:n_values].astype(np.float64)
-    rest = np.rint(slots).astype(np.int64)
-    width, half = layout.field_bits, np.int64(1) << (layout.field_bits - 1)
-    mask = (np.int64(1) << width) - 1
-    fields = np.empty((rest.size, layout.fields_per_slot), dtype=np.int64)
-    for j in range(layout.fields_per_slot - 1):
-        low = ((rest + half) & mask) - half  # centred remainder: the signed field
-        fields[:, j] = low
-        rest = (rest - low) >> width
-    fields[:, -1] = rest
-    return fields.reshape(-1)[:n_values].astype(np.float64) * packing.step
-
-
-def _weighted(values: np.ndarray, weight: float, packing: PackingConfig, lay: SlotLayout) -> np.ndarray:
     if not (math.isfinite(weight) and weight > 0):
         raise HEError(f"weight must be a positive number, got {weight}")
     if packing.quant_bits is not None:
@@ -184,7 +129,10 @@ def _weighted(values: np.ndarray, weight: float, packing: PackingConfig, lay: Sl
     weighted = values * weight
     limit = 2.0**lay.value_bits / packing.max_sites
     if weighted.size and float(np.abs(weighted).max()) >= limit:
-        raise HEError(f"weighted values reach {np.abs(weighted).max():.3g}; the limit is {limit:.3g}")
+        raise HEError(
+            f"weighted values reach {np.abs(weighted).max():.3g}, over the limit {limit:.3g} "
+            "for unquantised sums; lower the weight or turn quantisation on"
+        )
     return weighted
 
 
@@ -229,7 +177,9 @@ def split_chunks(blob: bytes) -> list[bytes]:
     sizes = struct.unpack_from(f"<{count}Q", blob, 8)
     pos = 8 + 8 * count
     if pos + sum(sizes) != len(blob):
-        raise HEDecodeError(f"ciphertext blob is {len(blob)} bytes, its table says {pos + sum(sizes)}")
+        raise HEDecodeError(
+            f"ciphertext blob is {len(blob)} bytes, its table says {pos + sum(sizes)}"
+        )
     chunks = []
     for size in sizes:
         chunks.append(blob[pos : pos + size])
@@ -273,7 +223,9 @@ class Encryptor:
             self._pool.shutdown()
             self._pool = None
 
-    def encrypt(self, update: Mapping[str, torch.Tensor], *, weight: float, layout: UpdateLayout) -> bytes:
+    def encrypt(
+        self, update: Mapping[str, torch.Tensor], *, weight: float, layout: UpdateLayout
+    ) -> bytes:
         """Weight, quantise, pack and encrypt ``update``; return the ciphertext blob.
 
         Args:
@@ -305,20 +257,24 @@ class Encryptor:
 class EncryptedSum:
     """A running sum of ciphertext blobs; adds in place, never decrypts.
 
-    Memory is one update's ciphertexts, whatever the number of sites.
+    Memory is one update's ciphertexts, whatever the number of sites. Each SEAL
+    ciphertext is its own TenSEAL vector (a vector spanning several ciphertexts
+    makes TenSEAL print a warning on stdout for every load).
     """
 
     def __init__(self, *, context: HEContext) -> None:
         self.context = context
         self.count = 0
-        self._chunks: list[ts.CKKSVector] = []
+        self._chunks: list[list[ts.CKKSVector]] = []
         self._heads: list[bytes] = []
 
-    def _load(self, chunk: bytes) -> ts.CKKSVector:
+    def _load(self, chunk: bytes) -> list[ts.CKKSVector]:
+        sizes, cts, scale = expand_ciphertexts(chunk)
         try:
-            return ts.ckks_vector_from(self.context.tenseal, expand_vector(chunk))
-        except HEDecodeError:
-            raise
+            return [
+                ts.ckks_vector_from(self.context.tenseal, build_vector_proto([size], [ct], scale))
+                for size, ct in zip(sizes, cts, strict=True)
+            ]
         except Exception as err:  # SEAL refuses coefficients or metadata that do not fit
             raise HEDecodeError(f"ciphertext does not load under this context: {err}") from None
 
@@ -335,15 +291,17 @@ class EncryptedSum:
         chunks = split_chunks(blob)
         heads = [c[:CHUNK_HEAD_BYTES] for c in chunks]
         if self._chunks and heads != self._heads:
-            raise HEDecodeError("ciphertext blob differs from the sum in parameters, scale or shape")
-        vectors = [self._load(c) for c in chunks]
-        if self._chunks and [v.size() for v in vectors] != [v.size() for v in self._chunks]:
+            raise HEDecodeError("ciphertext blob differs from the sum in parameters, scale, shape")
+        loaded = [self._load(c) for c in chunks]
+        shape = [[v.size() for v in vectors] for vectors in loaded]
+        if self._chunks and shape != [[v.size() for v in vs] for vs in self._chunks]:
             raise HEDecodeError("ciphertext blob has a different length than the running sum")
         if not self._chunks:
-            self._chunks, self._heads = vectors, heads
+            self._chunks, self._heads = loaded, heads
         else:
-            for total, vector in zip(self._chunks, vectors):
-                total.add_(vector)
+            for totals, vectors in zip(self._chunks, loaded, strict=True):
+                for total, vector in zip(totals, vectors, strict=True):
+                    total.add_(vector)
         self.count += 1
 
     def to_bytes(self) -> bytes:
@@ -351,7 +309,18 @@ class EncryptedSum:
         if not self._chunks:
             raise HEError("the encrypted sum is empty; no site update was added")
         bits = max(self.context.params.coeff_mod_bit_sizes[:-1])
-        return _join_chunks([compact_vector(v.serialize(), coeff_bits=bits) for v in self._chunks])
+        out = []
+        for vectors in self._chunks:
+            sizes, cts, scales = [], [], set()
+            for vector in vectors:
+                v_sizes, v_cts, v_scale = parse_vector_proto(vector.serialize())
+                sizes += v_sizes
+                cts += v_cts
+                scales.add(v_scale)
+            if len(scales) != 1:
+                raise HEError("ciphertexts of the sum differ in scale; this is a bug")
+            out.append(compact_ciphertexts(cts, sizes=sizes, scale=scales.pop(), coeff_bits=bits))
+        return _join_chunks(out)
 
 
 def decrypt_sum(

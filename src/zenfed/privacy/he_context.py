@@ -143,7 +143,8 @@ def context_from_bytes(data: bytes, *, source: str = "context bytes") -> HEConte
     degree = key_data.parms().poly_modulus_degree()
     total = key_data.total_coeff_modulus_bit_count()
     expected = sum(params.coeff_mod_bit_sizes)
-    if degree != params.poly_modulus_degree or not expected - len(params.coeff_mod_bit_sizes) < total <= expected:
+    low = expected - len(params.coeff_mod_bit_sizes)  # a product of k primes loses < k bits
+    if degree != params.poly_modulus_degree or not low < total <= expected:
         raise HEError(
             f"{source}: header says N={params.poly_modulus_degree} with {expected} modulus bits, "
             f"the context has N={degree} with {total}; the file was altered, re-provision"

@@ -1,4 +1,4 @@
-"""The envelope around one site's encrypted update: a JSON header and the raw ciphertext.
+r"""The envelope around one site's encrypted update: a JSON header and the raw ciphertext.
 
 Wire form (no pickle)::
 
@@ -77,6 +77,7 @@ def seal_envelope(
         fingerprint: ``zenfed.privacy.he.fingerprint`` of the context and packing.
         n_values: Number of update values encrypted.
         ciphertext: The ciphertext blob.
+
     """
     header = EnvelopeHeader(
         job=job,
@@ -97,6 +98,7 @@ def read_envelope(data: bytes) -> tuple[EnvelopeHeader, bytes]:
 
     Raises:
         UndecodableEnvelopeError: If the bytes are not a well-formed envelope.
+
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise UndecodableEnvelopeError(f"envelope must be bytes, got {type(data).__name__}")
@@ -157,6 +159,7 @@ def open_envelope(
         ReplayError: Another job or round.
         SiteMismatchError: Header site differs from the sender.
         HashMismatchError: Ciphertext altered after sealing.
+
     """
     header, ciphertext = read_envelope(data)
     if header.job != job or header.round != round:
@@ -173,7 +176,8 @@ def open_envelope(
         )
     if header.n_values != n_values:
         raise LengthMismatchError(
-            f"update from {header.site!r} has {header.n_values} values, the round expects {n_values}"
+            f"update from {header.site!r} has {header.n_values} values, "
+            f"the round expects {n_values}"
         )
     if ciphertext_bytes is not None and len(ciphertext) != ciphertext_bytes:
         raise LengthMismatchError(

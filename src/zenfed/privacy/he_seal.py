@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ class SealKit:
         shm = Path("/dev/shm")
         self._dir = Path(tempfile.mkdtemp(prefix="zenfed-he-", dir=shm if shm.is_dir() else None))
         self._path = str(self._dir / "ct")
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
         try:
             parms = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
             parms.load(self._write(_as_bytes(fields.get(1))))
@@ -57,7 +59,8 @@ class SealKit:
             secret = sa.SecretKey()
             secret.load(self.seal_context, self._write(_as_bytes(private.get(1))))
         finally:
-            os.unlink(self._path) if os.path.exists(self._path) else None
+            if os.path.exists(self._path):
+                os.unlink(self._path)  # the secret key must not stay on disk
         self.encoder = sa.CKKSEncoder(self.seal_context)
         self.encryptor = sa.Encryptor(self.seal_context, secret)
         self.decryptor = sa.Decryptor(self.seal_context, secret)
@@ -70,8 +73,8 @@ class SealKit:
         self.close()
 
     def close(self) -> None:
-        """Remove the temporary folder."""
-        shutil.rmtree(self._dir, ignore_errors=True)
+        """Remove the temporary folder (also done when the kit is garbage collected)."""
+        self._cleanup()
 
     def _write(self, data: bytes) -> str:
         fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -99,6 +102,7 @@ class SealKit:
 
         Raises:
             HEDecodeError: If SEAL refuses a ciphertext.
+
         """
         out = []
         for data in ciphertexts:

@@ -1,12 +1,12 @@
-"""Compact wire form of TenSEAL CKKS vectors, without their context.
+"""Compact wire form of SEAL ciphertexts, without their context.
 
-TenSEAL serialises a CKKS vector as a protobuf holding SEAL ciphertexts, each
-zstd-compressed. Ciphertext coefficients are uniform below the data prime, so
-zstd gains nothing, and every 60-bit coefficient still takes a 64-bit word. This
+SEAL saves a ciphertext zstd-compressed (TenSEAL wraps such bytes in a
+protobuf). Ciphertext coefficients are uniform below the data prime, so zstd
+gains nothing, and every 60-bit coefficient still takes a 64-bit word. This
 form keeps SEAL's per-ciphertext metadata once and bit-packs the coefficients at
 the width of the data modulus: 15 bytes per 16 for a 60-bit prime. It is
-reversible to the exact TenSEAL bytes SEAL loads (uncompressed), and
-``ts.ckks_vector_from`` validates every coefficient against the context.
+reversible to bytes SEAL loads (uncompressed), and SEAL's loader validates
+every coefficient against the context.
 
 Layout (little endian)::
 
@@ -55,7 +55,9 @@ def _zstd() -> ctypes.CDLL:
     lib.ZSTD_getFrameContentSize.restype = ctypes.c_ulonglong
     lib.ZSTD_getFrameContentSize.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
     lib.ZSTD_decompress.restype = ctypes.c_size_t
-    lib.ZSTD_decompress.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    lib.ZSTD_decompress.argtypes = [
+        ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t
+    ]
     lib.ZSTD_isError.restype = ctypes.c_uint
     lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
     return lib
@@ -119,7 +121,7 @@ def parse_fields(data: bytes) -> dict[int, bytes | int]:
     return out
 
 
-def _parse_vector_proto(data: bytes) -> tuple[list[int], list[bytes], float]:
+def parse_vector_proto(data: bytes) -> tuple[list[int], list[bytes], float]:
     """Parse TenSEAL's CKKSVectorProto: sizes (1), ciphertexts (2), scale (3)."""
     sizes: list[int] = []
     cts: list[bytes] = []
@@ -150,7 +152,8 @@ def _parse_vector_proto(data: bytes) -> tuple[list[int], list[bytes], float]:
     return sizes, cts, scale
 
 
-def _build_vector_proto(sizes: list[int], cts: list[bytes], scale: float) -> bytes:
+def build_vector_proto(sizes: list[int], cts: list[bytes], scale: float) -> bytes:
+    """Build TenSEAL's CKKSVectorProto bytes from slot counts, SEAL ciphertexts and scale."""
     packed = b"".join(_varint(s) for s in sizes)
     out = [b"\x0a", _varint(len(packed)), packed]
     for ct in cts:
@@ -228,6 +231,7 @@ def compact_ciphertexts(
 
     Raises:
         HEDecodeError: If the ciphertexts are malformed or differ in parameters.
+
     """
     if not cts or len(sizes) != len(cts):
         raise HEDecodeError("a ciphertext vector without ciphertexts")
@@ -253,6 +257,7 @@ def expand_ciphertexts(data: bytes) -> tuple[list[int], list[bytes], float]:
 
     Raises:
         HEDecodeError: If the bytes are truncated, padded or not in the compact form.
+
     """
     if len(data) < _HEAD.size:
         raise HEDecodeError(f"ciphertext blob of {len(data)} bytes is too short")
@@ -286,15 +291,3 @@ def expand_ciphertexts(data: bytes) -> tuple[list[int], list[bytes], float]:
         tail = data[start + packed : start + per_ct]
         cts.append(_join_ciphertext(major, minor, meta, unpacked, tail))
     return sizes, cts, scale
-
-
-def compact_vector(data: bytes, *, coeff_bits: int) -> bytes:
-    """Turn ``CKKSVector.serialize()`` bytes into the compact wire form."""
-    sizes, cts, scale = _parse_vector_proto(data)
-    return compact_ciphertexts(cts, sizes=sizes, scale=scale, coeff_bits=coeff_bits)
-
-
-def expand_vector(data: bytes) -> bytes:
-    """Turn compact wire bytes back into TenSEAL CKKS vector bytes (for ``ckks_vector_from``)."""
-    sizes, cts, scale = expand_ciphertexts(data)
-    return _build_vector_proto(sizes, cts, scale)

@@ -39,6 +39,7 @@ class HEContextBuilder(Builder):
         Args:
             poly_modulus_degree: CKKS ring size N.
             coeff_mod_bit_sizes: Prime sizes; the last one is SEAL's special prime.
+
         """
         self.params = HEParams(
             poly_modulus_degree=int(poly_modulus_degree),

@@ -1,0 +1,226 @@
+"""Benchmark: federated vs centralized vs single-site LoRA on the built-in non-IID data.
+
+Prints one JSON object. Every arm starts from the same initial adapter and is
+evaluated on the same held-out union test set (all tasks):
+
+- ``base``: the untrained model (the initial adapter, whose B matrices are zero);
+- ``central``: LoRA trained on all sites' data pooled, ``rounds * local_steps * sites`` steps;
+- ``federated``: FedAvg in-process with the controller's own ``WeightedMean`` (each round
+  every site trains ``local_steps`` steps from the global adapter on its own data, and the
+  adapters are averaged weighted by sample count): the same total number of steps;
+- ``sites``: each site alone on its own data, again the same total number of steps.
+
+``fed_gain_over_central = (base_loss - fed_loss) / (base_loss - central_loss)``.
+
+Run: ``python bench/bench_quality.py [--tiny]`` or ``zenfed bench quality --json [--tiny]``.
+``--tiny`` uses a tiny random Llama with a tokenizer trained on the spot (no model cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zenfed.controllers.aggregators import WeightedMean
+from zenfed.data.builtin import make_builtin
+from zenfed.data.jsonl import Example, load_jsonl
+from zenfed.engines.base import AdapterState
+from zenfed.engines.peft import PeftEngine
+from zenfed.spec import LoraSpec, TrainingSpec
+
+THREADS = 2
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """What one benchmark run trains and evaluates.
+
+    ``tiny_hidden``/``tiny_layers`` are used only when the model is the tiny random Llama.
+    """
+
+    rounds: int
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    seq_len: int = 128
+    train_per_site: int = 400
+    test_per_task: int = 40
+    skew: float = 0.9
+    max_new_tokens: int = 6
+    tiny_hidden: int = 64
+    tiny_layers: int = 2
+    tiny_vocab: int = 1024
+
+    def total_steps(self, sites: int) -> int:
+        """Training steps of every arm: what the federation spends over all sites and rounds."""
+        return self.rounds * self.local_steps * sites
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_LINEAR = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
+
+# The tiny random model must learn the label mapping from scratch: a high learning rate.
+TINY = QualityConfig(
+    rounds=10, local_steps=5, batch_size=8, learning_rate=2e-2, rank=16, alpha=32.0,
+    target_modules=ALL_LINEAR, test_per_task=40, tiny_hidden=64, tiny_layers=2,
+)
+# SmolLM2-135M-Instruct: about 2 s a step on 2 cores, so 5 * 4 * 3 = 60 steps an arm.
+FULL = QualityConfig(
+    rounds=5, local_steps=4, batch_size=4, learning_rate=2e-3, rank=8, alpha=16.0,
+    target_modules=ATTENTION, test_per_task=20,
+)
+
+
+def _log(message: str) -> None:
+    print(f"[bench quality] {message}", file=sys.stderr, flush=True)
+
+
+def _scores(engine: PeftEngine, adapter: AdapterState, test: Sequence[Example], *,
+            config: QualityConfig) -> dict[str, float]:
+    result = engine.evaluate(adapter=adapter, examples=test, max_new_tokens=config.max_new_tokens)
+    return {"eval_loss": round(result.loss, 4), "accuracy": round(result.accuracy, 4)}
+
+
+def _federated(engine: PeftEngine, start: AdapterState, site_data: dict[str, list[Example]], *,
+               config: QualityConfig, seed: int) -> AdapterState:
+    """FedAvg over the sites, in-process, with the controller's aggregator."""
+    global_adapter = start
+    for round_index in range(config.rounds):
+        mean = WeightedMean()
+        for site_index, (site, examples) in enumerate(site_data.items()):
+            result = engine.train(
+                adapter=global_adapter, examples=examples, steps=config.local_steps,
+                seed=seed * 100_003 + round_index * len(site_data) + site_index,
+            )
+            mean.add(site, result.adapter, weight=float(result.num_examples))
+        global_adapter = mean.result()
+        _log(f"federated round {round_index + 1}/{config.rounds} done")
+    return global_adapter
+
+
+def _model_dir(*, tiny: bool, config: QualityConfig, scratch: Path, seed: int) -> tuple[Path, str]:
+    if tiny:
+        from zenfed.engines.tiny import build_tiny_model
+
+        path = build_tiny_model(
+            scratch / "tiny-model", hidden_size=config.tiny_hidden, layers=config.tiny_layers,
+            vocab_size=config.tiny_vocab, seed=seed,
+        )
+        return path, f"tiny-random-llama(hidden={config.tiny_hidden}, layers={config.tiny_layers})"
+    from zenfed.engines.base_model import DEFAULT_MODEL_NAME, prepare_default_model
+
+    return prepare_default_model(progress=False), DEFAULT_MODEL_NAME
+
+
+def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: QualityConfig | None = None) -> dict:
+    """Run the benchmark and return its JSON object.
+
+    Args:
+        tiny: Use a tiny random Llama (minutes) instead of SmolLM2-135M-Instruct.
+        sites: Number of sites of the built-in data.
+        seed: Seed of the data, the initial adapter and the data order.
+        config: Override the preset (``TINY`` or ``FULL``), e.g. for a smoke test.
+    """
+    started = time.perf_counter()
+    config = config or (TINY if tiny else FULL)
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(seed)
+    total_steps = config.total_steps(sites)
+    with tempfile.TemporaryDirectory(prefix="zenfed-bench-quality-") as tmp:
+        scratch = Path(tmp)
+        make_builtin(
+            scratch / "data", sites=sites, train_per_site=config.train_per_site,
+            test_per_task=config.test_per_task, skew=config.skew, seed=seed,
+        )
+        site_data = {f"site-{k}": load_jsonl(scratch / "data" / f"site-{k}" / "train.jsonl")
+                     for k in range(1, sites + 1)}
+        test = load_jsonl(scratch / "data" / "test.jsonl")
+        model_dir, model_name = _model_dir(tiny=tiny, config=config, scratch=scratch, seed=seed)
+        engine = PeftEngine(
+            model_dir=model_dir,
+            lora=LoraSpec(rank=config.rank, alpha=config.alpha, target_modules=config.target_modules),
+            training=TrainingSpec(
+                local_steps=config.local_steps, batch_size=config.batch_size,
+                seq_len=config.seq_len, learning_rate=config.learning_rate, seed=seed,
+            ),
+            threads=THREADS,
+        )
+        start = engine.initial_adapter()
+        base = _scores(engine, start, test, config=config)
+        _log(f"base {base}")
+
+        pooled = [example for examples in site_data.values() for example in examples]
+        central_adapter = engine.train(adapter=start, examples=pooled, steps=total_steps,
+                                       seed=seed).adapter
+        central = _scores(engine, central_adapter, test, config=config)
+        _log(f"central {central}")
+
+        fed_adapter = _federated(engine, start, site_data, config=config, seed=seed)
+        federated = _scores(engine, fed_adapter, test, config=config)
+        _log(f"federated {federated}")
+
+        alone = []
+        for site, examples in site_data.items():
+            adapter = engine.train(adapter=start, examples=examples, steps=total_steps,
+                                   seed=seed).adapter
+            alone.append({"site": site, **_scores(engine, adapter, test, config=config)})
+            _log(f"{site} alone {alone[-1]}")
+
+    central_gain = base["eval_loss"] - central["eval_loss"]
+    fed_gain = base["eval_loss"] - federated["eval_loss"]
+    ratio = fed_gain / central_gain if central_gain > 0 else float("nan")
+    best_site = max(entry["accuracy"] for entry in alone)
+    return {
+        "benchmark": "quality",
+        "tiny": tiny,
+        "base": base,
+        "central": central,
+        "federated": federated,
+        "sites": alone,
+        "fed_gain_over_central": round(ratio, 4),
+        "targets": {
+            "fed_gain_over_central_at_least_0.95": ratio >= 0.95,
+            "federated_accuracy_above_best_site": federated["accuracy"] > best_site,
+        },
+        "config": {
+            "model": model_name,
+            "engine": "peft",
+            "sites": sites,
+            "seed": seed,
+            "test_examples": len(test),
+            "train_examples_per_site": config.train_per_site,
+            "skew": config.skew,
+            "steps_per_arm": total_steps,
+            **{k: v for k, v in dataclasses.asdict(config).items()
+               if not (k.startswith("tiny_") and not tiny)},
+            "target_modules": list(config.target_modules),
+            "threads": THREADS,
+        },
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny random Llama instead of SmolLM2-135M (under 3 minutes)")
+    parser.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    args = parser.parse_args(argv)
+    print(json.dumps(run(tiny=args.tiny, sites=args.sites, seed=args.seed), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The ``zenfed`` command. Each subcommand is a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from zenfed.errors import ZenfedError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _models_prepare(args: argparse.Namespace) -> int:
+    from zenfed.engines.base_model import prepare_default_model
+
+    print(prepare_default_model(force=args.force))
+    return 0
+
+
+def _data_make(args: argparse.Namespace) -> int:
+    from zenfed.data import make_builtin
+
+    manifest = make_builtin(args.out, sites=args.sites, seed=args.seed, skew=args.skew)
+    print(f"wrote {len(manifest['sites'])} site folders and test.jsonl to {args.out}")  # type: ignore[arg-type]
+    return 0
+
+
+def _job_export(args: argparse.Namespace) -> int:
+    from zenfed.jobs import export_job
+    from zenfed.spec import load_job_spec
+
+    spec = load_job_spec(args.spec)
+    print(export_job(spec, out=args.out, overwrite=args.force))
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from zenfed.data import make_builtin
+    from zenfed.demo import print_round_table
+    from zenfed.jobs.simulate import builtin_policies, load_policies, run_simulation
+    from zenfed.spec import load_job_spec
+
+    spec = load_job_spec(args.spec)
+    workspace = Path(args.workspace)
+    if args.policies:
+        policies = load_policies(Path(args.policies))
+    else:
+        data_dir = workspace.with_name(f"{workspace.name}-data")
+        make_builtin(data_dir, sites=args.sites, seed=spec.training.seed)
+        policies = builtin_policies(
+            data_dir.resolve(), sites=args.sites, dataset=spec.data.dataset, allow_any_model=True
+        )
+    print(f"zenfed: simulating {spec.name} with {len(policies)} sites in {workspace} ...", flush=True)
+    result_dir = run_simulation(spec, workspace=workspace, policies=policies)
+    result = json.loads((result_dir / "zenfed_result.json").read_text())
+    print_round_table(result)
+    print(f"adapter: {result_dir / result['final']['adapter_dir']}")
+    return 0
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from zenfed.provisioning.project import provision
+    from zenfed.spec import load_project_spec
+
+    deployment = provision(load_project_spec(args.project), out=args.out)
+    print(f"provisioned {deployment.project}: server kit {deployment.server_kit}")
+    for site, kit in sorted(deployment.site_kits.items()):
+        print(f"  site {site}: {kit}")
+    for admin, kit in sorted(deployment.admin_kits.items()):
+        print(f"  admin {admin}: {kit}")
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from zenfed.provisioning.deploy import up
+    from zenfed.provisioning.project import Deployment
+
+    up(Deployment.load(args.workspace))
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from zenfed.provisioning.deploy import down
+    from zenfed.provisioning.project import Deployment
+
+    down(Deployment.load(args.workspace))
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from zenfed.demo import print_round_table
+    from zenfed.jobs.submit import load_result, submit
+
+    kit = Path(args.kit)
+    results = Path(args.results) if args.results else kit.parent.parent.parent.parent / "results"
+    outcome = submit(args.job, admin_kit=kit, results_root=results, timeout_s=args.timeout)
+    print_round_table(load_result(outcome.result_dir))
+    print(f"job {outcome.job_id}: {outcome.status}; result in {outcome.result_dir}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from zenfed.demo import run_demo
+
+    run_demo(workspace=Path(args.workspace), keep_up=args.keep_up)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from zenfed.audit.report import build_report
+
+    paths = build_report(Path(args.result_dir), out_dir=Path(args.out))
+    for path in (paths.json, paths.html, paths.pdf):
+        print(path)
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from zenfed.audit.verify import main_verify
+
+    return main_verify(Path(args.path), root_ca=Path(args.root_ca) if args.root_ca else None)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from zenfed.bench import run_benchmark
+
+    result = run_benchmark(args.name, tiny=args.tiny)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``zenfed`` command."""
+    parser = argparse.ArgumentParser(prog="zenfed", description="Privacy-first federated LoRA on NVIDIA FLARE.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler: Handler, help_text: str, parent: argparse._SubParsersAction = sub) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+        p = parent.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", required=True)
+    p = command("prepare", _models_prepare, "materialise the default base model into the local cache", models)
+    p.add_argument("--force", action="store_true", help="rebuild even if the cache is intact")
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    p = command("make", _data_make, "write the built-in non-IID benchmark, one folder per site", data)
+    p.add_argument("--sites", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skew", type=float, default=0.9, help="share of a site's data from its own task")
+
+    job = sub.add_parser("job", help="job folders").add_subparsers(dest="job_command", required=True)
+    p = command("export", _job_export, "write a FLARE job folder (configuration only) from a job spec", job)
+    p.add_argument("spec")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+
+    p = command("simulate", _simulate, "run a job spec in the FLARE simulator")
+    p.add_argument("spec")
+    p.add_argument("--workspace", default="workspace/simulate")
+    p.add_argument("--sites", type=int, default=3, help="sites on the built-in data (without --policies)")
+    p.add_argument("--policies", help="folder of SITE.yaml site policies (default: built-in data)")
+
+    p = command("provision", _provision, "provision a project: kits with certificates and site policies")
+    p.add_argument("project")
+    p.add_argument("--out", required=True)
+
+    p = command("up", _up, "start a provisioned deployment on this machine")
+    p.add_argument("workspace")
+    p = command("down", _down, "stop a deployment started with `zenfed up` (also after a crash)")
+    p.add_argument("workspace")
+
+    p = command("submit", _submit, "submit a job folder, follow it, download its result")
+    p.add_argument("job")
+    p.add_argument("--kit", required=True, help="the admin's startup kit folder")
+    p.add_argument("--results", help="where results go (default: WS/results next to the kits)")
+    p.add_argument("--timeout", type=float, default=3600.0)
+
+    p = command("demo", _demo, "provision, start and run the main job on the embedded default")
+    p.add_argument("--workspace", default="workspace/demo")
+    p.add_argument("--keep-up", action="store_true", help="leave the deployment running afterwards")
+
+    p = command("report", _report, "build the compliance report (JSON, HTML, PDF) from a job result")
+    p.add_argument("result_dir")
+    p.add_argument("--out", required=True)
+
+    audit = sub.add_parser("audit", help="audit logs").add_subparsers(dest="audit_command", required=True)
+    p = command("verify", _audit_verify, "verify audit log chains, signatures and cross-checks", audit)
+    p.add_argument("path", help="a PARTICIPANT.jsonl log or a job result folder")
+    p.add_argument("--root-ca", help="the project's rootCA.pem (default: found next to the logs)")
+
+    p = command("bench", _bench, "run a benchmark and print one JSON object")
+    p.add_argument("name", choices=["quality", "he", "privacy", "scale", "engines"])
+    p.add_argument("--json", action="store_true", help="print compact JSON")
+    p.add_argument("--tiny", action="store_true", help="use the tiny random model (fast)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``zenfed`` command; typed errors become one clear line and exit code 2."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ZenfedError as err:
+        print(f"zenfed: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zenfed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

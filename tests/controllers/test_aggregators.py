@@ -1,0 +1,99 @@
+"""FedAvg aggregation: a running weighted mean that equals the textbook formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zenfed.controllers.aggregators import WeightedMean
+from zenfed.errors import AdapterError
+
+NAMES = ("m.layers.0.q_proj.lora_A.weight", "m.layers.0.q_proj.lora_B.weight")
+
+
+def site_adapter(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return {NAMES[0]: torch.randn(4, 16, generator=gen), NAMES[1]: torch.randn(16, 4, generator=gen)}
+
+
+def test_result_equals_an_independently_computed_weighted_mean():
+    # Prepare
+    sites = {"a": (site_adapter(1), 120.0), "b": (site_adapter(2), 30.0), "c": (site_adapter(3), 50.0)}
+    agg = WeightedMean()
+
+    # Execute
+    for name, (state, weight) in sites.items():
+        agg.add(name, state, weight=weight)
+    mean = agg.result()
+
+    # Assert: sum_k w_k x_k / sum_k w_k, computed here with numpy in float64.
+    total = sum(w for _, w in sites.values())
+    for name in NAMES:
+        expected = sum(s[name].double().numpy() * w for s, w in sites.values()) / total
+        assert mean[name].dtype == torch.float32
+        assert torch.allclose(mean[name], torch.from_numpy(expected).float(), atol=1e-7, rtol=0)
+    assert agg.count == 3 and agg.total_weight == total and agg.contributors == ["a", "b", "c"]
+
+
+def test_the_order_of_arrival_does_not_matter():
+    # Prepare
+    forward, backward = WeightedMean(), WeightedMean()
+    items = [("a", site_adapter(1), 3.0), ("b", site_adapter(2), 7.0)]
+
+    # Execute
+    for site, state, weight in items:
+        forward.add(site, state, weight=weight)
+    for site, state, weight in reversed(items):
+        backward.add(site, state, weight=weight)
+
+    # Assert
+    for name in NAMES:
+        assert torch.allclose(forward.result()[name], backward.result()[name], atol=1e-7)
+
+
+def test_equal_weights_give_the_plain_mean():
+    # Prepare
+    agg = WeightedMean()
+    a, b = site_adapter(1), site_adapter(2)
+
+    # Execute
+    agg.add("a", a, weight=1.0)
+    agg.add("b", b, weight=1.0)
+
+    # Assert
+    for name in NAMES:
+        assert torch.allclose(agg.result()[name], (a[name] + b[name]) / 2, atol=1e-7)
+
+
+@pytest.mark.parametrize("damage", ["shape", "name"])
+def test_a_mismatched_update_is_refused_and_leaves_the_sum_alone(damage):
+    # Prepare
+    agg = WeightedMean()
+    good = site_adapter(1)
+    agg.add("a", good, weight=2.0)
+    bad = site_adapter(2)
+    if damage == "shape":
+        bad[NAMES[0]] = torch.zeros(5, 16)
+    else:
+        bad["m.layers.9.q_proj.lora_A.weight"] = bad.pop(NAMES[0])
+
+    # Execute
+    with pytest.raises(AdapterError):
+        agg.add("b", bad, weight=1.0)
+
+    # Assert
+    assert agg.count == 1
+    assert torch.allclose(agg.result()[NAMES[0]], good[NAMES[0]], atol=1e-7)
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan")])
+def test_a_non_positive_weight_is_refused(weight):
+    # Execute / Assert
+    with pytest.raises(ValueError, match="weight must be positive"):
+        WeightedMean().add("a", site_adapter(1), weight=weight)
+
+
+def test_no_update_means_no_result():
+    # Execute / Assert
+    with pytest.raises(ValueError, match="no site update"):
+        WeightedMean().result()

@@ -1,0 +1,143 @@
+"""The NeMo engine on a tiny Llama: same start, same training and same logits as PEFT."""
+
+import logging
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from zenfed.data.builtin import TASKS, make_example
+from zenfed.data.tokenize import collate, tokenize_all
+from zenfed.engines import Engine
+from zenfed.engines.export import write_peft_adapter
+from zenfed.engines.nemo import NemoEngine
+from zenfed.engines.peft import PeftEngine
+from zenfed.engines.tiny import build_tiny_model
+from zenfed.errors import AdapterError, DataError
+from zenfed.spec import LoraSpec, TrainingSpec
+
+LORA = LoraSpec(rank=4, alpha=8.0)
+TRAINING = TrainingSpec(batch_size=4, seq_len=128, learning_rate=1e-2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def nemo(model_dir) -> NemoEngine:
+    engine = NemoEngine(model_dir=model_dir, lora=LORA, training=TRAINING)
+    engine.initial_adapter()  # build once for the module (NeMo sleeps 2 s per model build)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def peft(model_dir) -> PeftEngine:
+    return PeftEngine(model_dir=model_dir, lora=LORA, training=TRAINING)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    rng = random.Random(0)
+    return [make_example(TASKS[i % len(TASKS)], rng) for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def trained(nemo, examples):
+    return nemo.train(adapter=nemo.initial_adapter(), examples=examples, steps=6, seed=5)
+
+
+def test_engine_speaks_the_protocol(nemo):
+    assert isinstance(nemo, Engine)
+
+
+def test_initial_adapter_equals_the_peft_engines(nemo, peft):
+    # Execute
+    ours, theirs = nemo.initial_adapter(), peft.initial_adapter()
+
+    # Assert: same names, shapes, dtype and values, so mixed federations start identically.
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(v.dtype == torch.float32 for v in ours.values())
+
+
+def test_training_matches_peft_step_for_step(nemo, peft, examples, trained):
+    # Execute: the PEFT reference, same start, data, steps and seed.
+    reference = peft.train(adapter=peft.initial_adapter(), examples=examples, steps=6, seed=5)
+
+    # Assert
+    assert trained.steps == 6 and trained.num_examples == len(examples)
+    assert trained.train_loss == pytest.approx(reference.train_loss, rel=1e-5)
+    diff = max(float((trained.adapter[k] - reference.adapter[k]).abs().max()) for k in trained.adapter)
+    assert diff < 1e-5
+
+
+def test_training_reduces_loss(nemo, examples, trained):
+    # Execute
+    before = nemo.evaluate(adapter=nemo.initial_adapter(), examples=examples[:8], max_new_tokens=2)
+    after = nemo.evaluate(adapter=trained.adapter, examples=examples[:8], max_new_tokens=2)
+
+    # Assert
+    assert after.loss < before.loss - 0.1
+    assert trained.metrics["train_loss_last"] < trained.train_loss
+
+
+def test_evaluate_reports_loss_accuracy_and_agrees_with_peft(nemo, peft, examples, trained):
+    # Execute
+    ours = nemo.evaluate(adapter=trained.adapter, examples=examples[:8], max_new_tokens=3)
+    theirs = peft.evaluate(adapter=trained.adapter, examples=examples[:8], max_new_tokens=3)
+
+    # Assert
+    assert ours.num_examples == 8 and 0.0 <= ours.accuracy <= 1.0
+    assert ours.loss == pytest.approx(theirs.loss, rel=1e-5)
+    assert ours.accuracy == theirs.accuracy
+
+
+def test_nemo_adapter_loads_in_peft_with_the_same_logits(nemo, model_dir, examples, trained, tmp_path):
+    # Prepare: the NeMo-trained adapter written as a PEFT folder, and a batch.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder = write_peft_adapter(tmp_path / "adapter", trained.adapter, lora=LORA, base_model=str(model_dir))
+    batch = collate(tokenize_all(nemo.tokenizer, examples[:4], max_len=128),
+                    pad_id=nemo.tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    # Execute
+    base = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(**inputs).logits
+        peft_logits = PeftModel.from_pretrained(base, folder).eval()(**inputs).logits
+        nemo.load_adapter(trained.adapter)
+        nemo_logits = nemo.module.forward(dict(inputs)).logits
+
+    # Assert: the adapter matters, and both stacks compute the same function.
+    mask = inputs["attention_mask"].bool()
+    assert float((peft_logits - base_logits)[mask].abs().max()) > 1e-3
+    assert float((peft_logits - nemo_logits)[mask].abs().max()) < 1e-5
+
+
+def test_generate_returns_one_completion_per_prompt(nemo, examples, trained):
+    outputs = nemo.generate(adapter=trained.adapter, prompts=examples[:3], max_new_tokens=3)
+    assert len(outputs) == 3 and all(isinstance(o, str) for o in outputs)
+
+
+def test_foreign_adapter_and_empty_data_are_refused(nemo, examples):
+    # Prepare: an adapter missing one tensor.
+    adapter = nemo.initial_adapter()
+    adapter.pop(sorted(adapter)[0])
+
+    # Execute / Assert
+    with pytest.raises(AdapterError, match="does not match this job's LoRA shape"):
+        nemo.train(adapter=adapter, examples=examples, steps=1, seed=0)
+    with pytest.raises(DataError, match="no training examples"):
+        nemo.train(adapter=nemo.initial_adapter(), examples=[], steps=1, seed=0)
+
+
+def test_rounds_do_not_leak_nemo_log_files(nemo, trained):
+    # Assert: NeMoLogger's per-run file handlers are closed after every round.
+    for name in ("nemo_logger", "megatron.core"):
+        paths = [getattr(h, "baseFilename", "") for h in logging.getLogger(name).handlers]
+        assert not any(p.startswith(str(nemo._log_dir)) for p in paths)

@@ -1,0 +1,142 @@
+"""A real `nvflare provision` with zenfed's builder: allow-list, stores inside the workspace, policies."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zenfed.demo import free_port
+from zenfed.errors import DeploymentError, SpecError
+from zenfed.provisioning.kit_builder import ZenfedKitBuilder
+from zenfed.provisioning.project import LAYOUT_FILE, Deployment, flare_project, provision
+from zenfed.spec import AdminSpec, DatasetLocation, ProjectSpec, ServerSpec, SitePolicy, SiteSpec, parse_model
+
+
+def project(fl_port: int, admin_port: int, data: Path) -> ProjectSpec:
+    return ProjectSpec(
+        name="kit-test",
+        server=ServerSpec(name="localhost", fl_port=fl_port, admin_port=admin_port),
+        sites=(
+            SiteSpec(name="hospital-a", org="h", torch_threads=1,
+                     datasets={"builtin": DatasetLocation(path=data / "site-1")}),
+            SiteSpec(name="bank-b", org="b", allowed_jobs=("demo-*",)),
+        ),
+        admins=(AdminSpec(name="admin@kit.test"),),
+    )
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory) -> Deployment:
+    root = tmp_path_factory.mktemp("provision")
+    fl_port = free_port()
+    admin_port = free_port()
+    while admin_port == fl_port:
+        admin_port = free_port()
+    return provision(project(fl_port, admin_port, root / "data"), out=root / "ws")
+
+
+def test_every_kit_exists_with_its_startup_files(deployment):
+    # Assert
+    ws = Path(deployment.workspace)
+    assert Deployment.load(ws) == deployment
+    assert Path(deployment.server_kit, "startup", "fed_server.json").is_file()
+    assert set(deployment.site_kits) == {"hospital-a", "bank-b"}
+    for kit in deployment.site_kits.values():
+        assert Path(kit, "startup", "fed_client.json").is_file()
+        assert Path(kit, "startup", "sub_start.sh").is_file()
+    assert Path(deployment.admin_kit(), "startup", "fed_admin.json").is_file()
+    assert (ws / "project.yml").is_file()
+
+
+def test_the_server_listens_on_the_provisioned_ports(deployment):
+    # Prepare
+    config = json.loads(Path(deployment.server_kit, "startup", "fed_server.json").read_text())
+
+    # Assert
+    text = json.dumps(config)
+    assert str(deployment.fl_port) in text and str(deployment.admin_port) in text
+
+
+def test_every_kit_allows_zenfed_classes(deployment):
+    # Assert
+    for kit in (deployment.server_kit, *deployment.site_kits.values()):
+        resources = json.loads(Path(kit, "local", "resources.json").read_text())
+        assert "zenfed." in resources["class_allow_list"]
+        assert resources["class_list_enforcement_mode"] == "enforce"
+        assert any(p.startswith("nvflare.") for p in resources["class_allow_list"])
+
+
+def test_the_servers_job_and_snapshot_stores_lie_inside_the_workspace(deployment):
+    # Prepare
+    ws = Path(deployment.workspace).resolve()
+    resources = json.loads(Path(deployment.server_kit, "local", "resources.json").read_text())
+
+    # Execute
+    job_root = next(c["args"]["uri_root"] for c in resources["components"] if c["id"] == "job_manager")
+    snapshot_root = resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"]
+
+    # Assert: both live in the server kit that exists after provisioning (not /tmp/nvflare).
+    for root in (job_root, snapshot_root):
+        assert Path(root).is_relative_to(ws), root
+        assert Path(root).is_relative_to(Path(deployment.server_kit).resolve()), root
+
+
+def test_each_site_policy_is_private_and_parses_for_that_site(deployment, tmp_path):
+    # Execute / Assert
+    for site, kit in deployment.site_kits.items():
+        path = Path(kit, "local", "zenfed_site.yaml")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        policy = parse_model(SitePolicy, yaml.safe_load(path.read_text()), kind="site policy", source=str(path))
+        assert policy.site == site
+    hospital = parse_model(
+        SitePolicy, yaml.safe_load(Path(deployment.site_kits["hospital-a"], "local", "zenfed_site.yaml").read_text()),
+        kind="site policy", source="test",
+    )
+    bank = parse_model(
+        SitePolicy, yaml.safe_load(Path(deployment.site_kits["bank-b"], "local", "zenfed_site.yaml").read_text()),
+        kind="site policy", source="test",
+    )
+    assert hospital.torch_threads == 1 and "builtin" in hospital.datasets
+    assert bank.allowed_jobs == ("demo-*",) and bank.datasets == {}
+
+
+def test_no_policy_is_written_to_the_server_or_admin_kits(deployment):
+    # Assert
+    assert not Path(deployment.server_kit, "local", "zenfed_site.yaml").exists()
+    assert not Path(deployment.admin_kit(), "local", "zenfed_site.yaml").exists()
+
+
+def test_the_flare_project_runs_zenfeds_builder_before_signing(free_ports, tmp_path):
+    # Execute
+    data = flare_project(project(*free_ports, tmp_path))
+
+    # Assert
+    paths = [b["path"] for b in data["builders"]]
+    assert paths.index("zenfed.provisioning.kit_builder.ZenfedKitBuilder") < paths.index(
+        "nvflare.lighter.impl.signature.SignatureBuilder"
+    )
+    assert paths[-1] == "nvflare.lighter.impl.signature.SignatureBuilder"
+    types = {p["name"]: p["type"] for p in data["participants"]}
+    assert types == {"localhost": "server", "hospital-a": "client", "bank-b": "client", "admin@kit.test": "admin"}
+
+
+def test_a_bad_site_policy_in_the_builder_is_a_spec_error():
+    # Execute / Assert
+    with pytest.raises(SpecError, match="torch_threads"):
+        ZenfedKitBuilder(site_policies={"a": {"site": "a", "torch_threads": -1}})
+
+
+def test_a_folder_that_was_not_provisioned_is_refused(tmp_path):
+    # Execute / Assert
+    with pytest.raises(DeploymentError, match=f"no {LAYOUT_FILE}"):
+        Deployment.load(tmp_path)
+
+
+def test_asking_for_an_unknown_admin_is_refused(deployment):
+    # Execute / Assert
+    with pytest.raises(DeploymentError, match="no admin named"):
+        deployment.admin_kit("nobody@x.org")
