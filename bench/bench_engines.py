@@ -48,20 +48,27 @@ def _examples(count: int, *, seed: int) -> list[Example]:
     out = []
     for i in range(count):
         base = make_example(TASKS[i % len(TASKS)], rng)
-        filler = " ".join(make_example(TASKS[j % len(TASKS)], rng).prompt[0].content for j in range(8))
-        prompt = f"{filler}\n\n{base.prompt[0].content}"
-        out.append(Example(prompt=(Message("user", prompt),), response=base.response, task=base.task))
+        filler = " ".join(
+            make_example(TASKS[j % len(TASKS)], rng).prompt[0].content for j in range(8)
+        )
+        prompt = Message("user", f"{filler}\n\n{base.prompt[0].content}")
+        out.append(Example(prompt=(prompt,), response=base.response, task=base.task))
     return out
 
 
-def _start(module: str, cls: str, *, model_dir: Path, lora: LoraSpec, training: TrainingSpec) -> tuple[Any, float]:
+def _start(
+    module: str, cls: str, *, model_dir: Path, lora: LoraSpec, training: TrainingSpec
+) -> tuple[Any, float]:
     began = time.perf_counter()
-    engine = getattr(importlib.import_module(module), cls)(model_dir=model_dir, lora=lora, training=training)
+    engine_class = getattr(importlib.import_module(module), cls)
+    engine = engine_class(model_dir=model_dir, lora=lora, training=training)
     engine.initial_adapter()
     return engine, time.perf_counter() - began
 
 
-def _round(engine: Any, adapter: dict, examples: list[Example], steps: int, seed: int) -> tuple[float, Any]:
+def _round(
+    engine: Any, adapter: dict, examples: list[Example], steps: int, seed: int
+) -> tuple[float, Any]:
     began = time.perf_counter()
     result = engine.train(adapter=adapter, examples=examples, steps=steps, seed=seed)
     return (time.perf_counter() - began) / steps, result
@@ -126,7 +133,9 @@ def run(*, tiny: bool, steps: int = 3, rounds: int = 2) -> dict:
         "nemo_round_overhead_s": round((nemo_step - nemo_inloop) * steps, 3),
         "nemo_step_s_all": [round(s, 4) for s in nemo_steps],
         "peft_step_s_all": [round(s, 4) for s in peft_steps],
-        "same_losses": all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(losses["nemo"], losses["peft"])),
+        "same_losses": all(
+            abs(a - b) <= 1e-4 * abs(b) for a, b in zip(losses["nemo"], losses["peft"], strict=True)
+        ),
     }
 
 
@@ -138,7 +147,7 @@ def _tokenized(engine: Any, examples: list[Example]) -> list[Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2")
+    parser.add_argument("--tiny", action="store_true", help="tiny random Llama, not SmolLM2")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per timed round")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds per engine")
     args = parser.parse_args()

@@ -108,6 +108,52 @@ class EvaluationSpec(_Strict):
     max_new_tokens: int = Field(16, ge=1, le=512, description="tokens generated for exact match")
 
 
+class PrivacySpec(_Strict):
+    """Differential privacy applied at every site (see docs/privacy.md)."""
+
+    level: Literal["none", "record", "client"] = Field(
+        "none", description="'none', 'record' (DP-SGD inside each site) or 'client' (clip+noise each update)"
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0, description="epsilon to reach over the whole job; sites solve for the noise"
+    )
+    noise_multiplier: float | None = Field(None, gt=0, description="sigma, instead of target_epsilon")
+    clip_norm: float = Field(1.0, gt=0, description="clipping norm C (per example or per update)")
+    client_mode: Literal["local", "distributed"] = Field(
+        "local", description="client level: 'local' (sigma*C per site) or 'distributed' (with encryption)"
+    )
+    accounting: Literal["pld", "rdp"] = Field("pld", description="privacy accountant: 'pld' or 'rdp'")
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> PrivacySpec:
+        if self.level != "none" and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("with privacy.level set, give exactly one of target_epsilon and noise_multiplier")
+        return self
+
+
+class EncryptionSpec(_Strict):
+    """Homomorphic encryption of site updates (see docs/he.md)."""
+
+    enabled: bool = Field(False, description="sum updates under CKKS so the server cannot read them")
+    quant_bits: int | None = Field(
+        16, ge=8, le=20, description="bits per value when packing (null: one real per slot)"
+    )
+    clip: float = Field(0.5, gt=0, description="values are clipped to [-clip, clip] before packing")
+    max_sites: int = Field(64, ge=2, le=1024, description="most sites a sum must hold")
+    weight_unit: int = Field(
+        1000, ge=1, description="training examples that count as weight 1 (a site's weight is capped at 1)"
+    )
+
+
+class AttestationSpec(_Strict):
+    """TEE attestation before model data moves (see docs/attestation.md)."""
+
+    mode: Literal["required", "preferred", "off"] = Field(
+        "off", description="'required' (abort if too few attested sites), 'preferred' (exclude failures), 'off'"
+    )
+    reattest_every_rounds: int = Field(0, ge=0, description="re-attest every R rounds (0: before round 1 only)")
+
+
 class OutputSpec(_Strict):
     """What the job leaves behind."""
 
@@ -126,7 +172,16 @@ class JobSpec(_Strict):
     federation: FederationSpec = FederationSpec()
     data: DataSpec = DataSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    privacy: PrivacySpec = PrivacySpec()
+    encryption: EncryptionSpec = EncryptionSpec()
+    attestation: AttestationSpec = AttestationSpec()
     output: OutputSpec = OutputSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.encryption.enabled and self.federation.min_sites > self.encryption.max_sites:
+            raise ValueError("federation.min_sites exceeds encryption.max_sites")
+        return self
 
     def spec_hash(self) -> str:
         """Return the SHA-256 of the canonical JSON form of this spec."""
@@ -139,6 +194,18 @@ class DatasetLocation(_Strict):
     path: Path = Field(description="folder holding train.jsonl and valid.jsonl")
     train: str = Field("train.jsonl", description="training file name inside the folder")
     valid: str = Field("valid.jsonl", description="validation file name inside the folder")
+
+
+class SitePrivacyPolicy(_Strict):
+    """A site's privacy budget; the site enforces it, never the server."""
+
+    max_epsilon_per_job: float | None = Field(None, gt=0, description="most epsilon one job may spend")
+    lifetime_epsilon: float | None = Field(
+        None, gt=0, description="most epsilon all jobs together may spend on one dataset"
+    )
+    delta: float | None = Field(None, gt=0, lt=1, description="delta; default 1/(10 n) for n records")
+    require_dp: bool = Field(False, description="refuse jobs that do not apply differential privacy")
+    ledger: str = Field("privacy_ledger.json", description="spending ledger, in the kit's local/ folder")
 
 
 class SitePolicy(_Strict):
@@ -157,6 +224,13 @@ class SitePolicy(_Strict):
     torch_threads: int = Field(0, ge=0, description="CPU threads for training, 0 for the default")
     keep_sent_updates: bool = Field(
         True, description="keep a copy of every update this site sent, in its own job folder"
+    )
+    privacy: SitePrivacyPolicy = SitePrivacyPolicy()
+    require_attested_server: bool = Field(
+        False, description="refuse tasks from a server that has not proven its TEE for this job"
+    )
+    allow_plaintext_release: bool = Field(
+        True, description="with encryption on, agree that the final adapter is released in the clear"
     )
 
     def dataset(self, name: str) -> DatasetLocation:
@@ -193,6 +267,9 @@ class SiteSpec(_Strict):
     allowed_jobs: tuple[str, ...] = ("*",)
     torch_threads: int = Field(0, ge=0)
     keep_sent_updates: bool = True
+    privacy: SitePrivacyPolicy = SitePrivacyPolicy()
+    require_attested_server: bool = False
+    allow_plaintext_release: bool = True
 
     def policy(self) -> SitePolicy:
         """Return the site policy that provisioning writes into this site's kit."""
@@ -208,6 +285,18 @@ class AdminSpec(_Strict):
     role: Literal["project_admin", "org_admin", "lead", "member"] = "project_admin"
 
 
+class ProjectAttestation(_Strict):
+    """What provisioning issues for attestation (see docs/attestation.md)."""
+
+    kinds: dict[str, tuple[str, ...]] = Field(
+        default_factory=lambda: {"default": ("emulated",)},
+        description="participant (or 'default') -> TEE kinds it must prove",
+    )
+    accepted_measurements: dict[str, dict[str, tuple[str, ...]]] = Field(
+        default_factory=dict, description="participant -> kind -> accepted measurements (empty: as provisioned)"
+    )
+
+
 class ProjectSpec(_Strict):
     """A federation to provision: one server, its sites and admins."""
 
@@ -215,6 +304,10 @@ class ProjectSpec(_Strict):
     server: ServerSpec = ServerSpec()
     sites: tuple[SiteSpec, ...] = Field(min_length=1, description="at least one site")
     admins: tuple[AdminSpec, ...] = Field(min_length=1, description="at least one admin")
+    encryption: bool = Field(True, description="issue CKKS contexts: secret to sites, public to the server")
+    attestation: ProjectAttestation | None = Field(
+        default_factory=ProjectAttestation, description="attestation keys and policy (null: none)"
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> ProjectSpec:

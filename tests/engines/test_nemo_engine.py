@@ -70,7 +70,8 @@ def test_training_matches_peft_step_for_step(nemo, peft, examples, trained):
     # Assert
     assert trained.steps == 6 and trained.num_examples == len(examples)
     assert trained.train_loss == pytest.approx(reference.train_loss, rel=1e-5)
-    diff = max(float((trained.adapter[k] - reference.adapter[k]).abs().max()) for k in trained.adapter)
+    diff = max(float((trained.adapter[k] - reference.adapter[k]).abs().max())
+               for k in trained.adapter)
     assert diff < 1e-5
 
 
@@ -95,12 +96,16 @@ def test_evaluate_reports_loss_accuracy_and_agrees_with_peft(nemo, peft, example
     assert ours.accuracy == theirs.accuracy
 
 
-def test_nemo_adapter_loads_in_peft_with_the_same_logits(nemo, model_dir, examples, trained, tmp_path):
+def test_nemo_adapter_loads_in_peft_with_the_same_logits(
+    nemo, model_dir, examples, trained, tmp_path
+):
     # Prepare: the NeMo-trained adapter written as a PEFT folder, and a batch.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    folder = write_peft_adapter(tmp_path / "adapter", trained.adapter, lora=LORA, base_model=str(model_dir))
+    folder = write_peft_adapter(
+        tmp_path / "adapter", trained.adapter, lora=LORA, base_model=str(model_dir)
+    )
     batch = collate(tokenize_all(nemo.tokenizer, examples[:4], max_len=128),
                     pad_id=nemo.tokenizer.pad_token_id)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

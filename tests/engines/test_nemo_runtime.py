@@ -35,7 +35,8 @@ def test_gpu_site_configures_bf16_and_ddp_by_environment():
     assert runtime.accelerator == "gpu" and runtime.world_size == 4
     assert runtime.strategy_name() == "ddp"
     assert runtime.model_dtype == torch.bfloat16
-    assert NemoRuntime.from_env({**env, "ZENFED_NEMO_PRECISION": "bf16-mixed"}).model_dtype == torch.float32
+    mixed = NemoRuntime.from_env({**env, "ZENFED_NEMO_PRECISION": "bf16-mixed"})
+    assert mixed.model_dtype == torch.float32
 
 
 @pytest.mark.parametrize(

@@ -190,7 +190,7 @@ def _residency(
     statement = (
         f"Across {len(rows)} site(s), the audit logs record {updates} outbound transfer(s), "
         f"{total:,} bytes in all, each of kind {', '.join(kinds) or 'none'}. These are model "
-        "updates (LoRA adapter deltas), not data records: a site log records no other outbound "
+        "updates (LoRA adapter weights), not data records: a site log records no other outbound "
         "transfer, and the training and evaluation records stayed at their sites."
     )
     unlogged = [r["site"] for r in rows if r["source"] != "site audit log"]

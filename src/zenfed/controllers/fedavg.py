@@ -322,16 +322,7 @@ class FedLoRAController(Controller):
             self._out_dir / spec.output.adapter_dir, state.global_adapter,
             lora=spec.lora, base_model=spec.model.base,
         )
-        rounds = []
-        for entry in state.history:
-            rounds.append({**entry, "sites": entry["sites"]})
-        # Shift evaluations so that round r reports the adapter produced by round r.
-        for index, entry in enumerate(rounds):
-            later = rounds[index + 1] if index + 1 < len(rounds) else None
-            source = later if later else {"eval_loss": final_eval.get("eval_loss"),
-                                          "accuracy": final_eval.get("accuracy")}
-            entry["eval_loss"], entry["accuracy"] = source["eval_loss"], source["accuracy"]
-            entry["evaluated_round"] = entry["round"]
+        rounds = _shift_evaluations(state.history, final_eval, dict(self._round_sites))
         baseline = state.history[0] if state.history else {}
         result = {
             "job": {"name": spec.name, "job_id": self._job_id, "spec_hash": spec.spec_hash(),
@@ -349,3 +340,29 @@ class FedLoRAController(Controller):
             E.MODEL_RELEASED, adapter_sha256=result["final"]["adapter_sha256"],
             released_to="job result (adapter/)", decided_by="job spec: plaintext FedAvg",
         )
+
+
+_EVAL_KEYS = ("eval_loss", "accuracy", "eval_examples")
+
+
+def _shift_evaluations(
+    history: list[dict[str, Any]], final_eval: dict[str, float], final_sites: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Return the rounds with each round's evaluation of the adapter it produced.
+
+    Sites evaluate the adapter they receive, so round r+1's answers (or the
+    final evaluation) score round r's adapter; training figures stay put.
+    """
+    rounds = []
+    for index, entry in enumerate(history):
+        later = history[index + 1] if index + 1 < len(history) else None
+        global_eval = later if later else final_eval
+        site_evals = later["sites"] if later else final_sites
+        sites = {}
+        for name, metrics in entry["sites"].items():
+            shifted = {k: v for k, v in metrics.items() if k not in _EVAL_KEYS}
+            shifted.update({k: site_evals[name][k] for k in _EVAL_KEYS if k in site_evals.get(name, {})})
+            sites[name] = shifted
+        rounds.append({**entry, "eval_loss": global_eval.get("eval_loss"), "accuracy": global_eval.get("accuracy"),
+                       "evaluated_round": entry["round"], "sites": sites})
+    return rounds

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -40,6 +40,22 @@ class EvalResult:
     num_examples: int
 
 
+@dataclass
+class RecordDP:
+    """Record-level DP-SGD for one round of local training.
+
+    Batches are Poisson-sampled at ``sample_rate``; each example's gradient is
+    clipped to ``clip_norm`` and Gaussian noise of ``noise_multiplier * clip_norm``
+    is added to their sum. ``accountant`` (a ``zenfed.privacy.dp.PrivacyAccountant``)
+    is stepped once per optimizer step.
+    """
+
+    noise_multiplier: float
+    clip_norm: float
+    sample_rate: float
+    accountant: Any
+
+
 @runtime_checkable
 class Engine(Protocol):
     """A LoRA trainer for one base model and one LoRA shape."""
@@ -49,9 +65,13 @@ class Engine(Protocol):
         ...
 
     def train(
-        self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int
+        self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int,
+        dp: RecordDP | None = None,
     ) -> TrainResult:
-        """Load ``adapter``, train ``steps`` optimizer steps on ``examples``, return the result."""
+        """Load ``adapter``, train ``steps`` optimizer steps on ``examples``, return the result.
+
+        With ``dp`` set, training is DP-SGD (see ``RecordDP``).
+        """
         ...
 
     def evaluate(

@@ -58,7 +58,9 @@ class _StepRecorder(pl.Callback):
         self.seconds: list[float] = []
         self._start = 0.0
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._start = time.perf_counter()
 
     def on_train_batch_end(
@@ -115,6 +117,7 @@ class NemoEngine:
             training: The job's local-training settings.
             threads: CPU threads for torch (0 leaves torch's default).
             runtime: Hardware settings; default ``NemoRuntime.from_env()`` (CPU, fp32).
+
         """
         self.model_dir = Path(model_dir)
         self.lora = lora
@@ -227,7 +230,7 @@ class NemoEngine:
     def train(
         self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int
     ) -> TrainResult:
-        """Train ``steps`` AdamW steps from ``adapter`` on ``examples`` with ``llm.api.finetune``."""
+        """Train ``steps`` AdamW steps from ``adapter`` on ``examples`` via ``llm.api.finetune``."""
         from nemo import lightning as nl
         from nemo.collections import llm
         from nemo.lightning.pytorch.optim import PytorchOptimizerModule
@@ -244,9 +247,8 @@ class NemoEngine:
         )
         recorder = _StepRecorder()
         trainer = self._trainer(max_steps=steps, callbacks=[recorder])
-        optim = PytorchOptimizerModule(
-            optimizer_fn=partial(torch.optim.AdamW, lr=self.training.learning_rate, weight_decay=0.0)
-        )
+        adamw = partial(torch.optim.AdamW, lr=self.training.learning_rate, weight_decay=0.0)
+        optim = PytorchOptimizerModule(optimizer_fn=adamw)
         log = nl.NeMoLogger(
             log_dir=str(self._log_dir), name="train", use_datetime_version=False, ckpt=None,
             update_logger_directory=False,
@@ -260,7 +262,9 @@ class NemoEngine:
             _drop_file_handlers(self._log_dir)
             self._module.eval()
         if len(recorder.losses) != steps:
-            raise ModelError(f"NeMo ran {len(recorder.losses)} of {steps} steps; see the NeMo log above")
+            raise ModelError(
+                f"NeMo ran {len(recorder.losses)} of {steps} steps; see the NeMo log above"
+            )
         losses = recorder.losses
         return TrainResult(
             adapter=self.adapter_state(), num_examples=len(examples), steps=steps,
@@ -284,8 +288,8 @@ class NemoEngine:
         data = tokenize_all(tokenizer, examples, max_len=self.training.seq_len)
         total, tokens = 0.0, 0
         for start in range(0, len(data), EVAL_BATCH):
-            batch = {k: v.to(device) for k, v in
-                     nemo_batch(data[start:start + EVAL_BATCH], pad_id=tokenizer.pad_token_id).items()}
+            chunk = nemo_batch(data[start:start + EVAL_BATCH], pad_id=tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in chunk.items()}
             labels = batch.pop("labels")
             count = int((labels != -100).sum())
             if count == 0:
@@ -300,7 +304,9 @@ class NemoEngine:
         return EvalResult(loss=loss, accuracy=accuracy, num_examples=len(examples))
 
     @torch.no_grad()
-    def generate(self, *, adapter: AdapterState, prompts: Sequence[Example], max_new_tokens: int) -> list[str]:
+    def generate(
+        self, *, adapter: AdapterState, prompts: Sequence[Example], max_new_tokens: int
+    ) -> list[str]:
         """Return greedy completions of ``prompts`` under ``adapter``."""
         self.load_adapter(adapter)
         return self._generate_loaded(prompts, max_new_tokens)

@@ -50,6 +50,7 @@ def nemo_to_peft_name(name: str) -> str:
 
     Raises:
         AdapterError: If ``name`` is not a NeMo LoRA parameter name.
+
     """
     if not name.startswith(NEMO_PREFIX):
         raise AdapterError(
@@ -65,6 +66,7 @@ def peft_to_nemo_name(name: str) -> str:
 
     Raises:
         AdapterError: If ``name`` is not an HF PEFT LoRA state-dict name.
+
     """
     if not name.startswith(PEFT_PREFIX):
         raise AdapterError(

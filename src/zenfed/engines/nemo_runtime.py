@@ -52,11 +52,13 @@ class NemoRuntime:
     def __post_init__(self) -> None:
         if self.accelerator not in ACCELERATORS:
             raise NemoConfigError(
-                f"{ENV_PREFIX}ACCELERATOR={self.accelerator!r} is not supported; use one of {ACCELERATORS}"
+                f"{ENV_PREFIX}ACCELERATOR={self.accelerator!r} is not supported; "
+                f"use one of {ACCELERATORS}"
             )
         if self.precision not in PRECISIONS:
             raise NemoConfigError(
-                f"{ENV_PREFIX}PRECISION={self.precision!r} is not supported; use one of {PRECISIONS}"
+                f"{ENV_PREFIX}PRECISION={self.precision!r} is not supported; "
+                f"use one of {PRECISIONS}"
             )
         if self.strategy not in STRATEGIES:
             raise NemoConfigError(
@@ -83,6 +85,7 @@ class NemoRuntime:
 
         Raises:
             NemoConfigError: If a variable holds an unsupported value.
+
         """
         env = os.environ if environ is None else environ
 
@@ -112,7 +115,7 @@ class NemoRuntime:
         return torch.bfloat16 if self.precision == "bf16-true" else torch.float32
 
     def strategy_name(self) -> str:
-        """The resolved strategy: ``single`` or ``ddp``."""
+        """Return the resolved strategy: ``single`` or ``ddp``."""
         if self.strategy == "auto":
             return "single" if self.world_size == 1 else "ddp"
         return self.strategy

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from zenfed.errors import DeploymentError
+from zenfed.executors.site_policy import POLICY_FILE
 from zenfed.spec import ProjectSpec
 
 LAYOUT_FILE = "zenfed-deployment.json"
@@ -67,11 +68,29 @@ def flare_project(spec: ProjectSpec, *, extra_builders: list[dict[str, Any]] | N
     participants += [{"name": s.name, "type": "client", "org": s.org} for s in spec.sites]
     participants += [{"name": a.name, "type": "admin", "org": a.org, "role": a.role} for a in spec.admins]
     policies = {s.name: s.policy().model_dump(mode="json") for s in spec.sites}
+    zenfed_builders: list[dict[str, Any]] = [
+        {"path": "zenfed.provisioning.kit_builder.ZenfedKitBuilder", "args": {"site_policies": policies}},
+    ]
+    if spec.encryption:
+        zenfed_builders.append({"path": "zenfed.provisioning.he_builder.HEContextBuilder"})
+    if spec.attestation is not None:
+        # After the kit builder: the site policy it writes is part of each site's measurement.
+        zenfed_builders.append({
+            "path": "zenfed.provisioning.attestation_builder.AttestationBuilder",
+            "args": {
+                "kinds": {k: list(v) for k, v in spec.attestation.kinds.items()},
+                "measured_files": [f"local/{POLICY_FILE}"],
+                "accepted_measurements": {
+                    who: {kind: list(m) for kind, m in kinds.items()}
+                    for who, kinds in spec.attestation.accepted_measurements.items()
+                } or None,
+            },
+        })
     builders: list[dict[str, Any]] = [
         {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder"},
         {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
         {"path": "nvflare.lighter.impl.cert.CertBuilder"},
-        {"path": "zenfed.provisioning.kit_builder.ZenfedKitBuilder", "args": {"site_policies": policies}},
+        *zenfed_builders,
         *(extra_builders or []),
         # Signing comes last, after every builder has written its files.
         {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
