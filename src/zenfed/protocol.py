@@ -9,6 +9,7 @@ from __future__ import annotations
 
 TASK_TRAIN = "zenfed_train"
 TASK_EVALUATE = "zenfed_evaluate"
+TASK_RELEASE = "zenfed_release"  # one site returns the decrypted final adapter, if all sites allow it
 
 # Keys inside the Shareable.
 KEY_HEADER = "zenfed_header"
@@ -23,6 +24,8 @@ H_SPEC_HASH = "spec_hash"
 H_PAYLOAD_SHA256 = "payload_sha256"
 H_PAYLOAD_BYTES = "payload_bytes"
 H_HAS_GLOBAL = "has_global"
+H_ENCRYPTED = "encrypted"  # the payload is a CKKS sum (sites decrypt and divide)
+H_TOTAL_WEIGHT = "total_weight"
 
 # Header fields, task result (site -> server).
 H_SITE = "site"
@@ -34,5 +37,8 @@ H_EVAL_EXAMPLES = "eval_examples"
 H_EVAL_ROUND = "eval_round"
 H_STEPS = "steps"
 H_BASE_MODEL_SHA256 = "base_model_sha256"
+H_WEIGHT = "weight"  # the weight a site applied before encrypting
+H_RELEASE_OK = "release_ok"  # the site's policy allows releasing the final adapter in the clear
+H_PRIVACY = "privacy"  # differential privacy spent so far (epsilon, delta, ...)
 
 UPDATE_KIND = "adapter_update"  # what leaves a site: LoRA adapter weights, never records

@@ -97,3 +97,70 @@ def test_no_update_means_no_result():
     # Execute / Assert
     with pytest.raises(ValueError, match="no site update"):
         WeightedMean().result()
+
+
+def test_plain_fedavg_weights_by_the_sample_count_in_each_header():
+    # Prepare
+    from zenfed.controllers.aggregators import PlainFedAvg
+    from zenfed.wire import encode_adapter
+
+    fedavg = PlainFedAvg()
+    fedavg.begin(round_index=1)
+    a, b = site_adapter(1), site_adapter(2)
+
+    # Execute
+    wa = fedavg.add(site="a", header={"num_examples": 300}, payload=encode_adapter(a), weighting="samples")
+    wb = fedavg.add(site="b", header={"num_examples": 100}, payload=encode_adapter(b), weighting="samples")
+    mean = fedavg.result()
+
+    # Assert
+    assert (wa, wb) == (300.0, 100.0) and fedavg.total_weight == 400.0 and fedavg.contributors == ["a", "b"]
+    for name in NAMES:
+        assert torch.allclose(mean[name], 0.75 * a[name] + 0.25 * b[name], atol=1e-6)
+
+
+def test_plain_fedavg_uniform_weighting_ignores_sample_counts():
+    # Prepare
+    from zenfed.controllers.aggregators import PlainFedAvg
+    from zenfed.wire import encode_adapter
+
+    fedavg = PlainFedAvg()
+    fedavg.begin(round_index=1)
+    a, b = site_adapter(1), site_adapter(2)
+
+    # Execute
+    fedavg.add(site="a", header={"num_examples": 300}, payload=encode_adapter(a), weighting="uniform")
+    fedavg.add(site="b", header={"num_examples": 100}, payload=encode_adapter(b), weighting="uniform")
+
+    # Assert
+    for name in NAMES:
+        assert torch.allclose(fedavg.result()[name], (a[name] + b[name]) / 2, atol=1e-6)
+
+
+def test_plain_fedavg_begin_starts_an_empty_round():
+    # Prepare
+    from zenfed.controllers.aggregators import PlainFedAvg
+    from zenfed.wire import encode_adapter
+
+    fedavg = PlainFedAvg()
+    fedavg.begin(round_index=1)
+    fedavg.add(site="a", header={"num_examples": 3}, payload=encode_adapter(site_adapter(1)), weighting="samples")
+
+    # Execute
+    fedavg.begin(round_index=2)
+
+    # Assert
+    assert fedavg.count == 0 and fedavg.contributors == []
+
+
+def test_plain_fedavg_refuses_a_garbage_payload():
+    # Prepare
+    from zenfed.controllers.aggregators import PlainFedAvg
+
+    fedavg = PlainFedAvg()
+    fedavg.begin(round_index=1)
+
+    # Execute / Assert
+    with pytest.raises(AdapterError):
+        fedavg.add(site="a", header={"num_examples": 3}, payload=b"not an adapter", weighting="samples")
+    assert fedavg.count == 0

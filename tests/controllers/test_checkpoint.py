@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
+from zenfed.controllers.aggregators import PlainFedAvg
 from zenfed.controllers.checkpoint import GLOBAL_FILE, STATE_FILE, CheckpointStore, RunState
+from zenfed.errors import ZenfedError
+
+
+def adapter(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return {"x.lora_A.weight": torch.randn(4, 8, generator=gen), "x.lora_B.weight": torch.randn(8, 4, generator=gen)}
 
 
 def state(round_no: int = 2) -> RunState:
-    gen = torch.Generator().manual_seed(round_no)
+    payload, meta = PlainFedAvg().to_checkpoint(adapter(round_no))
     return RunState(
         completed_round=round_no,
         history=[{"round": r, "eval_loss": 1.0 / r, "contributors": ["site-1", "site-2"]}
                  for r in range(1, round_no + 1)],
-        global_adapter={"x.lora_A.weight": torch.randn(4, 8, generator=gen),
-                        "x.lora_B.weight": torch.randn(8, 4, generator=gen)},
+        global_payload=payload, global_meta=meta,
     )
 
 
-def test_save_then_load_restores_the_state(tmp_path):
+def test_save_then_load_restores_the_state_and_the_adapter(tmp_path):
     # Prepare
     store = CheckpointStore(tmp_path / "ckpt")
     saved = state()
@@ -30,11 +37,10 @@ def test_save_then_load_restores_the_state(tmp_path):
     loaded = store.load()
 
     # Assert
-    assert loaded is not None
-    assert loaded.completed_round == 2 and loaded.history == saved.history and not loaded.finished
-    assert loaded.global_adapter is not None
-    for name, tensor in saved.global_adapter.items():
-        assert torch.equal(loaded.global_adapter[name], tensor)
+    assert loaded == saved
+    restored = PlainFedAvg().from_checkpoint(loaded.global_payload, loaded.global_meta)
+    for name, tensor in adapter(2).items():
+        assert torch.equal(restored[name], tensor)
 
 
 def test_a_later_save_replaces_the_earlier_one_without_temp_files(tmp_path):
@@ -43,15 +49,17 @@ def test_a_later_save_replaces_the_earlier_one_without_temp_files(tmp_path):
 
     # Execute
     store.save(state(1))
-    store.save(RunState(**{**state(3).__dict__, "finished": True}))
+    later = state(3)
+    later.finished = True
+    store.save(later)
     loaded = store.load()
 
     # Assert
     assert loaded is not None and loaded.completed_round == 3 and loaded.finished
-    assert sorted(p.name for p in tmp_path.iterdir()) == [GLOBAL_FILE, STATE_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([GLOBAL_FILE, STATE_FILE])
 
 
-def test_a_state_without_adapter_round_trips(tmp_path):
+def test_a_state_without_a_global_round_trips(tmp_path):
     # Execute
     CheckpointStore(tmp_path).save(RunState())
     loaded = CheckpointStore(tmp_path).load()
@@ -91,3 +99,9 @@ def test_a_missing_global_file_or_bad_state_loads_as_none(tmp_path):
 
     # Assert
     assert missing is None and unreadable is None and incomplete is None
+
+
+def test_a_plain_job_refuses_an_encrypted_checkpoint():
+    # Execute / Assert
+    with pytest.raises(ZenfedError, match="encrypted"):
+        PlainFedAvg().from_checkpoint(b"whatever", {"kind": "ckks-sum"})

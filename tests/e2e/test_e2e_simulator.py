@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from zenfed.jobs.simulate import builtin_policies, run_simulation
+from zenfed.wire import decode_adapter
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -34,11 +35,15 @@ def simulation(tiny_model_dir, tiny_job_spec, small_builtin_data, tmp_path_facto
     return spec, workspace, result_dir, result
 
 
+def sent_file(workspace: Path, site: str, rnd: int) -> Path:
+    """The copy a site keeps of the update it sent (its own record, in its own job folder)."""
+    found = sorted((workspace / "sim" / site / "simulate_job").rglob(f"sent/round-{rnd:04d}.*"))
+    assert len(found) == 1, f"{site} kept {len(found)} copies of its round-{rnd} update: {found}"
+    return found[0]
+
+
 def sent_update(workspace: Path, site: str, rnd: int) -> dict[str, torch.Tensor]:
-    """The copy a site keeps of the update it sent (its own record, in its own workspace)."""
-    path = workspace / "sim" / site / "simulate_job" / "zenfed" / "sent" / f"round-{rnd:04d}.safetensors"
-    assert path.is_file(), f"{site} kept no copy of its round-{rnd} update at {path}"
-    return load_file(str(path))
+    return decode_adapter(sent_file(workspace, site, rnd).read_bytes())
 
 
 def test_the_final_adapter_is_the_sample_weighted_mean_of_the_sites_updates(simulation):
@@ -76,8 +81,7 @@ def test_each_site_update_matches_the_hash_the_server_recorded(simulation):
     # Execute / Assert
     for entry in result["rounds"]:
         for site, metrics in entry["sites"].items():
-            path = (workspace / "sim" / site / "simulate_job" / "zenfed" / "sent"
-                    / f"round-{entry['round']:04d}.safetensors")
+            path = sent_file(workspace, site, entry["round"])
             assert sha256_hex(path.read_bytes()) == metrics["update_sha256"]
 
 

@@ -86,7 +86,7 @@ def test_the_configs_carry_the_whole_spec_and_no_data_path(exported):
 
     # Assert: both ends rebuild the identical spec (same hash); only the dataset's name travels.
     assert server_spec.spec_hash() == client_spec.spec_hash() == spec.spec_hash()
-    assert client["executors"][0]["tasks"] == ["zenfed_train", "zenfed_evaluate"]
+    assert {"zenfed_train", "zenfed_evaluate"} <= set(client["executors"][0]["tasks"])
     assert "jsonl" not in json.dumps(client) and "site-1" not in json.dumps(client)
 
 

@@ -140,6 +140,11 @@ class AttestationService:
             clock=clock,
         )
 
+    @property
+    def nonce_ttl_s(self) -> float:
+        """Seconds a nonce issued by this participant stays valid."""
+        return self._ttl
+
     def requires(self, peer: str) -> bool:
         """Return True if this participant's policy requires ``peer`` to attest."""
         return peer in self._peers

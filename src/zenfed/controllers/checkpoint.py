@@ -1,4 +1,8 @@
-"""Per-round server checkpoints, so a restarted server resumes a job where it stopped."""
+"""Per-round server checkpoints, so a restarted server resumes a job where it stopped.
+
+The global state is stored as the aggregation strategy serialises it: an
+adapter in the clear, or a ciphertext sum under encryption (never decrypted).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zenfed.engines.base import AdapterState
-from zenfed.errors import AdapterError
-from zenfed.wire import decode_adapter, encode_adapter, sha256_hex
+from zenfed.wire import sha256_hex
 
 STATE_FILE = "state.json"
-GLOBAL_FILE = "global.safetensors"
+GLOBAL_FILE = "global.bin"
 
 
 @dataclass
@@ -23,7 +25,8 @@ class RunState:
 
     completed_round: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-    global_adapter: AdapterState | None = None
+    global_payload: bytes | None = None
+    global_meta: dict[str, Any] = field(default_factory=dict)
     finished: bool = False
 
 
@@ -41,24 +44,21 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class CheckpointStore:
-    """A folder holding the latest round's state and global adapter."""
+    """A folder holding the latest round's state and global payload."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
     def save(self, state: RunState) -> None:
-        """Write the state; the global adapter first, so a crash never pairs new state with old weights."""
+        """Write the payload first, then the state naming its hash: a crash never mixes rounds."""
         self.folder.mkdir(parents=True, exist_ok=True)
         meta: dict[str, Any] = {
-            "completed_round": state.completed_round,
-            "history": state.history,
-            "finished": state.finished,
-            "global_sha256": None,
+            "completed_round": state.completed_round, "history": state.history,
+            "finished": state.finished, "global_meta": state.global_meta, "global_sha256": None,
         }
-        if state.global_adapter is not None:
-            payload = encode_adapter(state.global_adapter)
-            _atomic_write(self.folder / GLOBAL_FILE, payload)
-            meta["global_sha256"] = sha256_hex(payload)
+        if state.global_payload is not None:
+            _atomic_write(self.folder / GLOBAL_FILE, state.global_payload)
+            meta["global_sha256"] = sha256_hex(state.global_payload)
         _atomic_write(self.folder / STATE_FILE, json.dumps(meta, indent=2).encode())
 
     def load(self) -> RunState | None:
@@ -68,17 +68,15 @@ class CheckpointStore:
             return None
         try:
             meta = json.loads(state_path.read_text())
-            adapter = None
+            payload = None
             if meta.get("global_sha256"):
                 payload = (self.folder / GLOBAL_FILE).read_bytes()
                 if sha256_hex(payload) != meta["global_sha256"]:
                     return None
-                adapter = decode_adapter(payload)
             return RunState(
-                completed_round=int(meta["completed_round"]),
-                history=list(meta["history"]),
-                global_adapter=adapter,
+                completed_round=int(meta["completed_round"]), history=list(meta["history"]),
+                global_payload=payload, global_meta=dict(meta.get("global_meta") or {}),
                 finished=bool(meta.get("finished", False)),
             )
-        except (OSError, ValueError, KeyError, TypeError, AdapterError):
+        except (OSError, ValueError, KeyError, TypeError):
             return None

@@ -10,8 +10,21 @@ from typing import Any
 import torch
 
 from zenfed.data.jsonl import Example, exact_match
-from zenfed.data.tokenize import collate, collate_prompts, prompt_ids, tokenize_all
-from zenfed.engines.base import AdapterState, EvalResult, TrainResult, check_compatible, to_wire
+from zenfed.data.tokenize import (
+    TokenizedExample,
+    collate,
+    collate_prompts,
+    prompt_ids,
+    tokenize_all,
+)
+from zenfed.engines.base import (
+    AdapterState,
+    EvalResult,
+    RecordDP,
+    TrainResult,
+    check_compatible,
+    to_wire,
+)
 from zenfed.engines.lora_init import deterministic_init
 from zenfed.errors import DataError, ModelError
 from zenfed.spec import LoraSpec, TrainingSpec
@@ -106,9 +119,14 @@ class PeftEngine:
         return {k: v.clone() for k, v in self._init.items()}
 
     def train(
-        self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int
+        self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int,
+        dp: RecordDP | None = None,
     ) -> TrainResult:
-        """Train ``steps`` AdamW steps from ``adapter`` on ``examples``."""
+        """Train ``steps`` AdamW steps from ``adapter`` on ``examples``.
+
+        With ``dp`` set, every step is a DP-SGD step (see ``_train_dp``); ``seed`` is
+        then not used, because a predictable batch or noise draw would void the privacy.
+        """
         if not examples:
             raise DataError("no training examples; check the site's dataset")
         self.load_adapter(adapter)
@@ -116,6 +134,8 @@ class PeftEngine:
         data = tokenize_all(tokenizer, examples, max_len=self.training.seq_len)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.training.learning_rate, weight_decay=0.0)
+        if dp is not None:
+            return self._train_dp(data=data, optimizer=optimizer, steps=steps, dp=dp)
         generator = torch.Generator().manual_seed(seed)
         order: list[int] = []
         losses: list[float] = []
@@ -135,6 +155,55 @@ class PeftEngine:
             adapter=self.adapter_state(), num_examples=len(examples), steps=steps,
             train_loss=sum(losses) / len(losses),
             metrics={"train_loss_last": losses[-1]},
+        )
+
+    def _train_dp(
+        self, *, data: list[TokenizedExample], optimizer: torch.optim.Optimizer, steps: int,
+        dp: RecordDP,
+    ) -> TrainResult:
+        """DP-SGD: Poisson batches at ``dp.sample_rate``, per-example clipping, Gaussian noise.
+
+        Every step, even one whose Poisson batch is empty (its update is pure
+        noise), calls ``privatize_grads`` (which steps ``dp.accountant``) and the
+        optimizer, so the accounting matches exactly what was done.
+        """
+        from zenfed.privacy.dp import DPSGD, PoissonSampler
+
+        model, pad_id = self._model, self._tokenizer.pad_token_id
+        private = DPSGD(
+            model, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
+            sample_rate=dp.sample_rate, num_records=len(data), accountant=dp.accountant,
+            chunk_size=max(1, self.training.batch_size),
+        )
+        sampler = PoissonSampler(num_records=len(data), sample_rate=dp.sample_rate, num_steps=steps)
+        losses: list[float] = []
+        sizes: list[int] = []
+        clipped: list[float] = []
+        model.train()
+        try:
+            for indices in sampler:
+                batch = _collate_dp([data[i] for i in indices], pad_id=pad_id)
+                stats = private.privatize_grads(**batch)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                sizes.append(stats.batch_size)
+                if stats.mean_loss is not None:
+                    losses.append(stats.mean_loss)
+                if stats.clipped_fraction is not None:
+                    clipped.append(stats.clipped_fraction)
+        finally:
+            model.eval()
+        # Statistics before noise: not DP. They stay at the site unless its policy says otherwise.
+        metrics = {
+            "dp_steps": float(steps),
+            "dp_mean_batch_size": sum(sizes) / len(sizes) if sizes else 0.0,
+            "dp_clipped_fraction": sum(clipped) / len(clipped) if clipped else 0.0,
+        }
+        if losses:
+            metrics["train_loss_last"] = losses[-1]
+        return TrainResult(
+            adapter=self.adapter_state(), num_examples=len(data), steps=steps,
+            train_loss=sum(losses) / len(losses) if losses else math.nan, metrics=metrics,
         )
 
     @torch.no_grad()
@@ -179,3 +248,11 @@ class PeftEngine:
             new_tokens = generated[:, batch["input_ids"].shape[1]:]
             outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         return outputs
+
+
+def _collate_dp(batch: Sequence[TokenizedExample], *, pad_id: int) -> dict[str, torch.Tensor]:
+    """Collate a Poisson batch for DP-SGD; an empty batch gives (0, 1) tensors."""
+    if batch:
+        return collate(batch, pad_id=pad_id)
+    empty = torch.zeros((0, 1), dtype=torch.long)
+    return {"input_ids": empty, "attention_mask": empty.clone(), "labels": empty.clone()}

@@ -2,7 +2,8 @@
 
 The executor runs the installed ``zenfed`` package; the job folder carries
 configuration only. Data paths come from the site's own policy, never from
-the job. Only the adapter (and metrics) leave the site.
+the job. Only the adapter update (and metrics) leaves the site: in the clear,
+or weighted and encrypted under the site's secret CKKS key.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ from zenfed.engines import make_engine
 from zenfed.engines.base import AdapterState, Engine
 from zenfed.engines.base_model import model_fingerprint, resolve_base_model
 from zenfed.errors import PolicyError, ZenfedError
+from zenfed.executors.encryption import SiteEncryption, find_site_context
 from zenfed.executors.site_policy import check_job_allowed, load_policy_for
 from zenfed.spec import JobSpec, SitePolicy, parse_model
 from zenfed.wire import decode_adapter, encode_adapter, sha256_hex
+
+_TASKS = (P.TASK_TRAIN, P.TASK_EVALUATE, P.TASK_RELEASE)
 
 
 class LoRAExecutor(Executor):
@@ -45,25 +49,26 @@ class LoRAExecutor(Executor):
         self._spec: JobSpec | None = None
         self._policy: SitePolicy | None = None
         self._engine: Engine | None = None
+        self._encryption: SiteEncryption | None = None
         self._train: list[Example] = []
         self._valid: list[Example] = []
         self._sent_dir: Path | None = None
         self._audit: AuditSink | None = None
         self._base_model_sha256: str | None = None
 
-    def execute(
-        self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal
-    ) -> Shareable:
-        """Run one zenfed task; a policy refusal is answered, not raised."""
-        if task_name not in (P.TASK_TRAIN, P.TASK_EVALUATE):
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        """Run one zenfed task; a policy refusal is answered (and audited), not raised."""
+        if task_name not in _TASKS:
             return make_reply(ReturnCode.TASK_UNKNOWN)
         site = fl_ctx.get_identity_name()
         try:
-            spec, policy = self._prepare(site, fl_ctx)
+            spec, _ = self._prepare(site, fl_ctx)
             header = shareable.get(P.KEY_HEADER)
             if not isinstance(header, dict) or header.get(P.H_SPEC_HASH) != spec.spec_hash():
                 raise PolicyError("the task does not carry this job's spec hash; refusing it")
             adapter = self._incoming_adapter(shareable, header)
+            if task_name == P.TASK_RELEASE:
+                return self._release(header, adapter)
             return self._run(task_name, spec, header, adapter, site, abort_signal)
         except PolicyError as err:
             self.log_warning(fl_ctx, f"{site} refused {task_name}: {err}")
@@ -82,7 +87,7 @@ class LoRAExecutor(Executor):
 
     # -- steps ----------------------------------------------------------------------------
     def _prepare(self, site: str, fl_ctx: FLContext) -> tuple[JobSpec, SitePolicy]:
-        """Load the spec, the site policy, the data and the engine, once per job."""
+        """Load the spec, the site policy, the data, the engine and the keys, once per job."""
         if self._spec is not None and self._policy is not None:
             return self._spec, self._policy
         workspace = fl_ctx.get_engine().get_workspace()
@@ -103,6 +108,9 @@ class LoRAExecutor(Executor):
         # A fixed, seeded subset keeps per-round evaluation cheap and comparable across rounds.
         random.Random(spec.training.seed).shuffle(valid)
         self._valid = valid[: spec.evaluation.max_examples]
+        if spec.encryption.enabled:
+            context = find_site_context(workspace.get_startup_kit_dir(), workspace.get_site_config_dir())
+            self._encryption = SiteEncryption(spec=spec, context_path=context)
         model_dir = resolve_base_model(spec.model.base)
         self._base_model_sha256 = model_fingerprint(model_dir)
         self._engine = make_engine(spec, model_dir=model_dir, threads=policy.torch_threads)
@@ -111,44 +119,38 @@ class LoRAExecutor(Executor):
         self._record(
             E.POLICY_DECISION, decision="accepted", job=spec.name, spec_sha256=spec.spec_hash(),
             dataset=spec.data.dataset, base_model_sha256=self._base_model_sha256,
-            reason="job, base model and dataset allowed by the site policy",
+            encrypted=spec.encryption.enabled, reason="job, base model and dataset allowed by the site policy",
         )
         self._spec, self._policy = spec, policy
         return spec, policy
 
     def _incoming_adapter(self, shareable: Shareable, header: dict[str, Any]) -> AdapterState:
+        """The global adapter: the shared initialisation in round 1, else decoded or decrypted."""
         engine = self._require_engine()
         if not header.get(P.H_HAS_GLOBAL):
             return engine.initial_adapter()
         payload = shareable.get(P.KEY_PAYLOAD)
         if not isinstance(payload, bytes) or sha256_hex(payload) != header.get(P.H_PAYLOAD_SHA256):
-            raise PolicyError(
-                "the global adapter does not match the SHA-256 in its header; refusing it"
-            )
-        return decode_adapter(payload)
-
-    def _run(
-        self,
-        task_name: str,
-        spec: JobSpec,
-        header: dict[str, Any],
-        adapter: AdapterState,
-        site: str,
-        abort_signal: Signal,
-    ) -> Shareable:
-        engine = self._require_engine()
-        rnd = int(header[P.H_ROUND])
-        evaluation = engine.evaluate(
-            adapter=adapter, examples=self._valid, max_new_tokens=spec.evaluation.max_new_tokens
+            raise PolicyError("the global adapter does not match the SHA-256 in its header; refusing it")
+        if bool(header.get(P.H_ENCRYPTED)) != (self._encryption is not None):
+            raise PolicyError("the task's encryption does not match the job spec; refusing it")
+        if self._encryption is None:
+            return decode_adapter(payload)
+        return self._encryption.decrypt_global(
+            payload, template=engine.initial_adapter(), total_weight=float(header[P.H_TOTAL_WEIGHT])
         )
+
+    def _run(self, task_name: str, spec: JobSpec, header: dict[str, Any], adapter: AdapterState, site: str,
+             abort_signal: Signal) -> Shareable:
+        engine, policy = self._require_engine(), self._require_policy()
+        rnd = int(header[P.H_ROUND])
+        evaluation = engine.evaluate(adapter=adapter, examples=self._valid,
+                                     max_new_tokens=spec.evaluation.max_new_tokens)
         out: dict[str, Any] = {
-            P.H_JOB_ID: header[P.H_JOB_ID],
-            P.H_ROUND: rnd,
-            P.H_SITE: site,
-            P.H_EVAL_LOSS: evaluation.loss,
-            P.H_EVAL_ACCURACY: evaluation.accuracy,
-            P.H_EVAL_EXAMPLES: evaluation.num_examples,
-            P.H_BASE_MODEL_SHA256: self._base_model_sha256,
+            P.H_JOB_ID: header[P.H_JOB_ID], P.H_ROUND: rnd, P.H_SITE: site,
+            P.H_EVAL_LOSS: evaluation.loss, P.H_EVAL_ACCURACY: evaluation.accuracy,
+            P.H_EVAL_EXAMPLES: evaluation.num_examples, P.H_BASE_MODEL_SHA256: self._base_model_sha256,
+            P.H_RELEASE_OK: policy.allow_plaintext_release,
         }
         self._record(
             E.EVALUATED, round=rnd - 1 if task_name == P.TASK_TRAIN else rnd, scope="local validation",
@@ -161,22 +163,16 @@ class LoRAExecutor(Executor):
                 return make_reply(ReturnCode.TASK_ABORTED)
             # Each site and round draws its own batches, reproducibly.
             seed = spec.training.seed * 1_000_003 + rnd * 7919 + zlib.crc32(site.encode())
-            trained = engine.train(
-                adapter=adapter, examples=self._train, steps=spec.training.local_steps, seed=seed
-            )
-            payload = encode_adapter(trained.adapter)
-            out.update(
-                {
-                    P.H_NUM_EXAMPLES: trained.num_examples,
-                    P.H_TRAIN_LOSS: trained.train_loss,
-                    P.H_STEPS: trained.steps,
-                    P.H_PAYLOAD_SHA256: sha256_hex(payload),
-                    P.H_PAYLOAD_BYTES: len(payload),
-                }
-            )
+            trained = engine.train(adapter=adapter, examples=self._train, steps=spec.training.local_steps, seed=seed)
+            payload = self._encode_update(trained.adapter, trained.num_examples, header, out, site)
+            out.update({
+                P.H_NUM_EXAMPLES: trained.num_examples, P.H_TRAIN_LOSS: trained.train_loss,
+                P.H_STEPS: trained.steps, P.H_PAYLOAD_SHA256: sha256_hex(payload), P.H_PAYLOAD_BYTES: len(payload),
+            })
             reply[P.KEY_PAYLOAD] = payload
             self._keep_sent(rnd, payload)
-            self._record(E.UPDATE_SENT, round=rnd, sha256=sha256_hex(payload), size=len(payload), kind=P.UPDATE_KIND)
+            self._record(E.UPDATE_SENT, round=rnd, sha256=sha256_hex(payload), size=len(payload),
+                         kind=P.UPDATE_KIND, encrypted=self._encryption is not None)
         elif self._audit is not None and self._audit.path is not None:
             # The final answer carries the site's own signed log into the job result.
             self._audit.record(E.ROUND_ENDED, round=rnd, task=task_name)
@@ -184,14 +180,44 @@ class LoRAExecutor(Executor):
         reply[P.KEY_HEADER] = out
         return reply
 
+    def _encode_update(self, adapter: AdapterState, num_examples: int, header: dict[str, Any],
+                       out: dict[str, Any], site: str) -> bytes:
+        """The bytes that leave the site: the adapter in the clear, or weighted and encrypted."""
+        if self._encryption is None:
+            return encode_adapter(adapter)
+        weight = self._encryption.weight(num_examples)
+        out[P.H_WEIGHT] = weight
+        return self._encryption.encrypt_update(adapter, weight=weight, job_id=str(header[P.H_JOB_ID]),
+                                               round_index=int(header[P.H_ROUND]), site=site)
+
+    def _release(self, header: dict[str, Any], adapter: AdapterState) -> Shareable:
+        """Return the decrypted final adapter, if this site's policy allows a plaintext release."""
+        if not self._require_policy().allow_plaintext_release:
+            raise PolicyError("this site's policy does not allow releasing the adapter in the clear")
+        payload = encode_adapter(adapter)
+        self._record(E.MODEL_RELEASED, adapter_sha256=sha256_hex(payload), released_to="server (job result)",
+                     decided_by="site policy allow_plaintext_release")
+        reply = make_reply(ReturnCode.OK)
+        reply[P.KEY_PAYLOAD] = payload
+        if self._audit is not None and self._audit.path is not None:
+            reply[P.KEY_AUDIT_LOG] = self._audit.path.read_bytes()
+        reply[P.KEY_HEADER] = {P.H_JOB_ID: header[P.H_JOB_ID], P.H_ROUND: header[P.H_ROUND],
+                               P.H_PAYLOAD_SHA256: sha256_hex(payload), P.H_PAYLOAD_BYTES: len(payload)}
+        return reply
+
     def _keep_sent(self, rnd: int, payload: bytes) -> None:
         """Keep the site's own copy of what left it, named by round (the site's record, not the server's)."""
         if self._sent_dir is None:
             return
         self._sent_dir.mkdir(parents=True, exist_ok=True)
-        (self._sent_dir / f"round-{rnd:04d}.safetensors").write_bytes(payload)
+        (self._sent_dir / f"round-{rnd:04d}.bin").write_bytes(payload)
 
     def _require_engine(self) -> Engine:
         if self._engine is None:
             raise ZenfedError("engine used before the job was prepared")
         return self._engine
+
+    def _require_policy(self) -> SitePolicy:
+        if self._policy is None:
+            raise ZenfedError("policy used before the job was prepared")
+        return self._policy

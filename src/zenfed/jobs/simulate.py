@@ -31,14 +31,29 @@ def builtin_policies(data_dir: Path, *, sites: int, dataset: str, allow_any_mode
     }
 
 
-def prepare_workspace(workspace: Path, policies: Mapping[str, SitePolicy]) -> None:
-    """Write the shared ``local/`` folder the simulator copies to every participant."""
+def prepare_workspace(workspace: Path, policies: Mapping[str, SitePolicy], *, encrypted: bool = False) -> None:
+    """Write the shared ``local/`` folder the simulator copies to every participant.
+
+    With ``encrypted``, a fresh CKKS key pair is made for this run: the secret
+    context for the sites under ``zenfed_sites/`` and the public one for the
+    server. The simulator gives every participant the same ``local/`` folder on
+    one machine, so it is a development tool, not a key-separation boundary;
+    provisioned kits are (see docs/he.md).
+    """
     local = workspace / "local"
     (local / "zenfed_sites").mkdir(parents=True, exist_ok=True)
     (local / "resources.json").write_text(json.dumps({"class_allow_list": class_allow_list()}, indent=2))
     for site, policy in policies.items():
         text = yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False)
         (local / "zenfed_sites" / f"{site}.yaml").write_text(text)
+    if encrypted:
+        from zenfed.privacy.he_context import (
+            SERVER_CONTEXT_FILE, SITE_CONTEXT_FILE, make_public_context, make_secret_context, save_context,
+        )
+
+        secret = make_secret_context()
+        save_context(secret, local / "zenfed_sites" / SITE_CONTEXT_FILE)
+        save_context(make_public_context(secret), local / SERVER_CONTEXT_FILE)
 
 
 def run_simulation(
@@ -67,7 +82,7 @@ def run_simulation(
         shutil.rmtree(root)
     ws = root / "sim"
     ws.mkdir(parents=True)
-    prepare_workspace(ws, policies)
+    prepare_workspace(ws, policies, encrypted=spec.encryption.enabled)
     job_dir = export_job(spec, out=root / "job" / spec.name)
     sites = sorted(policies)
     log = log_path or root / "simulator.log"

@@ -31,6 +31,8 @@ from zenfed.privacy.dp_client import (
     update_norm,
 )
 from zenfed.privacy.dp_errors import (
+    BudgetExhausted,
+    DPRequiredError,
     LedgerError,
     LedgerTamperedError,
     PrivacyBudgetError,
@@ -43,6 +45,8 @@ __all__ = [
     "DEFAULT_CLIENT_DELTA",
     "DPSGD",
     "BudgetDecision",
+    "BudgetExhausted",
+    "DPRequiredError",
     "ClientDPResult",
     "ClientLevelDP",
     "DPStepStats",

@@ -37,7 +37,7 @@ class BudgetDecision:
     def raise_if_refused(self) -> None:
         """Raise :class:`PrivacyBudgetError` with the reason if the budget refuses."""
         if not self.allowed:
-            raise PrivacyBudgetError(self.reason)
+            raise PrivacyBudgetError(self.reason, decision=self.to_dict())
 
 
 def _check_limit(name: str, value: float | None) -> float | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from zenfed.errors import ZenfedError
 
@@ -202,3 +203,8 @@ def slot_layout(params: HEParams, packing: PackingConfig) -> SlotLayout:
     fields = 1 + (limit - top_bits) // field_bits
     value_bits = field_bits * (fields - 1) + top_bits
     return SlotLayout(fields, field_bits, budget - value_bits, value_bits)
+
+
+def packing_for(encryption: Any) -> PackingConfig:
+    """The packing every participant of a job uses, from the job spec's ``encryption`` section."""
+    return PackingConfig(quant_bits=encryption.quant_bits, max_sites=encryption.max_sites, clip=encryption.clip)
