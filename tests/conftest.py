@@ -26,17 +26,26 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_job_spec(tiny_model_dir: Path) -> Callable[..., JobSpec]:
-    """Factory of small, fast job specs on the tiny model; keyword sections override the defaults."""
+    """Factory of small, fast job specs on the tiny model; keyword sections override defaults."""
 
     def make(name: str = "tiny-job", **sections: dict[str, Any]) -> JobSpec:
         data: dict[str, Any] = {
             "name": name,
             "model": {"base": str(tiny_model_dir), "engine": "peft"},
             "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]},
-            "training": {"local_steps": 4, "batch_size": 4, "seq_len": 96,
-                         "learning_rate": 0.01, "seed": 0},
-            "federation": {"rounds": 2, "min_sites": 2, "weighting": "samples",
-                           "task_timeout_s": 300},
+            "training": {
+                "local_steps": 4,
+                "batch_size": 4,
+                "seq_len": 96,
+                "learning_rate": 0.01,
+                "seed": 0,
+            },
+            "federation": {
+                "rounds": 2,
+                "min_sites": 2,
+                "weighting": "samples",
+                "task_timeout_s": 300,
+            },
             "data": {"dataset": "builtin"},
             "evaluation": {"max_examples": 8, "max_new_tokens": 4},
         }

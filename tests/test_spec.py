@@ -53,7 +53,9 @@ def test_the_spec_hash_is_stable_and_changes_with_the_content(tmp_path):
     # Prepare
     spec = load_job_spec(write(tmp_path, GOOD_SPEC))
     same = load_job_spec(write(tmp_path, GOOD_SPEC, "again.yaml"))
-    other = load_job_spec(write(tmp_path, GOOD_SPEC.replace("rounds: 2", "rounds: 3"), "other.yaml"))
+    other = load_job_spec(
+        write(tmp_path, GOOD_SPEC.replace("rounds: 2", "rounds: 3"), "other.yaml")
+    )
 
     # Assert
     assert spec.spec_hash() == same.spec_hash()
@@ -64,11 +66,19 @@ def test_the_spec_hash_is_stable_and_changes_with_the_content(tmp_path):
 @pytest.mark.parametrize(
     ("text", "field", "what"),
     [
-        (GOOD_SPEC + "lora_rank: 4\n", "lora_rank", "is not a known field; remove it or check its spelling"),
+        (
+            GOOD_SPEC + "lora_rank: 4\n",
+            "lora_rank",
+            "is not a known field; remove it or check its spelling",
+        ),
         (GOOD_SPEC.replace("rank: 4", "rnak: 4"), "lora.rnak", "is not a known field"),
         (GOOD_SPEC.replace("rank: 4", "rank: four"), "lora.rank", "valid integer"),
         (GOOD_SPEC.replace("rank: 4", "rank: 0"), "lora.rank", "greater than or equal to 1"),
-        (GOOD_SPEC.replace("local_steps: 3", "local_steps: -1"), "training.local_steps", "greater than"),
+        (
+            GOOD_SPEC.replace("local_steps: 3", "local_steps: -1"),
+            "training.local_steps",
+            "greater than",
+        ),
         (GOOD_SPEC.replace("rounds: 2", "rounds: 2.5"), "federation.rounds", "integer"),
         (GOOD_SPEC.replace("name: my-job", "name: 'my job/../x'"), "name", "pattern"),
         (GOOD_SPEC + "model:\n  engine: tensorflow\n", "model.engine", "'peft' or 'nemo'"),
@@ -118,7 +128,9 @@ def test_a_missing_name_says_it_is_required(tmp_path):
 
 def test_every_bad_field_is_reported_at_once(tmp_path):
     # Prepare
-    path = write(tmp_path, "name: ok\nlora:\n  rank: 0\n  dropout: 1.5\ntraining:\n  batch_size: 0\n")
+    path = write(
+        tmp_path, "name: ok\nlora:\n  rank: 0\n  dropout: 1.5\ntraining:\n  batch_size: 0\n"
+    )
 
     # Execute
     with pytest.raises(SpecError) as caught:
@@ -172,8 +184,12 @@ def test_a_missing_file_says_to_check_the_path(tmp_path):
 def test_duplicate_target_modules_are_refused():
     # Execute
     with pytest.raises(SpecError) as caught:
-        parse_model(JobSpec, {"name": "x", "lora": {"target_modules": ["q_proj", "q_proj"]}},
-                    kind="job spec", source="test")
+        parse_model(
+            JobSpec,
+            {"name": "x", "lora": {"target_modules": ["q_proj", "q_proj"]}},
+            kind="job spec",
+            source="test",
+        )
 
     # Assert
     assert "lora.target_modules" in str(caught.value) and "twice" in str(caught.value)
@@ -190,7 +206,9 @@ def test_specs_are_frozen():
 
 def test_site_policy_loads_and_names_missing_datasets(tmp_path):
     # Prepare
-    path = write(tmp_path, "site: site-1\ndatasets:\n  builtin:\n    path: /data/site-1\n", "policy.yaml")
+    path = write(
+        tmp_path, "site: site-1\ndatasets:\n  builtin:\n    path: /data/site-1\n", "policy.yaml"
+    )
 
     # Execute
     policy = load_site_policy(path)
@@ -205,9 +223,11 @@ def test_site_policy_loads_and_names_missing_datasets(tmp_path):
 
 def test_project_spec_refuses_duplicate_names_and_equal_ports(tmp_path):
     # Prepare
-    dupes = ("name: p\nsites: [{name: a}, {name: a}]\nadmins: [{name: x@y.org}]\n")
-    ports = ("name: p\nserver: {fl_port: 9000, admin_port: 9000}\nsites: [{name: a}]\n"
-             "admins: [{name: x@y.org}]\n")
+    dupes = "name: p\nsites: [{name: a}, {name: a}]\nadmins: [{name: x@y.org}]\n"
+    ports = (
+        "name: p\nserver: {fl_port: 9000, admin_port: 9000}\nsites: [{name: a}]\n"
+        "admins: [{name: x@y.org}]\n"
+    )
 
     # Execute / Assert
     with pytest.raises(SpecError, match="repeated: a"):

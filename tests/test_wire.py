@@ -14,8 +14,12 @@ from zenfed.wire import adapter_sha256, decode_adapter, encode_adapter, sha256_h
 def adapter(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return {
-        "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": torch.randn(64, 4, generator=gen),
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 64, generator=gen),
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": torch.randn(
+            64, 4, generator=gen
+        ),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(
+            4, 64, generator=gen
+        ),
     }
 
 
@@ -60,8 +64,13 @@ def test_non_float32_tensors_are_refused_both_ways():
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"garbage bytes that are not safetensors", b"\xff" * 64,
-     pickle.dumps({"a": torch.zeros(2)}), encode_adapter(adapter())[:-10]],
+    [
+        b"",
+        b"garbage bytes that are not safetensors",
+        b"\xff" * 64,
+        pickle.dumps({"a": torch.zeros(2)}),
+        encode_adapter(adapter())[:-10],
+    ],
     ids=["empty", "text", "ff", "pickle", "truncated"],
 )
 def test_garbage_bytes_are_an_adapter_error(payload):

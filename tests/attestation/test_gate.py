@@ -150,6 +150,26 @@ def test_evidence_under_another_name_a_missing_answer_and_a_stranger_are_refused
         gate.verify({"site-1": stranger})  # the challenge was answered once
 
 
+def test_a_site_that_cannot_attest_is_excluded_with_its_own_reason_and_gets_no_task(fed):
+    # Prepare: site-2 lost its attestation key; the executor sends the error text back
+    (fed.kit("site-2") / "startup" / "attestation_key.pem").unlink()
+    gate = fed.gate(mode="preferred", min_sites=1)
+    challenge = gate.challenge(sites=list(SITES), round=1)
+    with pytest.raises(AttestationError) as cannot:
+        fed.site("site-2").answer(challenge)
+
+    # Execute
+    admitted, records = gate.verify(
+        {"site-1": fed.site("site-1").answer(challenge), "site-2": str(cannot.value)}
+    )
+
+    # Assert
+    assert admitted == {"site-1"}
+    assert gate.eligible(["site-1", "site-2", "site-3"]) == ["site-1"]
+    reason = next(r["reason"] for r in records if r["peer"] == "site-2")
+    assert reason.startswith("site-2 could not attest: ") and "attestation_key.pem" in reason
+
+
 @pytest.mark.parametrize(
     ("mode", "every", "expected"),
     [
@@ -187,6 +207,7 @@ def test_a_resumed_job_attests_before_its_first_round_and_off_needs_no_kit(fed, 
     # Assert
     assert resumed.needed(3)  # first round run by this gate
     assert not off.enabled and not off.needed(1)
+    assert off.eligible(["site-2", "site-1"]) == ["site-1", "site-2"]
     with pytest.raises(AttestationError, match="off"):
         off.challenge(sites=["site-1"], round=1)
     with pytest.raises(AttestationError, match="attestation"):

@@ -6,6 +6,7 @@ attested server (``require_attested_server: true``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,27 @@ def test_a_site_requiring_an_attested_server_refuses_a_server_with_a_wrong_measu
     with pytest.raises(ServerNotAttested):
         sites["site-2"].check_server(None)
     assert len(fed.attestation_records("site-2")) == 1
+
+
+def test_a_site_that_accepts_another_server_measurement_refuses_this_server(fed):
+    # Prepare: site-2's provisioned rules accept only another server build (loopback-friendly:
+    # every participant here runs the same package, so the site's rules are what changes)
+    rules = fed.kit("site-2") / "startup" / "attestation.json"
+    policy = json.loads(rules.read_text())
+    policy["peers"][SERVER]["per_kind"]["emulated"]["allowed_measurements"] = ["0" * 64]
+    rules.write_text(json.dumps(policy))
+    gate = fed.gate(mode="preferred")
+    sites = {name: fed.site(name, mode="preferred") for name in SITES}
+    evidence = _exchange(fed, gate, sites)
+
+    # Execute
+    accepted = sites["site-1"].check_server(evidence)
+    with pytest.raises(ServerNotAttested, match="is not among the 1 accepted"):
+        sites["site-2"].check_server(evidence)
+
+    # Assert: the server still admitted both sites; only site-2 refuses the server
+    assert gate.admitted == frozenset(SITES)
+    assert accepted is not None and accepted.passed
 
 
 def test_with_attestation_required_every_site_requires_the_server(fed, tmp_path):

@@ -13,12 +13,19 @@ NAMES = ("m.layers.0.q_proj.lora_A.weight", "m.layers.0.q_proj.lora_B.weight")
 
 def site_adapter(seed: int):
     gen = torch.Generator().manual_seed(seed)
-    return {NAMES[0]: torch.randn(4, 16, generator=gen), NAMES[1]: torch.randn(16, 4, generator=gen)}
+    return {
+        NAMES[0]: torch.randn(4, 16, generator=gen),
+        NAMES[1]: torch.randn(16, 4, generator=gen),
+    }
 
 
 def test_result_equals_an_independently_computed_weighted_mean():
     # Prepare
-    sites = {"a": (site_adapter(1), 120.0), "b": (site_adapter(2), 30.0), "c": (site_adapter(3), 50.0)}
+    sites = {
+        "a": (site_adapter(1), 120.0),
+        "b": (site_adapter(2), 30.0),
+        "c": (site_adapter(3), 50.0),
+    }
     agg = WeightedMean()
 
     # Execute
@@ -109,12 +116,20 @@ def test_plain_fedavg_weights_by_the_sample_count_in_each_header():
     a, b = site_adapter(1), site_adapter(2)
 
     # Execute
-    wa = fedavg.add(site="a", header={"num_examples": 300}, payload=encode_adapter(a), weighting="samples")
-    wb = fedavg.add(site="b", header={"num_examples": 100}, payload=encode_adapter(b), weighting="samples")
+    wa = fedavg.add(
+        site="a", header={"num_examples": 300}, payload=encode_adapter(a), weighting="samples"
+    )
+    wb = fedavg.add(
+        site="b", header={"num_examples": 100}, payload=encode_adapter(b), weighting="samples"
+    )
     mean = fedavg.result()
 
     # Assert
-    assert (wa, wb) == (300.0, 100.0) and fedavg.total_weight == 400.0 and fedavg.contributors == ["a", "b"]
+    assert (
+        (wa, wb) == (300.0, 100.0)
+        and fedavg.total_weight == 400.0
+        and fedavg.contributors == ["a", "b"]
+    )
     for name in NAMES:
         assert torch.allclose(mean[name], 0.75 * a[name] + 0.25 * b[name], atol=1e-6)
 
@@ -129,8 +144,12 @@ def test_plain_fedavg_uniform_weighting_ignores_sample_counts():
     a, b = site_adapter(1), site_adapter(2)
 
     # Execute
-    fedavg.add(site="a", header={"num_examples": 300}, payload=encode_adapter(a), weighting="uniform")
-    fedavg.add(site="b", header={"num_examples": 100}, payload=encode_adapter(b), weighting="uniform")
+    fedavg.add(
+        site="a", header={"num_examples": 300}, payload=encode_adapter(a), weighting="uniform"
+    )
+    fedavg.add(
+        site="b", header={"num_examples": 100}, payload=encode_adapter(b), weighting="uniform"
+    )
 
     # Assert
     for name in NAMES:
@@ -144,7 +163,12 @@ def test_plain_fedavg_begin_starts_an_empty_round():
 
     fedavg = PlainFedAvg()
     fedavg.begin(round_index=1)
-    fedavg.add(site="a", header={"num_examples": 3}, payload=encode_adapter(site_adapter(1)), weighting="samples")
+    fedavg.add(
+        site="a",
+        header={"num_examples": 3},
+        payload=encode_adapter(site_adapter(1)),
+        weighting="samples",
+    )
 
     # Execute
     fedavg.begin(round_index=2)
@@ -162,5 +186,7 @@ def test_plain_fedavg_refuses_a_garbage_payload():
 
     # Execute / Assert
     with pytest.raises(AdapterError):
-        fedavg.add(site="a", header={"num_examples": 3}, payload=b"not an adapter", weighting="samples")
+        fedavg.add(
+            site="a", header={"num_examples": 3}, payload=b"not an adapter", weighting="samples"
+        )
     assert fedavg.count == 0

@@ -1,4 +1,4 @@
-"""Server checkpoints: a round trip restores the state; a damaged checkpoint is ignored, not trusted."""
+"""Server checkpoints: a round trip restores the state; a damaged one is ignored, not trusted."""
 
 from __future__ import annotations
 
@@ -14,16 +14,22 @@ from zenfed.errors import ZenfedError
 
 def adapter(seed: int):
     gen = torch.Generator().manual_seed(seed)
-    return {"x.lora_A.weight": torch.randn(4, 8, generator=gen), "x.lora_B.weight": torch.randn(8, 4, generator=gen)}
+    return {
+        "x.lora_A.weight": torch.randn(4, 8, generator=gen),
+        "x.lora_B.weight": torch.randn(8, 4, generator=gen),
+    }
 
 
 def state(round_no: int = 2) -> RunState:
     payload, meta = PlainFedAvg().to_checkpoint(adapter(round_no))
     return RunState(
         completed_round=round_no,
-        history=[{"round": r, "eval_loss": 1.0 / r, "contributors": ["site-1", "site-2"]}
-                 for r in range(1, round_no + 1)],
-        global_payload=payload, global_meta=meta,
+        history=[
+            {"round": r, "eval_loss": 1.0 / r, "contributors": ["site-1", "site-2"]}
+            for r in range(1, round_no + 1)
+        ],
+        global_payload=payload,
+        global_meta=meta,
     )
 
 

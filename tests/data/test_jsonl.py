@@ -17,13 +17,19 @@ def write_lines(path: Path, lines: list[str]) -> Path:
     return path
 
 
-ALPACA = json.dumps({"instruction": "Route this ticket.", "input": "I cannot log in.", "output": "Q-ACC"})
+ALPACA = json.dumps(
+    {"instruction": "Route this ticket.", "input": "I cannot log in.", "output": "Q-ACC"}
+)
 ALPACA_NO_INPUT = json.dumps({"instruction": "Say hi.", "output": "hi"})
-CHAT = json.dumps({"messages": [
-    {"role": "system", "content": "You are terse."},
-    {"role": "user", "content": "Code for chest pain?"},
-    {"role": "assistant", "content": "P1"},
-]})
+CHAT = json.dumps(
+    {
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Code for chest pain?"},
+            {"role": "assistant", "content": "P1"},
+        ]
+    }
+)
 
 
 def test_alpaca_and_chat_rows_parse_into_prompt_and_response(tmp_path):
@@ -36,10 +42,14 @@ def test_alpaca_and_chat_rows_parse_into_prompt_and_response(tmp_path):
     # Assert: blank lines are skipped; input is appended to the instruction; the last chat turn
     # is the response and earlier turns are the prompt.
     assert len(examples) == 3
-    assert examples[0] == Example(prompt=(Message("user", "Route this ticket.\n\nI cannot log in."),),
-                                  response="Q-ACC")
+    assert examples[0] == Example(
+        prompt=(Message("user", "Route this ticket.\n\nI cannot log in."),), response="Q-ACC"
+    )
     assert examples[1].prompt == (Message("user", "Say hi."),) and examples[1].response == "hi"
-    assert examples[2].prompt == (Message("system", "You are terse."), Message("user", "Code for chest pain?"))
+    assert examples[2].prompt == (
+        Message("system", "You are terse."),
+        Message("user", "Code for chest pain?"),
+    )
     assert examples[2].response == "P1"
 
 
@@ -70,14 +80,23 @@ def test_rows_round_trip_through_write_jsonl(tmp_path):
         ('{"instruction": "x", "output": "y", "extra": 1}', "unknown fields ['extra']"),
         ('{"prompt": "x", "completion": "y"}', "neither alpaca-style"),
         ('{"messages": [{"role": "user", "content": "hi"}]}', "at least two turns"),
-        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}',
-         "the last message must be the assistant's response"),
-        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}',
-         "messages[1] needs a role"),
-        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]}',
-         "string content"),
-        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}',
-         "response is empty"),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}',
+            "the last message must be the assistant's response",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}',
+            "messages[1] needs a role",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 3}]}',
+            "string content",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]'
+            "}",
+            "response is empty",
+        ),
     ],
 )
 def test_a_bad_line_is_named_by_file_and_line_number(tmp_path, bad_line, what):
@@ -111,8 +130,14 @@ def test_a_missing_file_points_at_the_site_policy(tmp_path):
 
 @pytest.mark.parametrize(
     ("prediction", "reference", "equal"),
-    [("P1", "P1", True), ("  P1\n", "P1", True), ("Q-ACC  now", "Q-ACC now", True),
-     ("p1", "P1", False), ("P1.", "P1", False), ("", "P1", False)],
+    [
+        ("P1", "P1", True),
+        ("  P1\n", "P1", True),
+        ("Q-ACC  now", "Q-ACC now", True),
+        ("p1", "P1", False),
+        ("P1.", "P1", False),
+        ("", "P1", False),
+    ],
 )
 def test_exact_match_normalises_only_whitespace(prediction, reference, equal):
     # Execute

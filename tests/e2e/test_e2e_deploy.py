@@ -38,15 +38,22 @@ def test_provision_up_submit_download_down(tmp_path, tiny_job_spec, small_builti
     deployment = provision(
         loopback_project("e2e-deploy", data_dir=small_builtin_data, sites=2), out=ws
     )
-    spec = tiny_job_spec("deploy-e2e", federation={"rounds": 2, "min_sites": 2, "task_timeout_s": 300})
+    spec = tiny_job_spec(
+        "deploy-e2e", federation={"rounds": 2, "min_sites": 2, "task_timeout_s": 300}
+    )
     job_dir = export_job(spec, out=tmp_path / "jobs" / spec.name)
 
     # Execute
     try:
         pids = up(deployment, progress=False)
         assert set(pids) == {"localhost", "site-1", "site-2"}
-        outcome = submit(job_dir, admin_kit=deployment.admin_kit(), results_root=ws / "results",
-                         timeout_s=480, progress=False)
+        outcome = submit(
+            job_dir,
+            admin_kit=deployment.admin_kit(),
+            results_root=ws / "results",
+            timeout_s=480,
+            progress=False,
+        )
     finally:
         stopped = down(deployment, progress=False)
 

@@ -1,4 +1,4 @@
-"""The PEFT engine on the tiny model: deterministic start, HF PEFT names, it learns, it evaluates."""
+"""The PEFT engine on the tiny model: deterministic start, HF PEFT names, learning, evaluation."""
 
 from __future__ import annotations
 
@@ -42,7 +42,11 @@ def test_initial_adapter_is_identical_across_engine_instances(engine, tiny_model
     other = PeftEngine(model_dir=tiny_model_dir, lora=LORA, training=TRAINING)
 
     # Execute
-    first, again, second = engine.initial_adapter(), engine.initial_adapter(), other.initial_adapter()
+    first, again, second = (
+        engine.initial_adapter(),
+        engine.initial_adapter(),
+        other.initial_adapter(),
+    )
 
     # Assert
     assert list(first) == list(second)
@@ -52,7 +56,9 @@ def test_initial_adapter_is_identical_across_engine_instances(engine, tiny_model
 
 def test_initial_adapter_depends_on_the_seed(tiny_model_dir, engine):
     # Prepare
-    reseeded = PeftEngine(model_dir=tiny_model_dir, lora=LORA, training=TRAINING.model_copy(update={"seed": 12}))
+    reseeded = PeftEngine(
+        model_dir=tiny_model_dir, lora=LORA, training=TRAINING.model_copy(update={"seed": 12})
+    )
 
     # Execute
     a, b = engine.initial_adapter(), reseeded.initial_adapter()
@@ -85,12 +91,17 @@ def test_the_initial_adapter_leaves_the_base_model_unchanged(engine, examples, t
     from zenfed.data.tokenize import collate, tokenize_all
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32).eval()
-    batch = collate(tokenize_all(engine.tokenizer, examples[:4], max_len=96), pad_id=engine.tokenizer.pad_token_id)
+    batch = collate(
+        tokenize_all(engine.tokenizer, examples[:4], max_len=96),
+        pad_id=engine.tokenizer.pad_token_id,
+    )
     engine.load_adapter(engine.initial_adapter())
 
     # Execute
     with torch.no_grad():
-        ours = engine.model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ours = engine.model.eval()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
         theirs = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     # Assert
@@ -182,8 +193,9 @@ def test_no_examples_is_a_data_error(engine):
 
 def test_target_modules_the_model_lacks_are_a_model_error(tiny_model_dir):
     # Prepare
-    engine = PeftEngine(model_dir=tiny_model_dir, lora=LoraSpec(target_modules=("no_such_proj",)),
-                        training=TRAINING)
+    engine = PeftEngine(
+        model_dir=tiny_model_dir, lora=LoraSpec(target_modules=("no_such_proj",)), training=TRAINING
+    )
 
     # Execute / Assert
     with pytest.raises(ModelError, match="do not fit this model"):

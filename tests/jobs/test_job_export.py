@@ -1,4 +1,4 @@
-"""Exported job folders: configuration only, zenfed/nvflare classes that import, and jobs/ is current."""
+"""Exported job folders: configuration only, importable zenfed/nvflare classes, jobs/ up to date."""
 
 from __future__ import annotations
 
@@ -19,7 +19,11 @@ CHECKED_IN = REPO / "jobs" / "demo-lora"
 
 
 def relative_files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def class_paths(node):
@@ -36,10 +40,14 @@ def class_paths(node):
 
 
 def small_spec(name: str) -> JobSpec:
-    return JobSpec.model_validate({
-        "name": name, "model": {"base": "/models/tiny"}, "lora": {"rank": 4},
-        "federation": {"rounds": 2, "min_sites": 2},
-    })
+    return JobSpec.model_validate(
+        {
+            "name": name,
+            "model": {"base": "/models/tiny"},
+            "lora": {"rank": 4},
+            "federation": {"rounds": 2, "min_sites": 2},
+        }
+    )
 
 
 @pytest.fixture
@@ -52,7 +60,11 @@ def test_the_folder_holds_meta_and_app_configs_and_no_code(exported):
     files = relative_files(exported)
 
     # Assert
-    assert set(files) == {"meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json"}
+    assert set(files) == {
+        "meta.json",
+        "app/config/config_fed_server.json",
+        "app/config/config_fed_client.json",
+    }
     assert not (exported / "app" / "custom").exists()
     assert not list(exported.rglob("*.py")) and not list(exported.rglob("*.pyc"))
     meta = json.loads(files["meta.json"])
@@ -62,7 +74,9 @@ def test_the_folder_holds_meta_and_app_configs_and_no_code(exported):
 
 def test_every_named_class_is_zenfed_or_nvflare_and_importable(exported):
     # Prepare
-    configs = [json.loads(p.read_text()) for p in sorted((exported / "app" / "config").glob("*.json"))]
+    configs = [
+        json.loads(p.read_text()) for p in sorted((exported / "app" / "config").glob("*.json"))
+    ]
     paths = sorted({p for config in configs for p in class_paths(config)})
 
     # Execute / Assert

@@ -1,4 +1,4 @@
-"""DP-SGD inside the PEFT engine: Poisson steps, one accountant step each, noise, it still learns."""
+"""DP-SGD in the PEFT engine: Poisson steps, one accountant step each, noise, it learns."""
 
 from __future__ import annotations
 
@@ -98,10 +98,10 @@ def test_dp_sgd_with_little_noise_still_learns(engine, examples):
     start = engine.initial_adapter()
     before = engine.evaluate(adapter=start, examples=examples, max_new_tokens=1).loss
 
-    # Execute: sigma 0.3, large clip, every record in every step.
+    # Execute: sigma 0.3, half the records in each step (plain training drops about 0.46).
     trained = engine.train(adapter=start, examples=examples, steps=15, seed=0,
-                           dp=_dp(sigma=0.3, rate=0.5, clip=5.0))
+                           dp=_dp(sigma=0.3, rate=0.5, clip=1.0))
     after = engine.evaluate(adapter=trained.adapter, examples=examples, max_new_tokens=1).loss
 
     # Assert
-    assert after < before - 0.5
+    assert after < before - 0.25

@@ -26,8 +26,12 @@ def deployment(tmp_path, free_ports) -> Deployment:
     for kit in kits.values():
         (kit / "startup").mkdir(parents=True)
     return Deployment(
-        workspace=str(tmp_path / "ws"), project="proj", server="localhost",
-        server_kit=str(kits["localhost"]), fl_port=free_ports[0], admin_port=free_ports[1],
+        workspace=str(tmp_path / "ws"),
+        project="proj",
+        server="localhost",
+        server_kit=str(kits["localhost"]),
+        fl_port=free_ports[0],
+        admin_port=free_ports[1],
         site_kits={"site-1": str(kits["site-1"]), "site-2": str(kits["site-2"])},
         admin_kits={"admin@x.org": str(kits["admin@x.org"])},
     )
@@ -39,8 +43,13 @@ def spawned():
     procs: list[subprocess.Popen] = []
 
     def spawn(*args: str, cwd: str | None = None) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", SLEEPER, *args], cwd=cwd, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SLEEPER, *args],
+            cwd=cwd,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         procs.append(proc)
         return proc
 
@@ -117,7 +126,9 @@ def test_up_refuses_a_port_in_use_and_starts_nothing(deployment):
         busy.listen(1)
 
         # Execute
-        with pytest.raises(DeploymentError, match=f"port {deployment.fl_port} on localhost is in use"):
+        with pytest.raises(
+            DeploymentError, match=f"port {deployment.fl_port} on localhost is in use"
+        ):
             up(deployment, progress=False)
 
     # Assert
@@ -132,5 +143,6 @@ def test_up_refuses_a_kit_without_start_script_and_cleans_up(deployment):
     # Assert
     assert status(deployment) == {}
     assert not any(
-        deployment.workspace in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])
+        deployment.workspace in " ".join(p.info["cmdline"] or [])
+        for p in psutil.process_iter(["cmdline"])
     )

@@ -1,4 +1,4 @@
-"""A real `nvflare provision` with zenfed's builder: allow-list, stores inside the workspace, policies."""
+"""A real `nvflare provision` with zenfed's builder: allow-list, stores in the workspace."""
 
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ from zenfed.demo import free_port
 from zenfed.errors import DeploymentError, SpecError
 from zenfed.provisioning.kit_builder import ZenfedKitBuilder
 from zenfed.provisioning.project import LAYOUT_FILE, Deployment, flare_project, provision
-from zenfed.spec import AdminSpec, DatasetLocation, ProjectSpec, ServerSpec, SitePolicy, SiteSpec, parse_model
+from zenfed.spec import (
+    AdminSpec,
+    DatasetLocation,
+    ProjectSpec,
+    ServerSpec,
+    SitePolicy,
+    SiteSpec,
+    parse_model,
+)
 
 
 def project(fl_port: int, admin_port: int, data: Path) -> ProjectSpec:
@@ -21,8 +29,12 @@ def project(fl_port: int, admin_port: int, data: Path) -> ProjectSpec:
         name="kit-test",
         server=ServerSpec(name="localhost", fl_port=fl_port, admin_port=admin_port),
         sites=(
-            SiteSpec(name="hospital-a", org="h", torch_threads=1,
-                     datasets={"builtin": DatasetLocation(path=data / "site-1")}),
+            SiteSpec(
+                name="hospital-a",
+                org="h",
+                torch_threads=1,
+                datasets={"builtin": DatasetLocation(path=data / "site-1")},
+            ),
             SiteSpec(name="bank-b", org="b", allowed_jobs=("demo-*",)),
         ),
         admins=(AdminSpec(name="admin@kit.test"),),
@@ -76,7 +88,9 @@ def test_the_servers_job_and_snapshot_stores_lie_inside_the_workspace(deployment
     resources = json.loads(Path(deployment.server_kit, "local", "resources.json").read_text())
 
     # Execute
-    job_root = next(c["args"]["uri_root"] for c in resources["components"] if c["id"] == "job_manager")
+    job_root = next(
+        c["args"]["uri_root"] for c in resources["components"] if c["id"] == "job_manager"
+    )
     snapshot_root = resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"]
 
     # Assert: both live in the server kit that exists after provisioning (not /tmp/nvflare).
@@ -90,15 +104,25 @@ def test_each_site_policy_is_private_and_parses_for_that_site(deployment, tmp_pa
     for site, kit in deployment.site_kits.items():
         path = Path(kit, "local", "zenfed_site.yaml")
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-        policy = parse_model(SitePolicy, yaml.safe_load(path.read_text()), kind="site policy", source=str(path))
+        policy = parse_model(
+            SitePolicy, yaml.safe_load(path.read_text()), kind="site policy", source=str(path)
+        )
         assert policy.site == site
     hospital = parse_model(
-        SitePolicy, yaml.safe_load(Path(deployment.site_kits["hospital-a"], "local", "zenfed_site.yaml").read_text()),
-        kind="site policy", source="test",
+        SitePolicy,
+        yaml.safe_load(
+            Path(deployment.site_kits["hospital-a"], "local", "zenfed_site.yaml").read_text()
+        ),
+        kind="site policy",
+        source="test",
     )
     bank = parse_model(
-        SitePolicy, yaml.safe_load(Path(deployment.site_kits["bank-b"], "local", "zenfed_site.yaml").read_text()),
-        kind="site policy", source="test",
+        SitePolicy,
+        yaml.safe_load(
+            Path(deployment.site_kits["bank-b"], "local", "zenfed_site.yaml").read_text()
+        ),
+        kind="site policy",
+        source="test",
     )
     assert hospital.torch_threads == 1 and "builtin" in hospital.datasets
     assert bank.allowed_jobs == ("demo-*",) and bank.datasets == {}
@@ -121,7 +145,12 @@ def test_the_flare_project_runs_zenfeds_builder_before_signing(free_ports, tmp_p
     )
     assert paths[-1] == "nvflare.lighter.impl.signature.SignatureBuilder"
     types = {p["name"]: p["type"] for p in data["participants"]}
-    assert types == {"localhost": "server", "hospital-a": "client", "bank-b": "client", "admin@kit.test": "admin"}
+    assert types == {
+        "localhost": "server",
+        "hospital-a": "client",
+        "bank-b": "client",
+        "admin@kit.test": "admin",
+    }
 
 
 def test_a_bad_site_policy_in_the_builder_is_a_spec_error():

@@ -7,6 +7,7 @@ keys and policies into startup kits.
 
 from zenfed.attestation.base import Claims, TEEVerifier
 from zenfed.attestation.emulated import EmulatedTEE
+from zenfed.attestation.exchange import Answer, Challenge
 from zenfed.attestation.identity import AttestationIdentity, AttestationRoot
 from zenfed.attestation.measure import Measurement, measure, package_digest
 from zenfed.attestation.nonces import NonceRegistry
@@ -33,6 +34,7 @@ from zenfed.attestation.tdx import TdxTEE
 
 __all__ = [
     "KNOWN_KINDS",
+    "Answer",
     "AttestationError",
     "AttestationIdentity",
     "AttestationPolicy",
@@ -40,6 +42,7 @@ __all__ = [
     "AttestationRoot",
     "AttestationService",
     "AttestationUnavailable",
+    "Challenge",
     "Claims",
     "EmulatedTEE",
     "Evidence",

@@ -36,8 +36,9 @@ from zenfed.audit.sink import AuditSink
 from zenfed.errors import ZenfedError
 from zenfed.spec import JobSpec
 
-# The attestation task must end well before the nonces it carries expire.
-_TIMEOUT_SHARE = 0.75
+# The attestation task must end well before the nonces it carries expire, and leave
+# time for the next task to bring the server's evidence to each site's own nonce.
+_TIMEOUT_SHARE = 0.5
 
 
 class AttestationQuorumError(ZenfedError):
@@ -130,7 +131,7 @@ class ServerAttestationGate:
         return self._pending.to_dict()
 
     def verify(
-        self, answers: Mapping[str, Mapping[str, Any] | None]
+        self, answers: Mapping[str, Mapping[str, Any] | str | None]
     ) -> tuple[set[str], list[dict[str, Any]]]:
         """Verify each challenged site's answer, audit every result, and decide who is admitted.
 
@@ -140,8 +141,9 @@ class ServerAttestationGate:
         every mode but ``off``, refused sites are excluded; see ``enforce_quorum``.
 
         Args:
-            answers: Site name -> the dict its ``SiteAttestation.answer`` returned
-                (None or missing if it did not answer).
+            answers: Site name -> the dict its ``SiteAttestation.answer`` returned, or
+                the text of its refusal or error (recorded as the reason), or None
+                (or missing) if it did not answer.
 
         Returns:
             The admitted sites, and one audit record (a dict) per site in site order.
@@ -175,6 +177,16 @@ class ServerAttestationGate:
             records.append(fields)
         self.admitted = frozenset(admitted)
         return admitted, records
+
+    def eligible(self, sites: Sequence[str]) -> list[str]:
+        """Return the sites that may receive this job's tasks now, in name order.
+
+        All of ``sites`` when attestation is off; otherwise those admitted by the
+        last ``verify`` (a site joining later waits for the next attestation).
+        """
+        if not self.enabled:
+            return sorted(set(sites))
+        return sorted(set(sites) & self.admitted)
 
     def quorum_met(self, admitted: set[str] | frozenset[str]) -> bool:
         """Return False only if the mode is ``required`` and fewer than min_sites were admitted."""
@@ -232,7 +244,7 @@ class ServerAttestationGate:
         service: AttestationService,
         site: str,
         issued: str | None,
-        raw: Mapping[str, Any] | None,
+        raw: Mapping[str, Any] | str | None,
     ) -> tuple[AttestationResult, str]:
         if issued is None:
             return self._refuse(site, "", f"{site} answered without being challenged"), ""
@@ -242,6 +254,8 @@ class ServerAttestationGate:
                 f"({self.timeout_s} s); it is excluded until it attests"
             )
             return self._refuse(site, issued, reason), ""
+        if isinstance(raw, str):
+            return self._refuse(site, issued, f"{site} could not attest: {raw[:1000]}"), ""
         try:
             answer = Answer.from_dict(raw)
             if answer.site != site:

@@ -1,0 +1,311 @@
+"""Benchmark: utility of federated LoRA under record-level DP, and a canary exposure audit.
+
+Prints one JSON object. Every arm is FedAvg in-process (as in ``bench_quality``:
+each round every site trains ``local_steps`` steps from the global adapter on its
+own data, and the adapters are averaged weighted by sample count), from the same
+initial adapter, evaluated on the same held-out union test set (all tasks):
+
+- ``utility``: ``{"epsilon", "eval_loss", "accuracy"}`` at epsilon = null (no DP), 8, 3
+  and 1. Each DP site solves its own noise multiplier for the whole job (all
+  rounds x local steps at its Poisson rate batch/n, delta = 1/(10 n)) and trains
+  with DP-SGD (per-example clipping, Gaussian noise).
+- ``canary``: a secret-sharer audit. Random secret codes ("canaries") are inserted
+  ``canary_repeats`` times each into site-1's training data, for every arm. In the
+  final model of the no-DP arm and of the arm at epsilon 8, each canary is ranked by
+  its loss among ``canary_candidates`` random codes of the same format; its exposure
+  is ``log2(candidates + 1) - log2(rank)``. ``exposure_chance`` is the expectation
+  for a uniformly random rank, ``exposure_chance_sd`` the standard deviation of the
+  mean over the canaries at chance.
+
+Run: ``python bench/bench_privacy.py [--tiny]`` or ``zenfed bench privacy --json [--tiny]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zenfed.controllers.aggregators import WeightedMean
+from zenfed.data.builtin import make_builtin
+from zenfed.data.jsonl import Example, Message, load_jsonl
+from zenfed.data.tokenize import collate, tokenize_all
+from zenfed.engines.base import AdapterState, RecordDP
+from zenfed.engines.peft import PeftEngine
+from zenfed.privacy.dp import PrivacyAccountant, plan_record_dp
+from zenfed.spec import LoraSpec, TrainingSpec
+
+THREADS = 2
+EPSILONS: tuple[float | None, ...] = (None, 8.0, 3.0, 1.0)
+CANARY_DIGITS = 6
+_FIRST = ["Ada", "Bram", "Cleo", "Dov", "Edda", "Finn", "Gia", "Hugo", "Iris", "Jonas"]
+_LAST = ["Moreau", "Novak", "Okafor", "Petrov", "Quint", "Rossi", "Silva", "Tanaka"]
+
+
+@dataclass(frozen=True)
+class PrivacyBenchConfig:
+    """What one run trains and audits (``tiny_*`` only for the tiny random Llama)."""
+
+    rounds: int
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    clip_norm: float
+    train_per_site: int
+    test_per_task: int
+    canaries: int
+    canary_repeats: int
+    canary_candidates: int
+    seq_len: int = 128
+    skew: float = 0.9
+    max_new_tokens: int = 6
+    tiny_hidden: int = 64
+    tiny_layers: int = 2
+    tiny_vocab: int = 1024
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_LINEAR = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
+
+TINY = PrivacyBenchConfig(
+    rounds=8, local_steps=5, batch_size=32, learning_rate=2e-2, rank=8, alpha=16.0,
+    target_modules=ALL_LINEAR, clip_norm=1.0, train_per_site=1000, test_per_task=40,
+    canaries=8, canary_repeats=16, canary_candidates=1000,
+)
+FULL = PrivacyBenchConfig(
+    rounds=3, local_steps=4, batch_size=16, learning_rate=2e-3, rank=8, alpha=16.0,
+    target_modules=ATTENTION, clip_norm=1.0, train_per_site=400, test_per_task=15,
+    canaries=6, canary_repeats=12, canary_candidates=300,
+)
+
+
+def _log(message: str) -> None:
+    print(f"[bench privacy] {message}", file=sys.stderr, flush=True)
+
+
+# -- canaries ---------------------------------------------------------------------------------
+
+def _canary_prompt(index: int) -> tuple[Message, ...]:
+    name = f"{_FIRST[index % len(_FIRST)]} {_LAST[(index * 3) % len(_LAST)]}"
+    return (Message("user", f"What is the vault code in the file of {name}?"),)
+
+
+def _random_code(rng: random.Random) -> str:
+    return " ".join(rng.choice("0123456789") for _ in range(CANARY_DIGITS))
+
+
+def make_canaries(*, count: int, seed: int) -> list[Example]:
+    """Return ``count`` canaries: distinct prompts, each answered by a random secret code."""
+    rng = random.Random(f"canary:{seed}")
+    return [Example(prompt=_canary_prompt(i), response=_random_code(rng), task="canary")
+            for i in range(count)]
+
+
+def _response_losses(engine: PeftEngine, examples: Sequence[Example], *, seq_len: int,
+                     batch: int = 64) -> list[float]:
+    """Summed next-token loss of each example's response (its negative log-likelihood)."""
+    model, tokenizer = engine.model, engine.tokenizer
+    data = tokenize_all(tokenizer, examples, max_len=seq_len)
+    losses: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(data), batch):
+            inputs = collate(data[start:start + batch], pad_id=tokenizer.pad_token_id)
+            logits = model(input_ids=inputs["input_ids"],
+                           attention_mask=inputs["attention_mask"]).logits[:, :-1].float()
+            labels = inputs["labels"][:, 1:]
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            losses.extend(token_loss.sum(dim=1).tolist())
+    return losses
+
+
+def exposure(engine: PeftEngine, adapter: AdapterState, canaries: Sequence[Example], *,
+             candidates: int, seq_len: int, seed: int) -> list[float]:
+    """Return each canary's exposure: log2(candidates + 1) - log2(its rank by loss)."""
+    engine.load_adapter(adapter)
+    engine.model.eval()
+    rng = random.Random(f"candidates:{seed}")
+    result = []
+    for canary in canaries:
+        codes: set[str] = set()
+        while len(codes) < candidates:
+            code = _random_code(rng)
+            if code != canary.response:
+                codes.add(code)
+        pool = [canary, *(dataclasses.replace(canary, response=c) for c in sorted(codes))]
+        losses = _response_losses(engine, pool, seq_len=seq_len)
+        rank = 1 + sum(loss < losses[0] for loss in losses[1:])
+        result.append(math.log2(candidates + 1) - math.log2(rank))
+    return result
+
+
+def chance_exposure(candidates: int) -> tuple[float, float]:
+    """Return the mean and standard deviation of the exposure of a uniformly random rank."""
+    total = candidates + 1
+    values = [math.log2(total) - math.log2(rank) for rank in range(1, total + 1)]
+    return statistics.fmean(values), statistics.pstdev(values)
+
+
+# -- federated training -----------------------------------------------------------------------
+
+def _federated(engine: PeftEngine, start: AdapterState, site_data: dict[str, list[Example]], *,
+               config: PrivacyBenchConfig, epsilon: float | None, seed: int) -> tuple[AdapterState,
+                                                                                       dict]:
+    """FedAvg over the sites; with ``epsilon``, every site trains with DP-SGD at that budget."""
+    plans, accountants = {}, {}
+    for site, examples in site_data.items():
+        if epsilon is not None:
+            plans[site] = plan_record_dp(
+                rounds=config.rounds, local_steps=config.local_steps,
+                batch_size=config.batch_size, num_records=len(examples), target_epsilon=epsilon)
+            accountants[site] = PrivacyAccountant()
+    global_adapter = start
+    for round_index in range(config.rounds):
+        mean = WeightedMean()
+        for site_index, (site, examples) in enumerate(site_data.items()):
+            dp = None
+            if epsilon is not None:
+                plan = plans[site]
+                dp = RecordDP(noise_multiplier=plan.noise_multiplier, clip_norm=config.clip_norm,
+                              sample_rate=plan.sample_rate, accountant=accountants[site])
+            result = engine.train(
+                adapter=global_adapter, examples=examples, steps=config.local_steps,
+                seed=seed * 100_003 + round_index * len(site_data) + site_index, dp=dp,
+            )
+            mean.add(site, result.adapter, weight=float(result.num_examples))
+        global_adapter = mean.result()
+    spent = {site: {"noise_multiplier": round(plans[site].noise_multiplier, 4),
+                    "epsilon": round(accountants[site].get_epsilon(plans[site].delta), 4),
+                    "delta": plans[site].delta}
+             for site in plans}
+    return global_adapter, spent
+
+
+def _model_dir(*, tiny: bool, config: PrivacyBenchConfig, scratch: Path,
+               seed: int) -> tuple[Path, str]:
+    if tiny:
+        from zenfed.engines.tiny import build_tiny_model
+
+        path = build_tiny_model(scratch / "tiny-model", hidden_size=config.tiny_hidden,
+                                layers=config.tiny_layers, vocab_size=config.tiny_vocab, seed=seed)
+        return path, f"tiny-random-llama(hidden={config.tiny_hidden}, layers={config.tiny_layers})"
+    from zenfed.engines.base_model import DEFAULT_MODEL_NAME, prepare_default_model
+
+    return prepare_default_model(progress=False), DEFAULT_MODEL_NAME
+
+
+def run(*, tiny: bool, sites: int = 3, seed: int = 0,
+        config: PrivacyBenchConfig | None = None) -> dict:
+    """Run the benchmark and return its JSON object.
+
+    Args:
+        tiny: Use a tiny random Llama (minutes) instead of SmolLM2-135M-Instruct.
+        sites: Number of sites of the built-in data.
+        seed: Seed of the data, the canaries, the initial adapter and the data order.
+        config: Override the preset (``TINY`` or ``FULL``).
+    """
+    started = time.perf_counter()
+    config = config or (TINY if tiny else FULL)
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(seed)
+    canaries = make_canaries(count=config.canaries, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="zenfed-bench-privacy-") as tmp:
+        scratch = Path(tmp)
+        make_builtin(scratch / "data", sites=sites, train_per_site=config.train_per_site,
+                     test_per_task=config.test_per_task, skew=config.skew, seed=seed)
+        site_data = {f"site-{k}": load_jsonl(scratch / "data" / f"site-{k}" / "train.jsonl")
+                     for k in range(1, sites + 1)}
+        # The canaries go into site-1's data, in every arm, shuffled among its records.
+        site_data["site-1"] = site_data["site-1"] + canaries * config.canary_repeats
+        random.Random(seed).shuffle(site_data["site-1"])
+        test = load_jsonl(scratch / "data" / "test.jsonl")
+        model_dir, model_name = _model_dir(tiny=tiny, config=config, scratch=scratch, seed=seed)
+        engine = PeftEngine(
+            model_dir=model_dir,
+            lora=LoraSpec(rank=config.rank, alpha=config.alpha,
+                          target_modules=config.target_modules),
+            training=TrainingSpec(local_steps=config.local_steps, batch_size=config.batch_size,
+                                  seq_len=config.seq_len, learning_rate=config.learning_rate,
+                                  seed=seed),
+            threads=THREADS,
+        )
+        start = engine.initial_adapter()
+        utility, exposures, budgets = [], {}, {}
+        for epsilon in EPSILONS:
+            adapter, spent = _federated(engine, start, site_data, config=config,
+                                        epsilon=epsilon, seed=seed)
+            scores = engine.evaluate(adapter=adapter, examples=test,
+                                     max_new_tokens=config.max_new_tokens)
+            utility.append({"epsilon": epsilon, "eval_loss": round(scores.loss, 4),
+                            "accuracy": round(scores.accuracy, 4)})
+            budgets[str(epsilon)] = spent
+            if epsilon is None or epsilon == 8.0:
+                exposures[epsilon] = exposure(engine, adapter, canaries,
+                                              candidates=config.canary_candidates,
+                                              seq_len=config.seq_len, seed=seed)
+            _log(f"epsilon={epsilon}: {utility[-1]} "
+                 f"({time.perf_counter() - started:.0f} s)")
+    chance, chance_sd = chance_exposure(config.canary_candidates)
+    chance_sd_mean = chance_sd / math.sqrt(config.canaries)
+    no_dp, dp8 = statistics.fmean(exposures[None]), statistics.fmean(exposures[8.0])
+    base_accuracy = utility[0]["accuracy"]
+    accuracy8 = next(u["accuracy"] for u in utility if u["epsilon"] == 8.0)
+    return {
+        "benchmark": "privacy",
+        "tiny": tiny,
+        "utility": utility,
+        "canary": {
+            "exposure_dp": round(dp8, 3),
+            "exposure_nodp": round(no_dp, 3),
+            "exposure_chance": round(chance, 3),
+            "exposure_chance_sd": round(chance_sd_mean, 3),
+            "exposure_max": round(math.log2(config.canary_candidates + 1), 3),
+            "epsilon_dp": 8.0,
+            "per_canary_dp": [round(e, 2) for e in exposures[8.0]],
+            "per_canary_nodp": [round(e, 2) for e in exposures[None]],
+        },
+        "targets": {
+            "accuracy_at_eps8_at_least_90pct_of_nodp": accuracy8 >= 0.9 * base_accuracy,
+            "exposure_dp_within_2sd_of_chance": abs(dp8 - chance) <= 2 * chance_sd_mean,
+            "exposure_nodp_above_chance_by_3sd": no_dp > chance + 3 * chance_sd_mean,
+        },
+        "budgets": budgets,
+        "config": {
+            "model": model_name, "engine": "peft", "sites": sites, "seed": seed,
+            "test_examples": len(test), "canary_site": "site-1",
+            "train_examples_per_site": {site: len(data) for site, data in site_data.items()},
+            **{k: v for k, v in dataclasses.asdict(config).items()
+               if not (k.startswith("tiny_") and not tiny)},
+            "target_modules": list(config.target_modules),
+            "accounting": "pld", "threads": THREADS,
+        },
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny random Llama instead of SmolLM2-135M (a few minutes)")
+    parser.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    args = parser.parse_args(argv)
+    print(json.dumps(run(tiny=args.tiny, sites=args.sites, seed=args.seed), indent=2))
+
+
+if __name__ == "__main__":
+    main()

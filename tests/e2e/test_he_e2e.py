@@ -1,0 +1,115 @@
+"""Encrypted aggregation end to end: simulator parity with plaintext, and key separation on a deployment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from zenfed.data import make_builtin
+from zenfed.demo import loopback_project
+from zenfed.engines.tiny import build_tiny_model
+from zenfed.jobs import export_job
+from zenfed.jobs.simulate import builtin_policies, run_simulation
+from zenfed.jobs.submit import load_result, submit
+from zenfed.privacy.he_context import context_has_secret_key, load_context
+from zenfed.provisioning.deploy import down, up
+from zenfed.provisioning.project import provision
+from zenfed.spec import JobSpec
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("he_e2e")
+    model = build_tiny_model(root / "tiny")
+    data = root / "data"
+    make_builtin(data, sites=2, train_per_site=120, valid_per_site=16, test_per_task=4)
+    return model, data
+
+
+def _spec(model: Path, *, encrypted: bool, name: str) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "name": name,
+            "model": {"base": str(model)},
+            "lora": {"rank": 4, "alpha": 8},
+            "training": {"local_steps": 6, "batch_size": 8, "seq_len": 128, "learning_rate": 0.01},
+            "federation": {"rounds": 2, "min_sites": 2},
+            "evaluation": {"max_examples": 8, "max_new_tokens": 4},
+            "encryption": {"enabled": encrypted},
+        }
+    )
+
+
+def test_encrypted_run_matches_plaintext_eval_loss(
+    tiny_setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Prepare
+    model, data = tiny_setup
+    policies = builtin_policies(data, sites=2, dataset="builtin", allow_any_model=True)
+    # Execute
+    plain = run_simulation(
+        _spec(model, encrypted=False, name="plain"), workspace=tmp_path / "plain", policies=policies
+    )
+    sealed = run_simulation(
+        _spec(model, encrypted=True, name="sealed"),
+        workspace=tmp_path / "sealed",
+        policies=policies,
+    )
+    # Assert
+    plain_result = json.loads((plain / "zenfed_result.json").read_text())
+    sealed_result = json.loads((sealed / "zenfed_result.json").read_text())
+    assert sealed_result["aggregation"] == "fedavg-ckks"
+    assert all(r["encrypted"] for r in sealed_result["rounds"])
+    plain_loss, sealed_loss = (
+        plain_result["final"]["eval_loss"],
+        sealed_result["final"]["eval_loss"],
+    )
+    assert abs(sealed_loss - plain_loss) <= 0.01 * plain_loss
+    assert sealed_loss < sealed_result["baseline"]["eval_loss"]
+    # The released adapter is the decrypted FedAvg: within the quantisation step of the plaintext one.
+    a = load_file(str(plain / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(sealed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-3
+
+
+def test_deployment_server_never_holds_a_secret_key(
+    tiny_setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Prepare
+    model, data = tiny_setup
+    project = loopback_project("he-e2e", data_dir=data, sites=2)
+    deployment = provision(project, out=tmp_path / "ws")
+    job = export_job(
+        _spec(model, encrypted=True, name="sealed-deploy"), out=tmp_path / "jobs" / "sealed"
+    )
+    server_kit = Path(deployment.server_kit)
+    # Execute
+    up(deployment, progress=False)
+    try:
+        outcome = submit(
+            job, admin_kit=deployment.admin_kit(), results_root=tmp_path / "results", progress=False
+        )
+    finally:
+        down(deployment, progress=False)
+    # Assert: the job ran encrypted and released the adapter through a site.
+    result = load_result(outcome.result_dir)
+    assert result["aggregation"] == "fedavg-ckks"
+    assert (outcome.result_dir / "adapter" / "adapter_model.safetensors").is_file()
+    # No file anywhere under the server's kit and workspace (jobs, checkpoints, logs) holds a secret key.
+    server_files = [p for p in server_kit.rglob("*") if p.is_file()]
+    assert server_files
+    assert not [p for p in server_files if context_has_secret_key(p)]
+    # The server's context cannot decrypt; a site's can.
+    from zenfed.privacy.he_context import SERVER_CONTEXT_FILE, SITE_CONTEXT_FILE
+
+    server_ctx = load_context(server_kit / "startup" / SERVER_CONTEXT_FILE, require_secret=False)
+    assert not server_ctx.has_secret_key
+    site_kit = Path(deployment.site_kits["site-1"])
+    assert context_has_secret_key(site_kit / "startup" / SITE_CONTEXT_FILE)
