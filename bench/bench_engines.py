@@ -11,10 +11,13 @@ tokens, the same examples and the same seed.
 * ``*_step_s``: a local round's wall time divided by its steps (round overhead
   included: tokenisation, and for NeMo building a Lightning trainer and
   ``llm.api.finetune``'s setup). After one warm-up round each, rounds alternate
-  between the engines (so background load hits both alike) and the median
-  round is reported. ``nemo_inloop_step_s`` is NeMo's time inside its training
+  between the engines, and which goes first (so background load hits both
+  alike); the median round is reported. ``nemo_inloop_step_s`` is NeMo's time inside its training
   loop only, and ``nemo_round_overhead_s`` the rest of a round.
 * ``ratio`` = ``nemo_step_s / peft_step_s`` (target: at most 1.2).
+* ``*_cpu_step_s`` / ``cpu_ratio``: the same with process CPU time (all threads),
+  less sensitive than wall time to other processes sharing the cores;
+  ``load_average`` is the 1-minute load before and after, to judge the noise.
 
 Run: ``python bench/bench_engines.py [--tiny] [--steps N] [--rounds R]`` or
 ``zenfed bench engines --json``.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import random
 import statistics
 import time
@@ -68,10 +72,11 @@ def _start(
 
 def _round(
     engine: Any, adapter: dict, examples: list[Example], steps: int, seed: int
-) -> tuple[float, Any]:
-    began = time.perf_counter()
+) -> tuple[float, float, Any]:
+    began, cpu = time.perf_counter(), time.process_time()
     result = engine.train(adapter=adapter, examples=examples, steps=steps, seed=seed)
-    return (time.perf_counter() - began) / steps, result
+    wall = (time.perf_counter() - began) / steps
+    return wall, (time.process_time() - cpu) / steps, result
 
 
 def run(*, tiny: bool, steps: int = 3, rounds: int = 2) -> dict:
@@ -105,16 +110,23 @@ def run(*, tiny: bool, steps: int = 3, rounds: int = 2) -> dict:
     adapter = peft.initial_adapter()
     _round(peft, adapter, examples, 1, 0)  # warm-up
     _round(nemo, adapter, examples, 1, 0)
-    peft_steps, nemo_steps, inloop, losses = [], [], [], {"peft": [], "nemo": []}
+    load_before = os.getloadavg()[0]
+    wall: dict[str, list[float]] = {"peft": [], "nemo": []}
+    cpu: dict[str, list[float]] = {"peft": [], "nemo": []}
+    losses: dict[str, list[float]] = {"peft": [], "nemo": []}
+    inloop = []
     for r in range(rounds):
-        seconds, result = _round(peft, adapter, examples, steps, r)
-        peft_steps.append(seconds)
-        losses["peft"].append(result.train_loss)
-        seconds, result = _round(nemo, adapter, examples, steps, r)
-        nemo_steps.append(seconds)
-        inloop.append(result.metrics["step_s_mean"])
-        losses["nemo"].append(result.train_loss)
+        pair = [("peft", peft), ("nemo", nemo)]
+        for name, engine in pair[::-1] if r % 2 else pair:  # alternate which engine goes first
+            seconds, cpu_seconds, result = _round(engine, adapter, examples, steps, r)
+            wall[name].append(seconds)
+            cpu[name].append(cpu_seconds)
+            losses[name].append(result.train_loss)
+            if name == "nemo":
+                inloop.append(result.metrics["step_s_mean"])
+    nemo_steps, peft_steps = wall["nemo"], wall["peft"]
     nemo_step, peft_step = statistics.median(nemo_steps), statistics.median(peft_steps)
+    nemo_cpu, peft_cpu = statistics.median(cpu["nemo"]), statistics.median(cpu["peft"])
     nemo_inloop = statistics.median(inloop)
     return {
         "benchmark": "engines",
@@ -129,10 +141,14 @@ def run(*, tiny: bool, steps: int = 3, rounds: int = 2) -> dict:
         "ratio": round(nemo_step / peft_step, 3),
         "nemo_startup_s": round(nemo_startup, 2),
         "peft_startup_s": round(peft_startup, 2),
+        "nemo_cpu_step_s": round(nemo_cpu, 4),
+        "peft_cpu_step_s": round(peft_cpu, 4),
+        "cpu_ratio": round(nemo_cpu / peft_cpu, 3),
         "nemo_inloop_step_s": round(nemo_inloop, 4),
         "nemo_round_overhead_s": round((nemo_step - nemo_inloop) * steps, 3),
         "nemo_step_s_all": [round(s, 4) for s in nemo_steps],
         "peft_step_s_all": [round(s, 4) for s in peft_steps],
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "same_losses": all(
             abs(a - b) <= 1e-4 * abs(b) for a, b in zip(losses["nemo"], losses["peft"], strict=True)
         ),

@@ -62,6 +62,7 @@ class QualityConfig:
     tiny_hidden: int = 64
     tiny_layers: int = 2
     tiny_vocab: int = 1024
+    tiny_output_scale: float = 16.0
 
     def total_steps(self, sites: int) -> int:
         """Training steps of every arm: what the federation spends over all sites and rounds."""
@@ -110,6 +111,25 @@ def _federated(engine: PeftEngine, start: AdapterState, site_data: dict[str, lis
     return global_adapter
 
 
+def _scale_output(model_dir: Path, *, factor: float) -> None:
+    """Multiply the tiny model's final norm weight by ``factor``.
+
+    A random Llama's tied embeddings (std 0.02) cap every logit near 0.02 * hidden_size
+    (about 1.3 at width 64), so no LoRA on the frozen layers can make a confident
+    prediction and the loss cannot fall far below log(vocab). Scaling the final norm
+    lifts that cap, as trained models have, without touching the residual stream.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from zenfed.engines.base_model import write_manifest
+
+    weights_path = model_dir / "model.safetensors"
+    weights = load_file(weights_path)
+    weights["model.norm.weight"] = weights["model.norm.weight"] * factor
+    save_file(weights, weights_path, metadata={"format": "pt"})
+    write_manifest(model_dir, source=f"tiny-random-llama(output_scale={factor:g})")
+
+
 def _model_dir(*, tiny: bool, config: QualityConfig, scratch: Path, seed: int) -> tuple[Path, str]:
     if tiny:
         from zenfed.engines.tiny import build_tiny_model
@@ -118,7 +138,9 @@ def _model_dir(*, tiny: bool, config: QualityConfig, scratch: Path, seed: int) -
             scratch / "tiny-model", hidden_size=config.tiny_hidden, layers=config.tiny_layers,
             vocab_size=config.tiny_vocab, seed=seed,
         )
-        return path, f"tiny-random-llama(hidden={config.tiny_hidden}, layers={config.tiny_layers})"
+        _scale_output(path, factor=config.tiny_output_scale)
+        return path, (f"tiny-random-llama(hidden={config.tiny_hidden}, layers={config.tiny_layers},"
+                      f" output_scale={config.tiny_output_scale:g})")
     from zenfed.engines.base_model import DEFAULT_MODEL_NAME, prepare_default_model
 
     return prepare_default_model(progress=False), DEFAULT_MODEL_NAME

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 TASK_TRAIN = "zenfed_train"
 TASK_EVALUATE = "zenfed_evaluate"
+TASK_ATTEST = "zenfed_attest"  # fresh, nonce-bound TEE evidence before model data moves
 TASK_RELEASE = "zenfed_release"  # one site returns the decrypted final adapter, if all sites allow it
 
 # Keys inside the Shareable.
 KEY_HEADER = "zenfed_header"
 KEY_PAYLOAD = "zenfed_payload"
 KEY_REFUSAL = "zenfed_refusal"
+KEY_ATTEST = "zenfed_attest"  # challenge (server -> site) or answer (site -> server)
+KEY_SERVER_EVIDENCE = "zenfed_server_evidence"  # the server's evidence, per site nonce
 KEY_AUDIT_LOG = "zenfed_audit_log"  # a site's own signed log, attached to its final answer
 
 # Header fields, task data (server -> site).

@@ -140,3 +140,21 @@ def test_prepare_default_model_reuses_an_intact_cache_and_rebuilds_a_corrupt_one
     assert weights.stat().st_size > 100_000_000
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".building-")]
     assert resolve_base_model("default", prepare=False) == folder
+
+
+def test_a_users_model_folder_without_manifest_is_fingerprinted_by_its_weights(model_copy):
+    # Prepare: a plain Hugging Face folder (no zenfed manifest), as a site's own model would be.
+    (model_copy / MANIFEST).unlink()
+
+    # Execute
+    first = model_fingerprint(model_copy)
+    again = model_fingerprint(model_copy)
+    weights = model_copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    changed = model_fingerprint(model_copy)
+
+    # Assert
+    assert first == again and len(first) == 64
+    assert changed != first

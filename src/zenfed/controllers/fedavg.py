@@ -32,6 +32,7 @@ from zenfed import protocol as P
 from zenfed.audit import events as E
 from zenfed.audit.sink import AuditSink
 from zenfed.controllers.aggregators import Aggregation, PlainFedAvg
+from zenfed.controllers.attestation_gate import AttestationQuorumError, ServerAttestationGate
 from zenfed.controllers.checkpoint import CheckpointStore, RunState
 from zenfed.controllers.result import shift_evaluations, write_result
 from zenfed.engines.export import write_peft_adapter
@@ -67,6 +68,9 @@ class FedLoRAController(Controller):
         self._update_hashes: list[str] = []
         self._base_model_sha256: str | None = None
         self._released: Any = None
+        self._gate: ServerAttestationGate | None = None
+        self._server_evidence: dict[str, str] = {}
+        self._attest_answers: dict[str, Any] = {}
 
     # -- FLARE lifecycle -------------------------------------------------------------------
     def start_controller(self, fl_ctx: FLContext) -> None:
@@ -89,6 +93,7 @@ class FedLoRAController(Controller):
 
             context = find_server_context(workspace.get_startup_kit_dir(), workspace.get_site_config_dir())
             self._aggregation = EncryptedFedAvg(context_path=context, encryption=spec.encryption, job_id=self._job_id)
+        self._gate = ServerAttestationGate(spec=spec, workspace_root=workspace.get_root_dir(), audit=self._audit)
         meta = fl_ctx.get_prop(FLContextKey.JOB_META) or {}
         self._audit.record(
             E.JOB_SUBMITTED, job=spec.name, job_id=self._job_id,
@@ -141,6 +146,8 @@ class FedLoRAController(Controller):
         for rnd in range(state.completed_round + 1, spec.federation.rounds + 1):
             self._round, self._phase = rnd, "train"
             started = time.time()
+            if not self._attest(rnd, fl_ctx, abort_signal):
+                return
             new_global = self._run_round(P.TASK_TRAIN, global_state, fl_ctx, abort_signal)
             if abort_signal.triggered or new_global is None:
                 return
@@ -160,6 +167,50 @@ class FedLoRAController(Controller):
         self._write_result(state, global_state, released, final_eval, final_sites)
         self._phase = "done"
 
+    def _attest(self, rnd: int, fl_ctx: FLContext, abort_signal: Signal) -> bool:
+        """Collect fresh evidence from every site when the gate asks for it; False if the job must stop."""
+        gate = self._gate
+        if gate is None or not gate.needed(rnd):
+            return True
+        self._phase = "attest"
+        sites = sorted(c.name for c in fl_ctx.get_engine().get_clients())
+        data = Shareable()
+        data[P.KEY_ATTEST] = gate.challenge(sites=sites, round=rnd)
+        self._attest_answers = {}
+        task = Task(name=P.TASK_ATTEST, data=data, timeout=gate.timeout_s, result_received_cb=self._on_attest)
+        self.broadcast_and_wait(task=task, fl_ctx=fl_ctx, targets=sites, min_responses=len(sites),
+                                wait_time_after_min_received=0, abort_signal=abort_signal)
+        if abort_signal.triggered:
+            return False
+        admitted, _ = gate.verify(dict(self._attest_answers))
+        try:
+            gate.enforce_quorum(admitted)
+        except AttestationQuorumError as err:
+            self.system_panic(f"attestation: {err}", fl_ctx)
+            abort_signal.trigger("attestation quorum not met")
+            return False
+        self._server_evidence = gate.server_evidence()
+        excluded = sorted(set(sites) - set(admitted))
+        if excluded:
+            self.log_warning(fl_ctx, f"round {rnd}: excluded by attestation: {', '.join(excluded)}")
+        self._phase = "train"
+        return True
+
+    def _on_attest(self, client_task: ClientTask, fl_ctx: FLContext) -> None:
+        """Keep a site's attestation answer (or its refusal) for the gate to verify."""
+        result: Shareable = client_task.result
+        client_task.result = None
+        site = client_task.client.name
+        if result.get_return_code() != "OK":
+            self._attest_answers[site] = f"returned {result.get_return_code()}"
+            return
+        self._attest_answers[site] = result.get(P.KEY_ATTEST) or result.get(P.KEY_REFUSAL)
+        if isinstance(result.get(P.KEY_AUDIT_LOG), bytes):
+            try:
+                self._store_site_log(site, result.get(P.KEY_AUDIT_LOG))
+            except (ZenfedError, ValueError, KeyError) as err:
+                self.log_error(fl_ctx, f"could not keep the audit log of {site}: {err}")
+
     def _require_started(self) -> tuple[JobSpec, CheckpointStore]:
         if self.spec is None or self._checkpoints is None:
             raise ZenfedError("controller used before start_controller")
@@ -177,15 +228,18 @@ class FedLoRAController(Controller):
             header[P.H_PAYLOAD_SHA256], header[P.H_PAYLOAD_BYTES] = sha256_hex(payload), len(payload)
             data[P.KEY_PAYLOAD] = payload
         data[P.KEY_HEADER] = header
+        if self._server_evidence:
+            data[P.KEY_SERVER_EVIDENCE] = self._server_evidence
         self._aggregation.begin(round_index=self._round)
         self._round_sites, self._update_hashes = {}, []
-        targets = targets or sorted(c.name for c in fl_ctx.get_engine().get_clients())
+        everyone = sorted(c.name for c in fl_ctx.get_engine().get_clients())
+        targets = targets or (self._gate.eligible(everyone) if self._gate else everyone)
         needed = spec.federation.min_sites if min_sites is None else min_sites
         self._audit.record(E.ROUND_STARTED, round=self._round, task=task_name, sites=targets)
         task = Task(name=task_name, data=data, timeout=spec.federation.task_timeout_s,
                     result_received_cb=self._on_result)
         self.broadcast_and_wait(
-            task=task, fl_ctx=fl_ctx, targets=targets, min_responses=needed,
+            task=task, fl_ctx=fl_ctx, targets=targets, min_responses=min(needed, len(targets)),
             wait_time_after_min_received=spec.federation.task_timeout_s, abort_signal=abort_signal,
         )
         if abort_signal.triggered:

@@ -27,12 +27,13 @@ from zenfed.engines import make_engine
 from zenfed.engines.base import AdapterState, Engine
 from zenfed.engines.base_model import model_fingerprint, resolve_base_model
 from zenfed.errors import PolicyError, ZenfedError
+from zenfed.executors.attestation_check import SiteAttestation
 from zenfed.executors.encryption import SiteEncryption, find_site_context
 from zenfed.executors.site_policy import check_job_allowed, load_policy_for
 from zenfed.spec import JobSpec, SitePolicy, parse_model
 from zenfed.wire import decode_adapter, encode_adapter, sha256_hex
 
-_TASKS = (P.TASK_TRAIN, P.TASK_EVALUATE, P.TASK_RELEASE)
+_TASKS = (P.TASK_ATTEST, P.TASK_TRAIN, P.TASK_EVALUATE, P.TASK_RELEASE)
 
 
 class LoRAExecutor(Executor):
@@ -55,6 +56,8 @@ class LoRAExecutor(Executor):
         self._sent_dir: Path | None = None
         self._audit: AuditSink | None = None
         self._base_model_sha256: str | None = None
+        self._attestation: SiteAttestation | None = None
+        self._run_dir = Path(".")
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         """Run one zenfed task; a policy refusal is answered (and audited), not raised."""
@@ -62,7 +65,12 @@ class LoRAExecutor(Executor):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         site = fl_ctx.get_identity_name()
         try:
-            spec, _ = self._prepare(site, fl_ctx)
+            spec, policy = self._open(site, fl_ctx)
+            if task_name == P.TASK_ATTEST:
+                return self._answer_attestation(shareable)
+            # No model data moves until the server has proven its TEE, where this site requires it.
+            self._require_attestation().check_server(shareable.get(P.KEY_SERVER_EVIDENCE))
+            self._load(spec, policy, fl_ctx)
             header = shareable.get(P.KEY_HEADER)
             if not isinstance(header, dict) or header.get(P.H_SPEC_HASH) != spec.spec_hash():
                 raise PolicyError("the task does not carry this job's spec hash; refusing it")
@@ -86,43 +94,72 @@ class LoRAExecutor(Executor):
             self._audit.record(event, **fields)
 
     # -- steps ----------------------------------------------------------------------------
-    def _prepare(self, site: str, fl_ctx: FLContext) -> tuple[JobSpec, SitePolicy]:
-        """Load the spec, the site policy, the data, the engine and the keys, once per job."""
+    def _open(self, site: str, fl_ctx: FLContext) -> tuple[JobSpec, SitePolicy]:
+        """Open the audit log, read the spec and the site policy, decide: cheap, once per job."""
         if self._spec is not None and self._policy is not None:
             return self._spec, self._policy
         workspace = fl_ctx.get_engine().get_workspace()
         job_id = fl_ctx.get_job_id()
-        run_dir = Path(workspace.get_run_dir(job_id)) / "zenfed"
+        self._run_dir = Path(workspace.get_run_dir(job_id)) / "zenfed"
         if self._audit is None:
             self._audit = AuditSink.for_participant(
                 startup_dir=workspace.get_startup_kit_dir(), participant=site,
-                log_path=run_dir / "audit" / f"{site}.jsonl",
+                log_path=self._run_dir / "audit" / f"{site}.jsonl",
             )
             self._audit.record(E.JOB_STARTED, job_id=job_id)
         spec = parse_model(JobSpec, self._spec_data, kind="job spec", source="the job's site config")
         policy = load_policy_for(site=site, site_config_dir=workspace.get_site_config_dir())
         check_job_allowed(policy, spec)
+        self._attestation = SiteAttestation(
+            workspace_root=workspace.get_root_dir(), site=site, policy=policy, audit=self._audit,
+            mode=spec.attestation.mode,
+        )
+        if spec.encryption.enabled:
+            context = find_site_context(workspace.get_startup_kit_dir(), workspace.get_site_config_dir())
+            self._encryption = SiteEncryption(spec=spec, context_path=context)
+        self._spec, self._policy = spec, policy
+        return spec, policy
+
+    def _load(self, spec: JobSpec, policy: SitePolicy, fl_ctx: FLContext) -> None:
+        """Load the data and the engine: slow, once per job, only after the checks passed."""
+        if self._engine is not None:
+            return
         location = policy.dataset(spec.data.dataset)
         self._train = load_jsonl(location.path / location.train)
         valid = load_jsonl(location.path / location.valid)
         # A fixed, seeded subset keeps per-round evaluation cheap and comparable across rounds.
         random.Random(spec.training.seed).shuffle(valid)
         self._valid = valid[: spec.evaluation.max_examples]
-        if spec.encryption.enabled:
-            context = find_site_context(workspace.get_startup_kit_dir(), workspace.get_site_config_dir())
-            self._encryption = SiteEncryption(spec=spec, context_path=context)
         model_dir = resolve_base_model(spec.model.base)
         self._base_model_sha256 = model_fingerprint(model_dir)
         self._engine = make_engine(spec, model_dir=model_dir, threads=policy.torch_threads)
         if policy.keep_sent_updates:
-            self._sent_dir = run_dir / "sent"
+            self._sent_dir = self._run_dir / "sent"
         self._record(
             E.POLICY_DECISION, decision="accepted", job=spec.name, spec_sha256=spec.spec_hash(),
             dataset=spec.data.dataset, base_model_sha256=self._base_model_sha256,
             encrypted=spec.encryption.enabled, reason="job, base model and dataset allowed by the site policy",
         )
-        self._spec, self._policy = spec, policy
-        return spec, policy
+
+    def _answer_attestation(self, shareable: Shareable) -> Shareable:
+        """Answer the server's challenge with fresh evidence and a nonce for the server."""
+        reply = make_reply(ReturnCode.OK)
+        try:
+            reply[P.KEY_ATTEST] = self._require_attestation().answer(shareable.get(P.KEY_ATTEST))
+        except ZenfedError as err:
+            reply[P.KEY_REFUSAL] = str(err)  # The server records why this site cannot attest.
+        self._attach_log(reply)  # An excluded site's log still reaches the job result.
+        return reply
+
+    def _attach_log(self, reply: Shareable) -> None:
+        """Carry this site's own signed log to the server, which keeps it in the job result."""
+        if self._audit is not None and self._audit.path is not None:
+            reply[P.KEY_AUDIT_LOG] = self._audit.path.read_bytes()
+
+    def _require_attestation(self) -> SiteAttestation:
+        if self._attestation is None:
+            raise ZenfedError("attestation used before the job was opened")
+        return self._attestation
 
     def _incoming_adapter(self, shareable: Shareable, header: dict[str, Any]) -> AdapterState:
         """The global adapter: the shared initialisation in round 1, else decoded or decrypted."""
@@ -173,10 +210,9 @@ class LoRAExecutor(Executor):
             self._keep_sent(rnd, payload)
             self._record(E.UPDATE_SENT, round=rnd, sha256=sha256_hex(payload), size=len(payload),
                          kind=P.UPDATE_KIND, encrypted=self._encryption is not None)
-        elif self._audit is not None and self._audit.path is not None:
-            # The final answer carries the site's own signed log into the job result.
-            self._audit.record(E.ROUND_ENDED, round=rnd, task=task_name)
-            reply[P.KEY_AUDIT_LOG] = self._audit.path.read_bytes()
+        else:
+            self._record(E.ROUND_ENDED, round=rnd, task=task_name)
+            self._attach_log(reply)
         reply[P.KEY_HEADER] = out
         return reply
 
@@ -199,8 +235,7 @@ class LoRAExecutor(Executor):
                      decided_by="site policy allow_plaintext_release")
         reply = make_reply(ReturnCode.OK)
         reply[P.KEY_PAYLOAD] = payload
-        if self._audit is not None and self._audit.path is not None:
-            reply[P.KEY_AUDIT_LOG] = self._audit.path.read_bytes()
+        self._attach_log(reply)
         reply[P.KEY_HEADER] = {P.H_JOB_ID: header[P.H_JOB_ID], P.H_ROUND: header[P.H_ROUND],
                                P.H_PAYLOAD_SHA256: sha256_hex(payload), P.H_PAYLOAD_BYTES: len(payload)}
         return reply

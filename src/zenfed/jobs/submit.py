@@ -23,7 +23,12 @@ class SubmitResult:
     result_dir: Path
 
 
-def _session(admin_kit: Path, timeout_s: float) -> Any:
+def open_session(admin_kit: Path, timeout_s: float) -> Any:
+    """Open a Flare API session with an admin's kit.
+
+    Raises:
+        DeploymentError: If the kit is not an admin kit or the server cannot be reached.
+    """
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
     if not (admin_kit / "startup" / "fed_admin.json").is_file():
@@ -68,7 +73,7 @@ def submit(
     job = Path(job_dir).resolve()
     if not (job / "meta.json").is_file():
         raise JobError(f"{job} is not a FLARE job folder (no meta.json); make one with `zenfed job export`")
-    session = _session(Path(admin_kit).resolve(), timeout_s=30.0)
+    session = open_session(Path(admin_kit).resolve(), timeout_s=30.0)
     try:
         job_id = session.submit_job(str(job))
         status = "SUBMITTED"

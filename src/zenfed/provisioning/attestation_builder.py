@@ -53,7 +53,7 @@ class AttestationBuilder(Builder):
     def __init__(
         self,
         kinds: Mapping[str, Sequence[str]] | None = None,
-        measured_files: Sequence[str] = ("local/site_policy.yaml",),
+        measured_files: Sequence[str] = ("local/zenfed_site.yaml",),
         accepted_measurements: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
         kind_settings: Mapping[str, Mapping[str, Any]] | None = None,
         min_tcb: Mapping[str, Mapping[str, int]] | None = None,

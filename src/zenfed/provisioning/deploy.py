@@ -113,12 +113,35 @@ def up(dep: Deployment, *, timeout_s: float = 90.0, progress: bool = True) -> di
         for site, kit in sorted(dep.site_kits.items()):
             pids[site] = _start(kit, logs / f"{site}.log")
             record()
+        _wait_for_sites(dep, deadline=time.time() + timeout_s, logs=logs)
         if progress:
             print(f"zenfed: {len(pids)} processes up (logs in {logs})", flush=True)
     except BaseException:
         down(dep, progress=False)
         raise
     return pids
+
+
+def _wait_for_sites(dep: Deployment, *, deadline: float, logs: Path) -> None:
+    """Wait until the server lists every site as connected, so a job submitted next includes them all."""
+    if not dep.admin_kits:
+        return
+    from zenfed.jobs.submit import open_session
+
+    session = open_session(dep.admin_kit(), timeout_s=max(deadline - time.time(), 5.0))
+    try:
+        while True:
+            connected = {c.name for c in session.get_system_info().client_info}
+            missing = sorted(set(dep.site_kits) - connected)
+            if not missing:
+                return
+            if time.time() > deadline:
+                raise DeploymentError(
+                    f"site(s) {', '.join(missing)} did not connect to the server; see their logs in {logs}"
+                )
+            time.sleep(0.5)
+    finally:
+        session.close()
 
 
 def down(dep: Deployment, *, grace_s: float = 10.0, progress: bool = True) -> int:
