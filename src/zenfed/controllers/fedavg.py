@@ -34,11 +34,10 @@ from zenfed.audit.sink import AuditSink
 from zenfed.controllers.aggregators import Aggregation, PlainFedAvg
 from zenfed.controllers.attestation_gate import AttestationQuorumError, ServerAttestationGate
 from zenfed.controllers.checkpoint import CheckpointStore, RunState
-from zenfed.controllers.result import shift_evaluations, write_result
-from zenfed.engines.export import write_peft_adapter
+from zenfed.controllers.result import build_result
 from zenfed.errors import ZenfedError
 from zenfed.spec import JobSpec, parse_model
-from zenfed.wire import decode_adapter, encode_adapter, sha256_hex
+from zenfed.wire import decode_adapter, sha256_hex
 
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
@@ -391,32 +390,14 @@ class FedLoRAController(Controller):
         spec, _ = self._require_started()
         if self._out_dir is None:
             raise ZenfedError("no output folder")
-        final: dict[str, Any] = {"eval_loss": final_eval.get("eval_loss"), "accuracy": final_eval.get("accuracy"),
-                                 "sites": final_sites, "adapter_dir": None, "adapter_sha256": None,
-                                 "global_sha256": self._aggregation.digest(global_state)}
-        if released is not None:
-            write_peft_adapter(self._out_dir / spec.output.adapter_dir, released, lora=spec.lora,
-                               base_model=spec.model.base)
-            final.update(adapter_dir=spec.output.adapter_dir, adapter_sha256=sha256_hex(encode_adapter(released)))
-        baseline = state.history[0] if state.history else {}
-        privacy = [{"name": f"differential privacy ({spec.privacy.level} level)",
-                    "params": spec.privacy.model_dump(mode="json")}] if spec.privacy.level != "none" else []
-        if spec.encryption.enabled:
-            privacy.append({"name": "homomorphic encryption (CKKS, packed)",
-                            "params": spec.encryption.model_dump(mode="json")})
-        result = {
-            "job": {"name": spec.name, "job_id": self._job_id, "spec_hash": spec.spec_hash(),
-                    "spec": spec.model_dump(mode="json")},
-            "base_model": {"name": spec.model.base, "sha256": self._base_model_sha256},
-            "aggregation": self._aggregation.method,
-            "privacy": {"mechanisms": privacy},
-            "baseline": {"eval_loss": baseline.get("eval_loss"), "accuracy": baseline.get("accuracy")},
-            "rounds": shift_evaluations(state.history, final_eval, final_sites),
-            "final": final,
-        }
-        write_result(self._out_dir, result)
+        result = build_result(
+            spec=spec, job_id=self._job_id, out_dir=self._out_dir, history=state.history,
+            final_eval=final_eval, final_sites=final_sites, released=released,
+            global_sha256=self._aggregation.digest(global_state), aggregation=self._aggregation.method,
+            base_model_sha256=self._base_model_sha256,
+        )
         if released is not None:
             self._audit.record(
-                E.MODEL_RELEASED, adapter_sha256=final["adapter_sha256"], released_to="job result (adapter/)",
+                E.MODEL_RELEASED, adapter_sha256=result["final"]["adapter_sha256"], released_to="job result (adapter/)",
                 decided_by="site policies (all allow)" if self._aggregation.encrypted else "job spec: plaintext FedAvg",
             )

@@ -6,6 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from zenfed.engines.base import AdapterState
+from zenfed.engines.export import write_peft_adapter
+from zenfed.spec import JobSpec
+from zenfed.wire import encode_adapter, sha256_hex
+
 RESULT_FILE = "zenfed_result.json"
 _EVAL_KEYS = ("eval_loss", "accuracy", "eval_examples")
 
@@ -35,8 +40,44 @@ def shift_evaluations(
     return rounds
 
 
-def write_result(out_dir: Path, result: dict[str, Any]) -> Path:
-    """Write ``zenfed_result.json`` into ``out_dir`` and return its path."""
-    path = out_dir / RESULT_FILE
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
+def privacy_mechanisms(spec: JobSpec) -> list[dict[str, Any]]:
+    """The privacy mechanisms a job ran with, and their parameters."""
+    mechanisms = []
+    if spec.privacy.level != "none":
+        mechanisms.append({"name": f"differential privacy ({spec.privacy.level} level)",
+                           "params": spec.privacy.model_dump(mode="json")})
+    if spec.encryption.enabled:
+        mechanisms.append({"name": "homomorphic encryption (CKKS, packed)",
+                           "params": spec.encryption.model_dump(mode="json")})
+    if spec.attestation.mode != "off":
+        mechanisms.append({"name": "TEE attestation (nonce-bound, per job)",
+                           "params": spec.attestation.model_dump(mode="json")})
+    return mechanisms
+
+
+def build_result(
+    *, spec: JobSpec, job_id: str, out_dir: Path, history: list[dict[str, Any]], final_eval: dict[str, float],
+    final_sites: dict[str, dict[str, Any]], released: AdapterState | None, global_sha256: str, aggregation: str,
+    base_model_sha256: str | None,
+) -> dict[str, Any]:
+    """Write the final adapter (if released) and ``zenfed_result.json`` into ``out_dir``; return the result."""
+    final: dict[str, Any] = {
+        "eval_loss": final_eval.get("eval_loss"), "accuracy": final_eval.get("accuracy"), "sites": final_sites,
+        "adapter_dir": None, "adapter_sha256": None, "global_sha256": global_sha256,
+    }
+    if released is not None:
+        write_peft_adapter(out_dir / spec.output.adapter_dir, released, lora=spec.lora, base_model=spec.model.base)
+        final.update(adapter_dir=spec.output.adapter_dir, adapter_sha256=sha256_hex(encode_adapter(released)))
+    baseline = history[0] if history else {}
+    result = {
+        "job": {"name": spec.name, "job_id": job_id, "spec_hash": spec.spec_hash(),
+                "spec": spec.model_dump(mode="json")},
+        "base_model": {"name": spec.model.base, "sha256": base_model_sha256},
+        "aggregation": aggregation,
+        "privacy": {"mechanisms": privacy_mechanisms(spec)},
+        "baseline": {"eval_loss": baseline.get("eval_loss"), "accuracy": baseline.get("accuracy")},
+        "rounds": shift_evaluations(history, final_eval, final_sites),
+        "final": final,
+    }
+    (out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    return result
