@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from zenfed.controllers.result import RESULT_FILE, shift_evaluations, write_result
+from zenfed.controllers.result import RESULT_FILE, build_result, shift_evaluations
 
 
 def site(train_loss, eval_loss, accuracy, examples=10):
@@ -50,9 +50,7 @@ def test_evaluations_move_to_the_round_whose_adapter_they_scored():
         (1, 1, 3.0, 0.2),
         (2, 2, 2.0, 0.5),
     ]
-    assert (
-        rounds[0]["sites"]["a"]["eval_loss"] == 3.1 and rounds[1]["sites"]["b"]["accuracy"] == 0.6
-    )
+    assert rounds[0]["sites"]["a"]["eval_loss"] == 3.1 and rounds[1]["sites"]["b"]["accuracy"] == 0.6
 
 
 def test_training_figures_stay_with_their_round():
@@ -64,10 +62,62 @@ def test_training_figures_stay_with_their_round():
     assert HISTORY[0]["eval_loss"] == 5.0  # the input history is not modified
 
 
-def test_write_result_writes_json(tmp_path):
+def test_build_result_writes_the_released_adapter_and_the_json(tmp_path):
+    # Prepare
+    import torch
+
+    from zenfed.spec import JobSpec
+
+    spec = JobSpec(name="result-test", lora={"rank": 2, "target_modules": ["q_proj"]})
+    adapter = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 8),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(8, 2),
+    }
+
     # Execute
-    path = write_result(tmp_path, {"rounds": []})
+    result = build_result(
+        spec=spec,
+        job_id="job-1",
+        out_dir=tmp_path,
+        history=HISTORY,
+        final_eval=FINAL,
+        final_sites=FINAL_SITES,
+        released=adapter,
+        global_sha256="ab" * 32,
+        aggregation="fedavg",
+        base_model_sha256=None,
+    )
 
     # Assert
-    assert path == tmp_path / RESULT_FILE
-    assert json.loads(path.read_text()) == {"rounds": []}
+    on_disk = json.loads((tmp_path / RESULT_FILE).read_text())
+    assert on_disk == result
+    assert result["baseline"] == {"eval_loss": 5.0, "accuracy": 0.0}
+    assert result["final"]["eval_loss"] == 2.0 and result["final"]["adapter_dir"] == "adapter"
+    assert result["job"]["spec_hash"] == spec.spec_hash()
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["target_modules"] == ["q_proj"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_build_result_without_a_release_writes_no_adapter(tmp_path):
+    # Prepare
+    from zenfed.spec import JobSpec
+
+    # Execute
+    result = build_result(
+        spec=JobSpec(name="no-release"),
+        job_id="job-2",
+        out_dir=tmp_path,
+        history=HISTORY,
+        final_eval=FINAL,
+        final_sites=FINAL_SITES,
+        released=None,
+        global_sha256="cd" * 32,
+        aggregation="fedavg",
+        base_model_sha256=None,
+    )
+
+    # Assert
+    assert result["final"]["adapter_dir"] is None and result["final"]["adapter_sha256"] is None
+    assert not (tmp_path / "adapter").exists()
+    assert (tmp_path / RESULT_FILE).is_file()

@@ -48,7 +48,11 @@ def prepare_workspace(workspace: Path, policies: Mapping[str, SitePolicy], *, en
         (local / "zenfed_sites" / f"{site}.yaml").write_text(text)
     if encrypted:
         from zenfed.privacy.he_context import (
-            SERVER_CONTEXT_FILE, SITE_CONTEXT_FILE, make_public_context, make_secret_context, save_context,
+            SERVER_CONTEXT_FILE,
+            SITE_CONTEXT_FILE,
+            make_public_context,
+            make_secret_context,
+            save_context,
         )
 
         secret = make_secret_context()
