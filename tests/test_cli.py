@@ -20,9 +20,7 @@ def zenfed_script() -> str:
 
 def test_help_lists_the_commands():
     # Execute
-    run = subprocess.run(
-        [zenfed_script(), "--help"], capture_output=True, text=True, timeout=60, check=False
-    )
+    run = subprocess.run([zenfed_script(), "--help"], capture_output=True, text=True, timeout=60, check=False)
 
     # Assert
     assert run.returncode == 0

@@ -53,9 +53,7 @@ def test_the_spec_hash_is_stable_and_changes_with_the_content(tmp_path):
     # Prepare
     spec = load_job_spec(write(tmp_path, GOOD_SPEC))
     same = load_job_spec(write(tmp_path, GOOD_SPEC, "again.yaml"))
-    other = load_job_spec(
-        write(tmp_path, GOOD_SPEC.replace("rounds: 2", "rounds: 3"), "other.yaml")
-    )
+    other = load_job_spec(write(tmp_path, GOOD_SPEC.replace("rounds: 2", "rounds: 3"), "other.yaml"))
 
     # Assert
     assert spec.spec_hash() == same.spec_hash()
@@ -128,9 +126,7 @@ def test_a_missing_name_says_it_is_required(tmp_path):
 
 def test_every_bad_field_is_reported_at_once(tmp_path):
     # Prepare
-    path = write(
-        tmp_path, "name: ok\nlora:\n  rank: 0\n  dropout: 1.5\ntraining:\n  batch_size: 0\n"
-    )
+    path = write(tmp_path, "name: ok\nlora:\n  rank: 0\n  dropout: 1.5\ntraining:\n  batch_size: 0\n")
 
     # Execute
     with pytest.raises(SpecError) as caught:
@@ -206,9 +202,7 @@ def test_specs_are_frozen():
 
 def test_site_policy_loads_and_names_missing_datasets(tmp_path):
     # Prepare
-    path = write(
-        tmp_path, "site: site-1\ndatasets:\n  builtin:\n    path: /data/site-1\n", "policy.yaml"
-    )
+    path = write(tmp_path, "site: site-1\ndatasets:\n  builtin:\n    path: /data/site-1\n", "policy.yaml")
 
     # Execute
     policy = load_site_policy(path)
@@ -224,10 +218,7 @@ def test_site_policy_loads_and_names_missing_datasets(tmp_path):
 def test_project_spec_refuses_duplicate_names_and_equal_ports(tmp_path):
     # Prepare
     dupes = "name: p\nsites: [{name: a}, {name: a}]\nadmins: [{name: x@y.org}]\n"
-    ports = (
-        "name: p\nserver: {fl_port: 9000, admin_port: 9000}\nsites: [{name: a}]\n"
-        "admins: [{name: x@y.org}]\n"
-    )
+    ports = "name: p\nserver: {fl_port: 9000, admin_port: 9000}\nsites: [{name: a}]\nadmins: [{name: x@y.org}]\n"
 
     # Execute / Assert
     with pytest.raises(SpecError, match="repeated: a"):

@@ -14,12 +14,8 @@ from zenfed.wire import adapter_sha256, decode_adapter, encode_adapter, sha256_h
 def adapter(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return {
-        "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": torch.randn(
-            64, 4, generator=gen
-        ),
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(
-            4, 64, generator=gen
-        ),
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": torch.randn(64, 4, generator=gen),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 64, generator=gen),
     }
 
 

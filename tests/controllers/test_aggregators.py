@@ -116,20 +116,12 @@ def test_plain_fedavg_weights_by_the_sample_count_in_each_header():
     a, b = site_adapter(1), site_adapter(2)
 
     # Execute
-    wa = fedavg.add(
-        site="a", header={"num_examples": 300}, payload=encode_adapter(a), weighting="samples"
-    )
-    wb = fedavg.add(
-        site="b", header={"num_examples": 100}, payload=encode_adapter(b), weighting="samples"
-    )
+    wa = fedavg.add(site="a", header={"num_examples": 300}, payload=encode_adapter(a), weighting="samples")
+    wb = fedavg.add(site="b", header={"num_examples": 100}, payload=encode_adapter(b), weighting="samples")
     mean = fedavg.result()
 
     # Assert
-    assert (
-        (wa, wb) == (300.0, 100.0)
-        and fedavg.total_weight == 400.0
-        and fedavg.contributors == ["a", "b"]
-    )
+    assert (wa, wb) == (300.0, 100.0) and fedavg.total_weight == 400.0 and fedavg.contributors == ["a", "b"]
     for name in NAMES:
         assert torch.allclose(mean[name], 0.75 * a[name] + 0.25 * b[name], atol=1e-6)
 
@@ -144,12 +136,8 @@ def test_plain_fedavg_uniform_weighting_ignores_sample_counts():
     a, b = site_adapter(1), site_adapter(2)
 
     # Execute
-    fedavg.add(
-        site="a", header={"num_examples": 300}, payload=encode_adapter(a), weighting="uniform"
-    )
-    fedavg.add(
-        site="b", header={"num_examples": 100}, payload=encode_adapter(b), weighting="uniform"
-    )
+    fedavg.add(site="a", header={"num_examples": 300}, payload=encode_adapter(a), weighting="uniform")
+    fedavg.add(site="b", header={"num_examples": 100}, payload=encode_adapter(b), weighting="uniform")
 
     # Assert
     for name in NAMES:
@@ -186,7 +174,5 @@ def test_plain_fedavg_refuses_a_garbage_payload():
 
     # Execute / Assert
     with pytest.raises(AdapterError):
-        fedavg.add(
-            site="a", header={"num_examples": 3}, payload=b"not an adapter", weighting="samples"
-        )
+        fedavg.add(site="a", header={"num_examples": 3}, payload=b"not an adapter", weighting="samples")
     assert fedavg.count == 0

@@ -25,8 +25,7 @@ def state(round_no: int = 2) -> RunState:
     return RunState(
         completed_round=round_no,
         history=[
-            {"round": r, "eval_loss": 1.0 / r, "contributors": ["site-1", "site-2"]}
-            for r in range(1, round_no + 1)
+            {"round": r, "eval_loss": 1.0 / r, "contributors": ["site-1", "site-2"]} for r in range(1, round_no + 1)
         ],
         global_payload=payload,
         global_meta=meta,

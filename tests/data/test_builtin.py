@@ -12,24 +12,14 @@ from zenfed.errors import DataError
 
 
 def files_of(folder):
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_the_same_seed_writes_identical_files_and_another_seed_differs(tmp_path):
     # Execute
-    make_builtin(
-        tmp_path / "a", sites=3, train_per_site=50, valid_per_site=10, test_per_task=5, seed=7
-    )
-    make_builtin(
-        tmp_path / "b", sites=3, train_per_site=50, valid_per_site=10, test_per_task=5, seed=7
-    )
-    make_builtin(
-        tmp_path / "c", sites=3, train_per_site=50, valid_per_site=10, test_per_task=5, seed=8
-    )
+    make_builtin(tmp_path / "a", sites=3, train_per_site=50, valid_per_site=10, test_per_task=5, seed=7)
+    make_builtin(tmp_path / "b", sites=3, train_per_site=50, valid_per_site=10, test_per_task=5, seed=7)
+    make_builtin(tmp_path / "c", sites=3, train_per_site=50, valid_per_site=10, test_per_task=5, seed=8)
 
     # Assert
     first = files_of(tmp_path / "a")
@@ -71,9 +61,7 @@ def test_the_test_split_holds_every_task_equally_and_is_held_out(tmp_path):
     # Assert
     test = load_jsonl(tmp_path / "test.jsonl")
     assert Counter(e.task for e in test) == {t.name: 12 for t in TASKS}
-    train_prompts = {
-        e.prompt for k in (1, 2) for e in load_jsonl(tmp_path / f"site-{k}" / "train.jsonl")
-    }
+    train_prompts = {e.prompt for k in (1, 2) for e in load_jsonl(tmp_path / f"site-{k}" / "train.jsonl")}
     overlap = sum(e.prompt in train_prompts for e in test)
     assert overlap <= len(test) // 10  # drawn independently; near-duplicates are rare
 
@@ -83,9 +71,7 @@ def test_rows_are_plain_alpaca_jsonl_with_short_codes(tmp_path):
     make_builtin(tmp_path, sites=1, train_per_site=20, valid_per_site=5, test_per_task=2, seed=0)
 
     # Assert: a user's own data would look the same; answers are short codes.
-    rows = [
-        json.loads(line) for line in (tmp_path / "site-1" / "train.jsonl").read_text().splitlines()
-    ]
+    rows = [json.loads(line) for line in (tmp_path / "site-1" / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 20
     for row in rows:
         assert set(row) == {"instruction", "input", "output", "task"}
@@ -107,9 +93,7 @@ def test_codes_are_balanced_within_a_task(tmp_path):
         assert max(codes.values()) / sum(codes.values()) < 0.4
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "what"), [({"sites": 0}, "at least 1"), ({"sites": 2, "skew": 0.1}, "skew")]
-)
+@pytest.mark.parametrize(("kwargs", "what"), [({"sites": 0}, "at least 1"), ({"sites": 2, "skew": 0.1}, "skew")])
 def test_bad_arguments_are_data_errors(tmp_path, kwargs, what):
     # Execute / Assert
     with pytest.raises(DataError, match=what):

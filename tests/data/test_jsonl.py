@@ -17,9 +17,7 @@ def write_lines(path: Path, lines: list[str]) -> Path:
     return path
 
 
-ALPACA = json.dumps(
-    {"instruction": "Route this ticket.", "input": "I cannot log in.", "output": "Q-ACC"}
-)
+ALPACA = json.dumps({"instruction": "Route this ticket.", "input": "I cannot log in.", "output": "Q-ACC"})
 ALPACA_NO_INPUT = json.dumps({"instruction": "Say hi.", "output": "hi"})
 CHAT = json.dumps(
     {
@@ -42,9 +40,7 @@ def test_alpaca_and_chat_rows_parse_into_prompt_and_response(tmp_path):
     # Assert: blank lines are skipped; input is appended to the instruction; the last chat turn
     # is the response and earlier turns are the prompt.
     assert len(examples) == 3
-    assert examples[0] == Example(
-        prompt=(Message("user", "Route this ticket.\n\nI cannot log in."),), response="Q-ACC"
-    )
+    assert examples[0] == Example(prompt=(Message("user", "Route this ticket.\n\nI cannot log in."),), response="Q-ACC")
     assert examples[1].prompt == (Message("user", "Say hi."),) and examples[1].response == "hi"
     assert examples[2].prompt == (
         Message("system", "You are terse."),
@@ -93,8 +89,7 @@ def test_rows_round_trip_through_write_jsonl(tmp_path):
             "string content",
         ),
         (
-            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]'
-            "}",
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}',
             "response is empty",
         ),
     ],

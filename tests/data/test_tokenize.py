@@ -19,9 +19,7 @@ def tokenizer(tiny_model_dir):
 EXAMPLE = Example(
     prompt=(
         Message("system", "Answer with a code."),
-        Message(
-            "user", "Give the triage code (P1, P2, P3 or P4) for this note.\n\nAna reports a rash."
-        ),
+        Message("user", "Give the triage code (P1, P2, P3 or P4) for this note.\n\nAna reports a rash."),
     ),
     response="P3",
 )
@@ -32,9 +30,7 @@ def test_only_the_response_and_its_end_of_turn_are_labelled(tokenizer):
     item = tokenize_example(tokenizer, EXAMPLE, max_len=256)
 
     # Assert
-    labelled = [
-        tok for tok, lab in zip(item.input_ids, item.labels, strict=True) if lab != IGNORE_INDEX
-    ]
+    labelled = [tok for tok, lab in zip(item.input_ids, item.labels, strict=True) if lab != IGNORE_INDEX]
     assert labelled == list(item.input_ids[item.prompt_len :])
     assert tokenizer.decode(labelled[:-1]) == "P3"
     assert labelled[-1] == tokenizer.eos_token_id
@@ -56,10 +52,7 @@ def test_a_long_prompt_is_cut_from_the_left_and_the_response_kept(tokenizer):
     response_len = len(full.input_ids) - full.prompt_len
     assert cut.input_ids[-response_len:] == full.input_ids[-response_len:]
     assert cut.labels[-response_len:] == full.labels[-response_len:]
-    assert (
-        cut.input_ids[: cut.prompt_len]
-        == full.input_ids[full.prompt_len - cut.prompt_len : full.prompt_len]
-    )
+    assert cut.input_ids[: cut.prompt_len] == full.input_ids[full.prompt_len - cut.prompt_len : full.prompt_len]
 
 
 def test_a_response_longer_than_seq_len_is_a_data_error(tokenizer):
@@ -73,9 +66,7 @@ def test_a_response_longer_than_seq_len_is_a_data_error(tokenizer):
 
 def test_collate_right_pads_and_masks(tokenizer):
     # Prepare
-    short = tokenize_example(
-        tokenizer, Example(prompt=(Message("user", "a"),), response="P1"), max_len=64
-    )
+    short = tokenize_example(tokenizer, Example(prompt=(Message("user", "a"),), response="P1"), max_len=64)
     long = tokenize_example(tokenizer, EXAMPLE, max_len=64)
     pad = tokenizer.pad_token_id
 

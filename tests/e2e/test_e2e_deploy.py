@@ -35,12 +35,8 @@ def processes_in(path: str) -> list[str]:
 def test_provision_up_submit_download_down(tmp_path, tiny_job_spec, small_builtin_data):
     # Prepare
     ws = tmp_path / "ws"
-    deployment = provision(
-        loopback_project("e2e-deploy", data_dir=small_builtin_data, sites=2), out=ws
-    )
-    spec = tiny_job_spec(
-        "deploy-e2e", federation={"rounds": 2, "min_sites": 2, "task_timeout_s": 300}
-    )
+    deployment = provision(loopback_project("e2e-deploy", data_dir=small_builtin_data, sites=2), out=ws)
+    spec = tiny_job_spec("deploy-e2e", federation={"rounds": 2, "min_sites": 2, "task_timeout_s": 300})
     job_dir = export_job(spec, out=tmp_path / "jobs" / spec.name)
 
     # Execute

@@ -56,10 +56,7 @@ def test_the_final_adapter_is_the_sample_weighted_mean_of_the_sites_updates(simu
 
     # Execute: recompute FedAvg here, in float64, from the sites' own copies.
     total = sum(weights.values())
-    expected = {
-        name: sum(updates[site][name].double() * w for site, w in weights.items()) / total
-        for name in final
-    }
+    expected = {name: sum(updates[site][name].double() * w for site, w in weights.items()) / total for name in final}
 
     # Assert
     assert weights == {"site-1": 60.0, "site-2": float(SITE2_EXAMPLES)}

@@ -118,9 +118,7 @@ def test_the_default_model_unprepared_says_to_run_models_prepare(tmp_path, monke
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_prepare_default_model_reuses_an_intact_cache_and_rebuilds_a_corrupt_one(
-    tmp_path, monkeypatch
-):
+def test_prepare_default_model_reuses_an_intact_cache_and_rebuilds_a_corrupt_one(tmp_path, monkeypatch):
     # Prepare
     monkeypatch.setenv("ZENFED_CACHE", str(tmp_path / "cache"))
     folder = prepare_default_model(progress=False)

@@ -56,9 +56,7 @@ def test_initial_adapter_is_identical_across_engine_instances(engine, tiny_model
 
 def test_initial_adapter_depends_on_the_seed(tiny_model_dir, engine):
     # Prepare
-    reseeded = PeftEngine(
-        model_dir=tiny_model_dir, lora=LORA, training=TRAINING.model_copy(update={"seed": 12})
-    )
+    reseeded = PeftEngine(model_dir=tiny_model_dir, lora=LORA, training=TRAINING.model_copy(update={"seed": 12}))
 
     # Execute
     a, b = engine.initial_adapter(), reseeded.initial_adapter()
@@ -99,9 +97,7 @@ def test_the_initial_adapter_leaves_the_base_model_unchanged(engine, examples, t
 
     # Execute
     with torch.no_grad():
-        ours = engine.model.eval()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits
+        ours = engine.model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         theirs = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     # Assert
@@ -193,9 +189,7 @@ def test_no_examples_is_a_data_error(engine):
 
 def test_target_modules_the_model_lacks_are_a_model_error(tiny_model_dir):
     # Prepare
-    engine = PeftEngine(
-        model_dir=tiny_model_dir, lora=LoraSpec(target_modules=("no_such_proj",)), training=TRAINING
-    )
+    engine = PeftEngine(model_dir=tiny_model_dir, lora=LoraSpec(target_modules=("no_such_proj",)), training=TRAINING)
 
     # Execute / Assert
     with pytest.raises(ModelError, match="do not fit this model"):

@@ -51,9 +51,7 @@ def test_no_policy_is_a_policy_error_saying_where_it_looked(tmp_path):
         find_site_policy(site="site-9", site_config_dir=str(tmp_path))
 
     # Assert
-    assert str(tmp_path / POLICY_FILE) in str(caught.value) and "zenfed provision" in str(
-        caught.value
-    )
+    assert str(tmp_path / POLICY_FILE) in str(caught.value) and "zenfed provision" in str(caught.value)
     with pytest.raises(PolicyError, match="no location configured"):
         find_site_policy(site="site-9", site_config_dir=None)
 
@@ -63,9 +61,7 @@ def test_a_policy_for_another_site_is_refused(tmp_path):
     write_policy(tmp_path / POLICY_FILE, site="site-2")
 
     # Execute / Assert
-    with pytest.raises(
-        PolicyError, match="the site policy is for 'site-2', but this site is 'site-1'"
-    ):
+    with pytest.raises(PolicyError, match="the site policy is for 'site-2', but this site is 'site-1'"):
         load_policy_for(site="site-1", site_config_dir=str(tmp_path))
 
 

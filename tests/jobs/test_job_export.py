@@ -19,11 +19,7 @@ CHECKED_IN = REPO / "jobs" / "demo-lora"
 
 
 def relative_files(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def class_paths(node):
@@ -74,9 +70,7 @@ def test_the_folder_holds_meta_and_app_configs_and_no_code(exported):
 
 def test_every_named_class_is_zenfed_or_nvflare_and_importable(exported):
     # Prepare
-    configs = [
-        json.loads(p.read_text()) for p in sorted((exported / "app" / "config").glob("*.json"))
-    ]
+    configs = [json.loads(p.read_text()) for p in sorted((exported / "app" / "config").glob("*.json"))]
     paths = sorted({p for config in configs for p in class_paths(config)})
 
     # Execute / Assert

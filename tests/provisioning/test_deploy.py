@@ -126,9 +126,7 @@ def test_up_refuses_a_port_in_use_and_starts_nothing(deployment):
         busy.listen(1)
 
         # Execute
-        with pytest.raises(
-            DeploymentError, match=f"port {deployment.fl_port} on localhost is in use"
-        ):
+        with pytest.raises(DeploymentError, match=f"port {deployment.fl_port} on localhost is in use"):
             up(deployment, progress=False)
 
     # Assert
@@ -142,7 +140,4 @@ def test_up_refuses_a_kit_without_start_script_and_cleans_up(deployment):
 
     # Assert
     assert status(deployment) == {}
-    assert not any(
-        deployment.workspace in " ".join(p.info["cmdline"] or [])
-        for p in psutil.process_iter(["cmdline"])
-    )
+    assert not any(deployment.workspace in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))

@@ -88,9 +88,7 @@ def test_the_servers_job_and_snapshot_stores_lie_inside_the_workspace(deployment
     resources = json.loads(Path(deployment.server_kit, "local", "resources.json").read_text())
 
     # Execute
-    job_root = next(
-        c["args"]["uri_root"] for c in resources["components"] if c["id"] == "job_manager"
-    )
+    job_root = next(c["args"]["uri_root"] for c in resources["components"] if c["id"] == "job_manager")
     snapshot_root = resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"]
 
     # Assert: both live in the server kit that exists after provisioning (not /tmp/nvflare).
@@ -104,23 +102,17 @@ def test_each_site_policy_is_private_and_parses_for_that_site(deployment, tmp_pa
     for site, kit in deployment.site_kits.items():
         path = Path(kit, "local", "zenfed_site.yaml")
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-        policy = parse_model(
-            SitePolicy, yaml.safe_load(path.read_text()), kind="site policy", source=str(path)
-        )
+        policy = parse_model(SitePolicy, yaml.safe_load(path.read_text()), kind="site policy", source=str(path))
         assert policy.site == site
     hospital = parse_model(
         SitePolicy,
-        yaml.safe_load(
-            Path(deployment.site_kits["hospital-a"], "local", "zenfed_site.yaml").read_text()
-        ),
+        yaml.safe_load(Path(deployment.site_kits["hospital-a"], "local", "zenfed_site.yaml").read_text()),
         kind="site policy",
         source="test",
     )
     bank = parse_model(
         SitePolicy,
-        yaml.safe_load(
-            Path(deployment.site_kits["bank-b"], "local", "zenfed_site.yaml").read_text()
-        ),
+        yaml.safe_load(Path(deployment.site_kits["bank-b"], "local", "zenfed_site.yaml").read_text()),
         kind="site policy",
         source="test",
     )

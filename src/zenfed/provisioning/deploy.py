@@ -72,11 +72,34 @@ def _kit_processes(dep: Deployment) -> list[psutil.Process]:
     return found
 
 
-def status(dep: Deployment) -> dict[str, bool]:
-    """Return participant -> whether its tracked process is alive."""
+def _tracked(dep: Deployment) -> dict[str, dict[str, float]]:
+    """The processes ``up`` recorded: name -> {"pid", "create_time"} (a bare PID from older files)."""
     path = _state_dir(dep) / PROCESSES
-    tracked = json.loads(path.read_text()) if path.is_file() else {}
-    return {name: psutil.pid_exists(pid) for name, pid in tracked.items()}
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    return {name: entry if isinstance(entry, dict) else {"pid": entry, "create_time": None} for name, entry in raw.items()}
+
+
+def _ours(entry: dict[str, float], dep: Deployment) -> psutil.Process | None:
+    """The tracked process if it is still the one ``up`` started, else None (its PID may be reused)."""
+    try:
+        proc = psutil.Process(int(entry["pid"]))
+        if entry.get("create_time") is not None:
+            return proc if abs(proc.create_time() - float(entry["create_time"])) < 0.01 else None
+        text = " ".join(proc.cmdline()) + " " + proc.cwd()
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return None
+    kits = [dep.server_kit, *dep.site_kits.values()]
+    return proc if any(kit in text for kit in kits) else None
+
+
+def status(dep: Deployment) -> dict[str, bool]:
+    """Return participant -> whether the process ``up`` started for it is alive."""
+    return {name: _ours(entry, dep) is not None for name, entry in _tracked(dep).items()}
 
 
 def up(dep: Deployment, *, timeout_s: float = 90.0, progress: bool = True) -> dict[str, int]:
@@ -100,7 +123,13 @@ def up(dep: Deployment, *, timeout_s: float = 90.0, progress: bool = True) -> di
     state_file = _state_dir(dep) / PROCESSES
 
     def record() -> None:
-        state_file.write_text(json.dumps(pids, indent=2))
+        entries = {}
+        for name, pid in pids.items():
+            try:
+                entries[name] = {"pid": pid, "create_time": psutil.Process(pid).create_time()}
+            except psutil.Error:
+                entries[name] = {"pid": pid, "create_time": None}
+        state_file.write_text(json.dumps(entries, indent=2))
 
     try:
         pids[dep.server] = _start(dep.server_kit, logs / f"{dep.server}.log")
@@ -147,21 +176,20 @@ def _wait_for_sites(dep: Deployment, *, deadline: float, logs: Path) -> None:
 def down(dep: Deployment, *, grace_s: float = 10.0, progress: bool = True) -> int:
     """Stop every process of the deployment; return how many were stopped."""
     state_file = _state_dir(dep) / PROCESSES
-    tracked: dict[str, int] = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    ours = [proc for entry in _tracked(dep).values() if (proc := _ours(entry, dep)) is not None]
     victims: dict[int, psutil.Process] = {}
-    for pid in tracked.values():
+    for proc in ours:
+        victims[proc.pid] = proc
         try:
-            proc = psutil.Process(pid)
-            victims[pid] = proc
             for child in proc.children(recursive=True):
                 victims[child.pid] = child
         except psutil.Error:
             continue
     for proc in _kit_processes(dep):
         victims[proc.pid] = proc
-    for pid in tracked.values():
+    for proc in ours:
         try:
-            os.killpg(pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)  # Each was started as its own session leader.
         except (ProcessLookupError, PermissionError):
             pass
     for proc in victims.values():
