@@ -59,6 +59,13 @@ class Deployment:
         return Path(self.admin_kits[key])
 
 
+def _absolute_paths(policy: dict[str, Any]) -> dict[str, Any]:
+    """Resolve relative dataset paths against the folder `zenfed provision` runs in."""
+    for location in policy.get("datasets", {}).values():
+        location["path"] = str(Path(location["path"]).expanduser().resolve())
+    return policy
+
+
 def flare_project(spec: ProjectSpec, *, extra_builders: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Return the ``nvflare provision`` project file for ``spec``."""
     participants: list[dict[str, Any]] = [{
@@ -67,7 +74,7 @@ def flare_project(spec: ProjectSpec, *, extra_builders: list[dict[str, Any]] | N
     }]
     participants += [{"name": s.name, "type": "client", "org": s.org} for s in spec.sites]
     participants += [{"name": a.name, "type": "admin", "org": a.org, "role": a.role} for a in spec.admins]
-    policies = {s.name: s.policy().model_dump(mode="json") for s in spec.sites}
+    policies = {s.name: _absolute_paths(s.policy().model_dump(mode="json")) for s in spec.sites}
     zenfed_builders: list[dict[str, Any]] = [
         {"path": "zenfed.provisioning.kit_builder.ZenfedKitBuilder", "args": {"site_policies": policies}},
     ]
