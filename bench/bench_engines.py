@@ -19,7 +19,7 @@ tokens, the same examples and the same seed.
   less sensitive than wall time to other processes sharing the cores;
   ``load_average`` is the 1-minute load before and after, to judge the noise.
 
-Run: ``python bench/bench_engines.py [--tiny] [--steps N] [--rounds R]`` or
+Run: ``python bench/bench_engines.py [--tiny] [--steps N] [--rounds R] [--threads T]`` or
 ``zenfed bench engines --json``.
 """
 
@@ -61,11 +61,11 @@ def _examples(count: int, *, seed: int) -> list[Example]:
 
 
 def _start(
-    module: str, cls: str, *, model_dir: Path, lora: LoraSpec, training: TrainingSpec
+    module: str, cls: str, *, model_dir: Path, lora: LoraSpec, training: TrainingSpec, threads: int
 ) -> tuple[Any, float]:
     began = time.perf_counter()
     engine_class = getattr(importlib.import_module(module), cls)
-    engine = engine_class(model_dir=model_dir, lora=lora, training=training)
+    engine = engine_class(model_dir=model_dir, lora=lora, training=training, threads=threads)
     engine.initial_adapter()
     return engine, time.perf_counter() - began
 
@@ -79,13 +79,15 @@ def _round(
     return wall, (time.process_time() - cpu) / steps, result
 
 
-def run(*, tiny: bool, steps: int = 3, rounds: int = 2) -> dict:
+def run(*, tiny: bool, steps: int = 3, rounds: int = 2, threads: int = 0) -> dict:
     """Run the benchmark and return the JSON object.
 
     Args:
         tiny: Use a tiny random Llama (built on the spot) instead of SmolLM2-135M.
         steps: Optimizer steps per timed round.
         rounds: Timed rounds per engine (after one warm-up round each).
+        threads: Torch CPU threads for both engines (0: torch's default). One thread
+            gives steadier figures when other processes share the cores.
     """
     if tiny:
         import tempfile
@@ -103,9 +105,9 @@ def run(*, tiny: bool, steps: int = 3, rounds: int = 2) -> dict:
     examples = _examples(4 * BATCH, seed=0)
 
     peft, peft_startup = _start("zenfed.engines.peft", "PeftEngine", model_dir=model_dir, lora=lora,
-                                training=training)
+                                training=training, threads=threads)
     nemo, nemo_startup = _start("zenfed.engines.nemo", "NemoEngine", model_dir=model_dir, lora=lora,
-                                training=training)
+                                training=training, threads=threads)
     lengths = {len(t.input_ids) for t in _tokenized(peft, examples)}
     adapter = peft.initial_adapter()
     _round(peft, adapter, examples, 1, 0)  # warm-up
@@ -166,8 +168,10 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny random Llama, not SmolLM2")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per timed round")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds per engine")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args()
-    print(json.dumps(run(tiny=args.tiny, steps=args.steps, rounds=args.rounds), indent=2))
+    result = run(tiny=args.tiny, steps=args.steps, rounds=args.rounds, threads=args.threads)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

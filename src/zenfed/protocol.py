@@ -40,6 +40,7 @@ H_EVAL_EXAMPLES = "eval_examples"
 H_EVAL_ROUND = "eval_round"
 H_STEPS = "steps"
 H_BASE_MODEL_SHA256 = "base_model_sha256"
+H_ENGINE = "engine"  # which engine trained this site's update
 H_WEIGHT = "weight"  # the weight a site applied before encrypting
 H_RELEASE_OK = "release_ok"  # the site's policy allows releasing the final adapter in the clear
 H_PRIVACY = "privacy"  # differential privacy spent so far (epsilon, delta, ...)

@@ -229,6 +229,9 @@ class SitePolicy(_Strict):
     require_attested_server: bool = Field(
         False, description="refuse tasks from a server that has not proven its TEE for this job"
     )
+    engine: Literal["peft", "nemo"] | None = Field(
+        None, description="train with this engine whatever the job says (a site's standard stack)"
+    )
     allow_plaintext_release: bool = Field(
         True, description="with encryption on, agree that the final adapter is released in the clear"
     )
@@ -270,6 +273,7 @@ class SiteSpec(_Strict):
     privacy: SitePrivacyPolicy = SitePrivacyPolicy()
     require_attested_server: bool = False
     allow_plaintext_release: bool = True
+    engine: Literal["peft", "nemo"] | None = None
 
     def policy(self) -> SitePolicy:
         """Return the site policy that provisioning writes into this site's kit."""

@@ -309,6 +309,7 @@ class FedLoRAController(Controller):
         metrics: dict[str, Any] = {
             "eval_loss": float(header[P.H_EVAL_LOSS]), "accuracy": float(header[P.H_EVAL_ACCURACY]),
             "eval_examples": int(header[P.H_EVAL_EXAMPLES]), "release_ok": bool(header.get(P.H_RELEASE_OK, True)),
+            "engine": str(header.get(P.H_ENGINE, "unknown")),
         }
         if isinstance(header.get(P.H_PRIVACY), dict):
             metrics["privacy"] = dict(header[P.H_PRIVACY])

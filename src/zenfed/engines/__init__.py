@@ -20,21 +20,25 @@ ENGINES: dict[str, str] = {
 }
 
 
-def make_engine(spec: JobSpec, *, model_dir: Path, threads: int = 0) -> Engine:
-    """Build the engine a job spec asks for.
+def make_engine(spec: JobSpec, *, model_dir: Path, threads: int = 0, engine: str | None = None) -> Engine:
+    """Build the engine a job spec asks for, or the one a site's policy insists on.
+
+    Engines exchange adapters in HF PEFT naming and start from the same
+    initialisation, so sites with different engines aggregate together.
 
     Raises:
         ModelError: If the engine is unknown or cannot be imported at this site.
     """
-    target = ENGINES.get(spec.model.engine)
+    name = engine or spec.model.engine
+    target = ENGINES.get(name)
     if target is None:
-        raise ModelError(f"unknown engine {spec.model.engine!r}; choose one of {sorted(ENGINES)}")
+        raise ModelError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}")
     module_name, class_name = target.split(":")
     try:
         engine_class = getattr(importlib.import_module(module_name), class_name)
     except ImportError as err:
         raise ModelError(
-            f"engine {spec.model.engine!r} is not available at this site ({err}); "
+            f"engine {name!r} is not available at this site ({err}); "
             f"install zenfed with its extras (`make install`)"
         ) from err
     engine: Engine = engine_class(

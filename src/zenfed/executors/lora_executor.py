@@ -132,13 +132,13 @@ class LoRAExecutor(Executor):
         self._valid = valid[: spec.evaluation.max_examples]
         model_dir = resolve_base_model(spec.model.base)
         self._base_model_sha256 = model_fingerprint(model_dir)
-        self._engine = make_engine(spec, model_dir=model_dir, threads=policy.torch_threads)
+        self._engine = make_engine(spec, model_dir=model_dir, threads=policy.torch_threads, engine=policy.engine)
         if policy.keep_sent_updates:
             self._sent_dir = self._run_dir / "sent"
         self._record(
             E.POLICY_DECISION, decision="accepted", job=spec.name, spec_sha256=spec.spec_hash(),
             dataset=spec.data.dataset, base_model_sha256=self._base_model_sha256,
-            encrypted=spec.encryption.enabled, reason="job, base model and dataset allowed by the site policy",
+            engine=policy.engine or spec.model.engine, encrypted=spec.encryption.enabled, reason="job, base model and dataset allowed by the site policy",
         )
 
     def _answer_attestation(self, shareable: Shareable) -> Shareable:
@@ -187,7 +187,7 @@ class LoRAExecutor(Executor):
             P.H_JOB_ID: header[P.H_JOB_ID], P.H_ROUND: rnd, P.H_SITE: site,
             P.H_EVAL_LOSS: evaluation.loss, P.H_EVAL_ACCURACY: evaluation.accuracy,
             P.H_EVAL_EXAMPLES: evaluation.num_examples, P.H_BASE_MODEL_SHA256: self._base_model_sha256,
-            P.H_RELEASE_OK: policy.allow_plaintext_release,
+            P.H_RELEASE_OK: policy.allow_plaintext_release, P.H_ENGINE: policy.engine or spec.model.engine,
         }
         self._record(
             E.EVALUATED, round=rnd - 1 if task_name == P.TASK_TRAIN else rnd, scope="local validation",
