@@ -76,15 +76,18 @@ class PrivacyBenchConfig:
     tiny_hidden: int = 64
     tiny_layers: int = 2
     tiny_vocab: int = 1024
+    # The tiny model's random embeddings (std 0.02) cap its logits near +-1 behind the final
+    # norm, so LoRA cannot make it confident; scaled up, it learns within a few dozen steps.
+    tiny_embed_scale: float = 25.0
 
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
 
 TINY = PrivacyBenchConfig(
-    rounds=8, local_steps=5, batch_size=32, learning_rate=2e-2, rank=8, alpha=16.0,
-    target_modules=ALL_LINEAR, clip_norm=1.0, train_per_site=1000, test_per_task=40,
-    canaries=8, canary_repeats=16, canary_candidates=1000,
+    rounds=5, local_steps=4, batch_size=16, learning_rate=2e-2, rank=8, alpha=16.0,
+    target_modules=ALL_LINEAR, clip_norm=1.0, train_per_site=400, test_per_task=20,
+    canaries=6, canary_repeats=16, canary_candidates=500,
 )
 FULL = PrivacyBenchConfig(
     rounds=3, local_steps=4, batch_size=16, learning_rate=2e-3, rank=8, alpha=16.0,
@@ -202,10 +205,21 @@ def _model_dir(*, tiny: bool, config: PrivacyBenchConfig, scratch: Path,
 
         path = build_tiny_model(scratch / "tiny-model", hidden_size=config.tiny_hidden,
                                 layers=config.tiny_layers, vocab_size=config.tiny_vocab, seed=seed)
-        return path, f"tiny-random-llama(hidden={config.tiny_hidden}, layers={config.tiny_layers})"
+        _scale_embeddings(path, config.tiny_embed_scale)
+        return path, (f"tiny-random-llama(hidden={config.tiny_hidden}, layers={config.tiny_layers}"
+                      f", embeddings x{config.tiny_embed_scale:g})")
     from zenfed.engines.base_model import DEFAULT_MODEL_NAME, prepare_default_model
 
     return prepare_default_model(progress=False), DEFAULT_MODEL_NAME
+
+
+def _scale_embeddings(path: Path, scale: float) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(scale)
+    model.save_pretrained(path, safe_serialization=True)
 
 
 def run(*, tiny: bool, sites: int = 3, seed: int = 0,

@@ -204,11 +204,7 @@ class FedLoRAController(Controller):
             self._attest_answers[site] = f"returned {result.get_return_code()}"
             return
         self._attest_answers[site] = result.get(P.KEY_ATTEST) or result.get(P.KEY_REFUSAL)
-        if isinstance(result.get(P.KEY_AUDIT_LOG), bytes):
-            try:
-                self._store_site_log(site, result.get(P.KEY_AUDIT_LOG))
-            except (ZenfedError, ValueError, KeyError) as err:
-                self.log_error(fl_ctx, f"could not keep the audit log of {site}: {err}")
+        self._keep_site_log(site, result, fl_ctx)
 
     def _require_started(self) -> tuple[JobSpec, CheckpointStore]:
         if self.spec is None or self._checkpoints is None:
@@ -274,6 +270,7 @@ class FedLoRAController(Controller):
         site = client_task.client.name
         result: Shareable = client_task.result
         client_task.result = None  # Folded in below; do not keep per-site copies.
+        self._keep_site_log(site, result, fl_ctx)
         try:
             self._accept(site, result, client_task.task.name)
         except (ZenfedError, ValueError, TypeError, KeyError) as err:
@@ -303,8 +300,6 @@ class FedLoRAController(Controller):
             if payload is None:
                 raise ZenfedError("release answer carries no adapter")
             self._released = decode_adapter(payload)
-            if isinstance(result.get(P.KEY_AUDIT_LOG), bytes):
-                self._store_site_log(site, result.get(P.KEY_AUDIT_LOG))
             return
         metrics: dict[str, Any] = {
             "eval_loss": float(header[P.H_EVAL_LOSS]), "accuracy": float(header[P.H_EVAL_ACCURACY]),
@@ -326,10 +321,17 @@ class FedLoRAController(Controller):
                            weight=weight, update_sha256=digest, update_bytes=len(payload))
         if header.get(P.H_BASE_MODEL_SHA256):
             self._base_model_sha256 = str(header[P.H_BASE_MODEL_SHA256])
-        log_bytes = result.get(P.KEY_AUDIT_LOG)
-        if task_name == P.TASK_EVALUATE and isinstance(log_bytes, bytes):
-            self._store_site_log(site, log_bytes)
         self._round_sites[site] = metrics
+
+    def _keep_site_log(self, site: str, result: Shareable, fl_ctx: FLContext) -> None:
+        """Keep the signed log a site attached to its answer (the latest copy wins)."""
+        data = result.get(P.KEY_AUDIT_LOG)
+        if not isinstance(data, bytes):
+            return
+        try:
+            self._store_site_log(site, data)
+        except (ZenfedError, ValueError, KeyError) as err:
+            self.log_error(fl_ctx, f"could not keep the audit log of {site}: {err}")
 
     def _store_site_log(self, site: str, data: bytes) -> None:
         """Keep a site's signed log in the job result and pin its head in the server's log."""

@@ -83,6 +83,7 @@ class LoRAExecutor(Executor):
             self._record(E.POLICY_DECISION, decision="refused", reason=str(err)[:500], task=task_name)
             reply = make_reply(ReturnCode.OK)
             reply[P.KEY_REFUSAL] = str(err)
+            self._attach_log(reply)  # The refusal and its reason reach the job result.
             return reply
         except ZenfedError as err:
             self.log_error(fl_ctx, f"{site} failed {task_name}: {err}")
