@@ -25,7 +25,8 @@ import torch
 from zenfed.privacy.he import EncryptedSum, Encryptor, UpdateLayout, decrypt_sum, fingerprint
 from zenfed.privacy.he_context import make_public_context, make_secret_context
 from zenfed.privacy.he_envelope import open_envelope, seal_envelope
-from zenfed.privacy.he_params import PackingConfig
+from zenfed.privacy.he_params import PackingConfig, packing_for
+from zenfed.spec import EncryptionSpec
 
 # SmolLM2-135M (LlamaForCausalLM) configuration.
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 30, 9, 3, 64
@@ -174,7 +175,7 @@ def run(*, tiny: bool) -> dict:
     """Run the benchmark; ``tiny`` uses 2 of the 30 layers (for CI). Returns the JSON object."""
     layers = 2 if tiny else LAYERS
     workers = 1 if tiny else min(2, os.cpu_count() or 1)
-    packing = PackingConfig(quant_bits=16, max_sites=64, clip=0.05)
+    packing = packing_for(EncryptionSpec())  # the job defaults, as a real job runs them
     secret = make_secret_context()
     public = make_public_context(secret)
     qkvo = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -199,7 +200,42 @@ def run(*, tiny: bool) -> dict:
             _case(name, shapes, secret=secret, public=public, packing=packing, workers=workers)
             for name, shapes in cases
         ],
-        "round_overhead": None,
+        "round_overhead": round_overhead(tiny=tiny),
+    }
+
+
+def round_overhead(*, tiny: bool) -> dict:
+    """Round wall time with HE over without: one simulated round (the second, models loaded), side by side."""
+    import tempfile
+    from pathlib import Path
+
+    from zenfed.data import make_builtin
+    from zenfed.engines.base_model import prepare_default_model
+    from zenfed.engines.tiny import build_tiny_model
+    from zenfed.jobs.simulate import builtin_policies, run_simulation
+    from zenfed.spec import JobSpec
+
+    with tempfile.TemporaryDirectory(prefix="zenfed-bench-he-") as tmp:
+        root = Path(tmp)
+        model = build_tiny_model(root / "tiny") if tiny else prepare_default_model(progress=False)
+        make_builtin(root / "data", sites=2, train_per_site=64, valid_per_site=8, test_per_task=2)
+        policies = builtin_policies(root / "data", sites=2, dataset="builtin", allow_any_model=True)
+        seconds = {}
+        for label, encrypted in (("plain", False), ("he", True)):
+            spec = JobSpec.model_validate({
+                "name": f"he-overhead-{label}", "model": {"base": str(model)},
+                "lora": {"rank": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+                "training": {"local_steps": 4 if tiny else 2, "batch_size": 4, "seq_len": 128},
+                "federation": {"rounds": 2, "min_sites": 2}, "evaluation": {"max_examples": 4, "max_new_tokens": 4},
+                "encryption": {"enabled": encrypted},
+            })
+            result_dir = run_simulation(spec, workspace=root / label, policies=policies)
+            rounds = json.loads((result_dir / "zenfed_result.json").read_text())["rounds"]
+            seconds[label] = rounds[-1]["seconds"]
+    return {
+        "model": "tiny" if tiny else "SmolLM2-135M-Instruct", "sites": 2,
+        "round_s_plain": seconds["plain"], "round_s_he": seconds["he"],
+        "ratio": round(seconds["he"] / seconds["plain"], 3),
     }
 
 
