@@ -62,7 +62,7 @@ class QualityConfig:
     tiny_hidden: int = 64
     tiny_layers: int = 2
     tiny_vocab: int = 1024
-    tiny_output_scale: float = 16.0
+    tiny_output_scale: float = 8.0
 
     def total_steps(self, sites: int) -> int:
         """Training steps of every arm: what the federation spends over all sites and rounds."""
@@ -72,9 +72,10 @@ class QualityConfig:
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
 
-# The tiny random model must learn the label mapping from scratch: a high learning rate.
+# The tiny random model learns the answer formats within ~50 steps; learning rates of 1e-2
+# and above diverge on it (measured), so 5e-3 with LoRA on every linear layer.
 TINY = QualityConfig(
-    rounds=10, local_steps=5, batch_size=8, learning_rate=2e-2, rank=16, alpha=32.0,
+    rounds=10, local_steps=5, batch_size=8, learning_rate=5e-3, rank=16, alpha=32.0,
     target_modules=ALL_LINEAR, test_per_task=40, tiny_hidden=64, tiny_layers=2,
 )
 # SmolLM2-135M-Instruct: 2-8 s a step on a shared 2-core CPU, so 6 * 2 * 3 = 36 steps an arm

@@ -58,7 +58,8 @@ def _simulate(args: argparse.Namespace) -> int:
     result_dir = run_simulation(spec, workspace=workspace, policies=policies)
     result = json.loads((result_dir / "zenfed_result.json").read_text())
     print_round_table(result)
-    print(f"adapter: {result_dir / result['final']['adapter_dir']}")
+    adapter = result["final"].get("adapter_dir")
+    print(f"adapter: {result_dir / adapter}" if adapter else "adapter: not released (a site policy refused a plaintext release)")
     return 0
 
 
@@ -96,7 +97,8 @@ def _submit(args: argparse.Namespace) -> int:
     from zenfed.jobs.submit import load_result, submit
 
     kit = Path(args.kit)
-    results = Path(args.results) if args.results else kit.parent.parent.parent.parent / "results"
+    # An admin kit lives at WS/PROJECT/prod_NN/ADMIN; results go to WS/results by default.
+    results = Path(args.results) if args.results else kit.resolve().parents[2] / "results"
     outcome = submit(args.job, admin_kit=kit, results_root=results, timeout_s=args.timeout)
     print_round_table(load_result(outcome.result_dir))
     print(f"job {outcome.job_id}: {outcome.status}; result in {outcome.result_dir}")

@@ -303,7 +303,7 @@ class FedLoRAController(Controller):
             return
         metrics: dict[str, Any] = {
             "eval_loss": float(header[P.H_EVAL_LOSS]), "accuracy": float(header[P.H_EVAL_ACCURACY]),
-            "eval_examples": int(header[P.H_EVAL_EXAMPLES]), "release_ok": bool(header.get(P.H_RELEASE_OK, True)),
+            "eval_examples": int(header[P.H_EVAL_EXAMPLES]), "release_ok": header.get(P.H_RELEASE_OK) is True,
             "engine": str(header.get(P.H_ENGINE, "unknown")),
         }
         if isinstance(header.get(P.H_PRIVACY), dict):

@@ -58,6 +58,8 @@ class LoRAExecutor(Executor):
         self._base_model_sha256: str | None = None
         self._attestation: SiteAttestation | None = None
         self._run_dir = Path(".")
+        self._final_global_sha256: str | None = None
+        self._released = False
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         """Run one zenfed task; a policy refusal is answered (and audited), not raised."""
@@ -74,9 +76,9 @@ class LoRAExecutor(Executor):
             header = shareable.get(P.KEY_HEADER)
             if not isinstance(header, dict) or header.get(P.H_SPEC_HASH) != spec.spec_hash():
                 raise PolicyError("the task does not carry this job's spec hash; refusing it")
-            adapter = self._incoming_adapter(shareable, header)
             if task_name == P.TASK_RELEASE:
-                return self._release(header, adapter)
+                return self._release(header, shareable)
+            adapter = self._incoming_adapter(shareable, header)
             return self._run(task_name, spec, header, adapter, site, abort_signal)
         except PolicyError as err:
             self.log_warning(fl_ctx, f"{site} refused {task_name}: {err}")
@@ -212,6 +214,8 @@ class LoRAExecutor(Executor):
             self._record(E.UPDATE_SENT, round=rnd, sha256=sha256_hex(payload), size=len(payload),
                          kind=P.UPDATE_KIND, encrypted=self._encryption is not None)
         else:
+            # The final evaluation names the one adapter this site may later release.
+            self._final_global_sha256 = header.get(P.H_PAYLOAD_SHA256)
             self._record(E.ROUND_ENDED, round=rnd, task=task_name)
             self._attach_log(reply)
         reply[P.KEY_HEADER] = out
@@ -227,10 +231,20 @@ class LoRAExecutor(Executor):
         return self._encryption.encrypt_update(adapter, weight=weight, job_id=str(header[P.H_JOB_ID]),
                                                round_index=int(header[P.H_ROUND]), site=site)
 
-    def _release(self, header: dict[str, Any], adapter: AdapterState) -> Shareable:
-        """Return the decrypted final adapter, if this site's policy allows a plaintext release."""
+    def _release(self, header: dict[str, Any], shareable: Shareable) -> Shareable:
+        """Return the decrypted final adapter, if this site's policy allows a plaintext release.
+
+        Only the adapter this site just scored in the final evaluation, and only once: a server
+        cannot use release to have a site decrypt anything else (say, one site's update).
+        """
         if not self._require_policy().allow_plaintext_release:
             raise PolicyError("this site's policy does not allow releasing the adapter in the clear")
+        if self._released or self._final_global_sha256 is None:
+            raise PolicyError("release refused: it comes only once, after this site's final evaluation")
+        if header.get(P.H_PAYLOAD_SHA256) != self._final_global_sha256:
+            raise PolicyError("release refused: the payload is not the final adapter this site evaluated")
+        self._released = True
+        adapter = self._incoming_adapter(shareable, header)
         payload = encode_adapter(adapter)
         self._record(E.MODEL_RELEASED, adapter_sha256=sha256_hex(payload), released_to="server (job result)",
                      decided_by="site policy allow_plaintext_release")

@@ -59,4 +59,9 @@ def check_job_allowed(policy: SitePolicy, spec: JobSpec) -> None:
         raise PolicyError(
             f"base model {spec.model.base!r} is not in this site's allowed_base_models {list(allowed)}"
         )
+    if not policy.allow_plaintext_release and not spec.encryption.enabled:
+        raise PolicyError(
+            "this site does not allow its model in the clear (allow_plaintext_release: false), and the job "
+            "is not encrypted; run the job with encryption.enabled: true"
+        )
     policy.dataset(spec.data.dataset)

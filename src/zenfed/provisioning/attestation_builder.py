@@ -6,7 +6,7 @@ configuration files and before ``SignatureBuilder`` (so the new files are signed
     - path: zenfed.provisioning.attestation_builder.AttestationBuilder
       args:
         kinds: {default: [emulated]}          # or per participant: {site-1: [sev-snp]}
-        measured_files: [local/site_policy.yaml]
+        measured_files: [local/zenfed_site.yaml]
 """
 
 from __future__ import annotations

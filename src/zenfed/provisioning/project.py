@@ -121,11 +121,10 @@ def provision(spec: ProjectSpec, *, out: str | Path, extra_builders: list[dict[s
     """
     ws = Path(out).resolve()
     ws.mkdir(parents=True, exist_ok=True)
-    for stale in (ws / spec.name, ws / LAYOUT_FILE):
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        elif stale.exists():
-            stale.unlink()
+    # Earlier kits go; the project's state/ (root CA and keys) stays, so re-provisioning keeps its identity.
+    for stale in [*sorted((ws / spec.name).glob("prod_*")), *sorted((ws / spec.name).glob("wip*"))]:
+        shutil.rmtree(stale)
+    (ws / LAYOUT_FILE).unlink(missing_ok=True)
     project_file = ws / "project.yml"
     project_file.write_text(yaml.safe_dump(flare_project(spec, extra_builders=extra_builders), sort_keys=False))
     cmd = [str(Path(sys.executable).with_name("nvflare")), "provision", "-p", str(project_file), "-w", str(ws), "--force"]
