@@ -278,8 +278,8 @@ def run(*, tiny: bool, sites: int = 3, seed: int = 0,
     chance, chance_sd = chance_exposure(config.canary_candidates)
     chance_sd_mean = chance_sd / math.sqrt(config.canaries)
     no_dp, dp8 = statistics.fmean(exposures[None]), statistics.fmean(exposures[8.0])
-    base_accuracy = utility[0]["accuracy"]
-    accuracy8 = next(u["accuracy"] for u in utility if u["epsilon"] == 8.0)
+    base_accuracy = float(utility[0]["accuracy"] or 0.0)
+    accuracy8 = float(next(u["accuracy"] for u in utility if u["epsilon"] == 8.0) or 0.0)
     return {
         "benchmark": "privacy",
         "tiny": tiny,
@@ -295,7 +295,9 @@ def run(*, tiny: bool, sites: int = 3, seed: int = 0,
             "per_canary_nodp": [round(e, 2) for e in exposures[None]],
         },
         "targets": {
-            "accuracy_at_eps8_at_least_90pct_of_nodp": accuracy8 >= 0.9 * base_accuracy,
+            # None: the model without DP answers nothing right, so the ratio means nothing.
+            "accuracy_at_eps8_at_least_90pct_of_nodp": (
+                accuracy8 >= 0.9 * base_accuracy if base_accuracy > 0 else None),
             "exposure_dp_within_2sd_of_chance": abs(dp8 - chance) <= 2 * chance_sd_mean,
             "exposure_nodp_above_chance_by_3sd": no_dp > chance + 3 * chance_sd_mean,
         },

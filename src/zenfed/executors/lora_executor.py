@@ -29,6 +29,7 @@ from zenfed.engines.base_model import model_fingerprint, resolve_base_model
 from zenfed.errors import PolicyError, ZenfedError
 from zenfed.executors.attestation_check import SiteAttestation
 from zenfed.executors.encryption import SiteEncryption, find_site_context
+from zenfed.executors.privacy_stage import SitePrivacy
 from zenfed.executors.site_policy import check_job_allowed, load_policy_for
 from zenfed.spec import JobSpec, SitePolicy, parse_model
 from zenfed.wire import decode_adapter, encode_adapter, sha256_hex
@@ -59,6 +60,7 @@ class LoRAExecutor(Executor):
         self._attestation: SiteAttestation | None = None
         self._run_dir = Path(".")
         self._final_global_sha256: str | None = None
+        self._privacy: SitePrivacy | None = None
         self._released = False
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
@@ -133,6 +135,17 @@ class LoRAExecutor(Executor):
         # A fixed, seeded subset keeps per-round evaluation cheap and comparable across rounds.
         random.Random(spec.training.seed).shuffle(valid)
         self._valid = valid[: spec.evaluation.max_examples]
+        # The privacy budget is decided before any model is loaded: a refused job costs nothing.
+        workspace = fl_ctx.get_engine().get_workspace()
+        privacy = SitePrivacy.from_kit(
+            spec=spec, policy=policy, startup_dir=workspace.get_startup_kit_dir(),
+            local_dir=workspace.get_site_config_dir(), job_id=fl_ctx.get_job_id(),
+            num_records=len(self._train), num_sites=spec.federation.min_sites,
+        )
+        plan = privacy.admit()
+        self._record(E.POLICY_DECISION, decision="accepted", subject="privacy budget",
+                     reason="the job's planned epsilon fits this site's limits", plan=plan)
+        self._privacy = privacy
         model_dir = resolve_base_model(spec.model.base)
         self._base_model_sha256 = model_fingerprint(model_dir)
         self._engine = make_engine(spec, model_dir=model_dir, threads=policy.torch_threads, engine=policy.engine)
@@ -203,8 +216,19 @@ class LoRAExecutor(Executor):
                 return make_reply(ReturnCode.TASK_ABORTED)
             # Each site and round draws its own batches, reproducibly.
             seed = spec.training.seed * 1_000_003 + rnd * 7919 + zlib.crc32(site.encode())
-            trained = engine.train(adapter=adapter, examples=self._train, steps=spec.training.local_steps, seed=seed)
-            payload = self._encode_update(trained.adapter, trained.num_examples, header, out, site)
+            privacy = self._require_privacy()
+            dp = privacy.for_round(rnd)  # Raises BudgetExhausted: this site stops contributing, and says so.
+            trained = engine.train(adapter=adapter, examples=self._train, steps=spec.training.local_steps,
+                                   seed=seed, dp=dp)
+            update = privacy.privatize_update(global_adapter=adapter, local_adapter=trained.adapter)
+            spent = privacy.after_round(rnd)  # In the signed ledger before anything leaves the site.
+            if spent:
+                out[P.H_PRIVACY] = spent
+                self._record(E.DP_SPENT, round=rnd, level=spec.privacy.level, epsilon=spent["epsilon"],
+                             epsilon_round=spent["epsilon_round"], delta=spent["delta"],
+                             noise_multiplier=spent["noise_multiplier"], clip_norm=spent["clip_norm"],
+                             ledger_head=privacy.ledger_head())
+            payload = self._encode_update(update, trained.num_examples, header, out, site)
             out.update({
                 P.H_NUM_EXAMPLES: trained.num_examples, P.H_TRAIN_LOSS: trained.train_loss,
                 P.H_STEPS: trained.steps, P.H_PAYLOAD_SHA256: sha256_hex(payload), P.H_PAYLOAD_BYTES: len(payload),
@@ -266,6 +290,11 @@ class LoRAExecutor(Executor):
         if self._engine is None:
             raise ZenfedError("engine used before the job was prepared")
         return self._engine
+
+    def _require_privacy(self) -> SitePrivacy:
+        if self._privacy is None:
+            raise ZenfedError("privacy used before the job was prepared")
+        return self._privacy
 
     def _require_policy(self) -> SitePolicy:
         if self._policy is None:
