@@ -224,8 +224,6 @@ def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: QualityConfig | No
             "sites": sites,
             "seed": seed,
             "test_examples": len(test),
-            "train_examples_per_site": config.train_per_site,
-            "skew": config.skew,
             "steps_per_arm": total_steps,
             **{k: v for k, v in dataclasses.asdict(config).items()
                if not (k.startswith("tiny_") and not tiny)},

@@ -61,6 +61,7 @@ class LoRAExecutor(Executor):
         self._run_dir = Path(".")
         self._final_global_sha256: str | None = None
         self._privacy: SitePrivacy | None = None
+        self._site_config_dir: str | None = None
         self._released = False
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
@@ -113,7 +114,8 @@ class LoRAExecutor(Executor):
             )
             self._audit.record(E.JOB_STARTED, job_id=job_id)
         spec = parse_model(JobSpec, self._spec_data, kind="job spec", source="the job's site config")
-        policy = load_policy_for(site=site, site_config_dir=workspace.get_site_config_dir())
+        self._site_config_dir = workspace.get_site_config_dir()
+        policy = load_policy_for(site=site, site_config_dir=self._site_config_dir)
         check_job_allowed(policy, spec)
         self._attestation = SiteAttestation(
             workspace_root=workspace.get_root_dir(), site=site, policy=policy, audit=self._audit,
@@ -217,6 +219,7 @@ class LoRAExecutor(Executor):
             # Each site and round draws its own batches, reproducibly.
             seed = spec.training.seed * 1_000_003 + rnd * 7919 + zlib.crc32(site.encode())
             privacy = self._require_privacy()
+            self._reload_budget(privacy, site)
             dp = privacy.for_round(rnd)  # Raises BudgetExhausted: this site stops contributing, and says so.
             trained = engine.train(adapter=adapter, examples=self._train, steps=spec.training.local_steps,
                                    seed=seed, dp=dp)
@@ -290,6 +293,19 @@ class LoRAExecutor(Executor):
         if self._engine is None:
             raise ZenfedError("engine used before the job was prepared")
         return self._engine
+
+    def _reload_budget(self, privacy: SitePrivacy, site: str) -> None:
+        """Budgets site IT edits in the site policy take effect from the next round."""
+        try:
+            current = load_policy_for(site=site, site_config_dir=self._site_config_dir)
+        except ZenfedError as err:
+            self._record(E.ERROR, kind="policy_reload", message=f"kept the budget in force: {err}"[:500])
+            return
+        if privacy.update_limits(current.privacy):
+            self._record(E.POLICY_DECISION, decision="accepted", subject="privacy budget",
+                         reason="site IT changed the budget; the new limits apply from this round",
+                         max_epsilon_per_job=current.privacy.max_epsilon_per_job,
+                         lifetime_epsilon=current.privacy.lifetime_epsilon)
 
     def _require_privacy(self) -> SitePrivacy:
         if self._privacy is None:

@@ -256,6 +256,20 @@ class SitePrivacy:
 
     # -- every round ---------------------------------------------------------------------
 
+    def update_limits(self, policy: SitePrivacyPolicy) -> bool:
+        """Apply budget limits site IT changed during the job; return whether they changed.
+
+        Only the limits move (``max_epsilon_per_job``, ``lifetime_epsilon``): delta and the
+        ledger are fixed for the job, so the accounting stays consistent.
+        """
+        changed = (policy.max_epsilon_per_job, policy.lifetime_epsilon) != (
+            self.policy.max_epsilon_per_job, self.policy.lifetime_epsilon)
+        if changed:
+            self.policy = self.policy.model_copy(update={
+                "max_epsilon_per_job": policy.max_epsilon_per_job, "lifetime_epsilon": policy.lifetime_epsilon,
+            })
+        return changed
+
     def for_round(self, round: int) -> RecordDP | None:
         """Check that this round fits the budget; return the DP-SGD setting to train with.
 
