@@ -34,7 +34,8 @@ import torch
 
 from zenfed.data.jsonl import Example, exact_match
 from zenfed.data.tokenize import collate_prompts, prompt_ids, tokenize_all
-from zenfed.engines.base import AdapterState, EvalResult, TrainResult, check_compatible
+from zenfed.engines.base import AdapterState, EvalResult, RecordDP, TrainResult, check_compatible
+from zenfed.engines.dp_training import train_dp
 from zenfed.engines.lora_init import deterministic_init
 from zenfed.engines.nemo_data import PlannedDataModule, batch_plan, nemo_batch
 from zenfed.engines.nemo_keys import is_nemo_lora_name, nemo_to_peft_state, peft_to_nemo_state
@@ -228,9 +229,16 @@ class NemoEngine:
         return {k: v.clone() for k, v in self._init.items()}
 
     def train(
-        self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int
+        self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int,
+        dp: RecordDP | None = None,
     ) -> TrainResult:
-        """Train ``steps`` AdamW steps from ``adapter`` on ``examples`` via ``llm.api.finetune``."""
+        """Train ``steps`` AdamW steps from ``adapter`` on ``examples`` via ``llm.api.finetune``.
+
+        With ``dp`` set, the steps are DP-SGD on the HF module NeMo wraps (its LoRA layers
+        are NeMo's): per-example gradients need a functional forward of each example, which
+        Lightning's fit loop does not expose, so DP steps run in zenfed's own loop on the
+        same module, optimizer and data (see ``engines/dp_training.py``).
+        """
         from nemo import lightning as nl
         from nemo.collections import llm
         from nemo.lightning.pytorch.optim import PytorchOptimizerModule
@@ -241,6 +249,14 @@ class NemoEngine:
             raise DataError(f"steps={steps}; train at least one step")
         self.load_adapter(adapter)
         data = tokenize_all(self._tokenizer, examples, max_len=self.training.seq_len)
+        if dp is not None:
+            hf_model = self._module.model
+            params = [p for p in hf_model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=self.training.learning_rate, weight_decay=0.0)
+            loss, metrics = train_dp(hf_model, data=data, optimizer=optimizer, steps=steps, dp=dp,
+                                     pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size)
+            return TrainResult(adapter=self.adapter_state(), num_examples=len(examples), steps=steps,
+                               train_loss=loss, metrics=metrics)
         plan = batch_plan(len(data), batch_size=self.training.batch_size, steps=steps, seed=seed)
         datamodule = PlannedDataModule(
             data=data, plan=plan, pad_id=self._tokenizer.pad_token_id, seq_len=self.training.seq_len

@@ -1,0 +1,70 @@
+"""Record-level DP-SGD local training, shared by every engine.
+
+Poisson batches at the true sampling rate, per-example clipping and Gaussian
+noise (``zenfed.privacy.dp.DPSGD``), one accountant step per optimizer step.
+An engine passes the ``torch.nn.Module`` whose trainable parameters are the
+LoRA weights (the PEFT model, or the HF model NeMo wraps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from zenfed.data.tokenize import TokenizedExample, collate
+from zenfed.engines.base import RecordDP
+
+
+def collate_poisson(batch: Sequence[TokenizedExample], *, pad_id: int) -> dict[str, torch.Tensor]:
+    """Collate a Poisson batch; an empty batch gives (0, 1) tensors (the step is still taken)."""
+    if batch:
+        return collate(batch, pad_id=pad_id)
+    empty = torch.zeros((0, 1), dtype=torch.long)
+    return {"input_ids": empty, "attention_mask": empty.clone(), "labels": empty.clone()}
+
+
+def train_dp(
+    model: Any, *, data: Sequence[TokenizedExample], optimizer: torch.optim.Optimizer, steps: int,
+    dp: RecordDP, pad_id: int, chunk_size: int,
+) -> tuple[float, dict[str, float]]:
+    """Run ``steps`` DP-SGD steps; return the mean pre-noise loss and DP statistics.
+
+    Every step, even one whose Poisson batch is empty (its update is pure noise),
+    calls ``privatize_grads`` (which steps ``dp.accountant``) and the optimizer, so
+    the accounting matches exactly what was done. The statistics are computed
+    before noise: they are not private, and stay at the site.
+    """
+    from zenfed.privacy.dp import DPSGD, PoissonSampler
+
+    private = DPSGD(
+        model, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
+        num_records=len(data), accountant=dp.accountant, chunk_size=max(1, chunk_size),
+    )
+    sampler = PoissonSampler(num_records=len(data), sample_rate=dp.sample_rate, num_steps=steps)
+    losses: list[float] = []
+    sizes: list[int] = []
+    clipped: list[float] = []
+    model.train()
+    try:
+        for indices in sampler:
+            stats = private.privatize_grads(**collate_poisson([data[i] for i in indices], pad_id=pad_id))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sizes.append(stats.batch_size)
+            if stats.mean_loss is not None:
+                losses.append(stats.mean_loss)
+            if stats.clipped_fraction is not None:
+                clipped.append(stats.clipped_fraction)
+    finally:
+        model.eval()
+    metrics = {
+        "dp_steps": float(steps),
+        "dp_mean_batch_size": sum(sizes) / len(sizes) if sizes else 0.0,
+        "dp_clipped_fraction": sum(clipped) / len(clipped) if clipped else 0.0,
+    }
+    if losses:
+        metrics["train_loss_last"] = losses[-1]
+    return (sum(losses) / len(losses) if losses else math.nan), metrics
