@@ -59,7 +59,8 @@ def _simulate(args: argparse.Namespace) -> int:
     result = json.loads((result_dir / "zenfed_result.json").read_text())
     print_round_table(result)
     adapter = result["final"].get("adapter_dir")
-    print(f"adapter: {result_dir / adapter}" if adapter else "adapter: not released (a site policy refused a plaintext release)")
+    released = f"adapter: {result_dir / adapter}" if adapter else None
+    print(released or "adapter: not released (a site policy refused a plaintext release)")
     return 0
 
 
@@ -140,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zenfed", description="Privacy-first federated LoRA on NVIDIA FLARE.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, handler: Handler, help_text: str, parent: argparse._SubParsersAction = sub) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    def command(
+        name: str, handler: Handler, help_text: str, parent: argparse._SubParsersAction = sub,  # type: ignore[type-arg]
+    ) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(handler=handler)
         return p

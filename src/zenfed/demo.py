@@ -62,7 +62,7 @@ def print_round_table(result: dict[str, Any]) -> None:
 
     Per site: its local training loss and, with differential privacy, the epsilon it has spent so far.
     """
-    rows = [("0", result.get("baseline", {}), {})]
+    rows: list[tuple[str, dict[str, Any], dict[str, Any]]] = [("0", result.get("baseline", {}), {})]
     rows += [(str(r["round"]), r, r.get("sites", {})) for r in result.get("rounds", [])]
     site_names = sorted({s for _, _, sites in rows for s in sites})
     with_dp = any("privacy" in m for _, _, sites in rows for m in sites.values())

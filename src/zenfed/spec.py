@@ -293,7 +293,7 @@ class ProjectAttestation(_Strict):
     """What provisioning issues for attestation (see docs/attestation.md)."""
 
     kinds: dict[str, tuple[str, ...]] = Field(
-        default_factory=lambda: {"default": ("emulated",)},
+        default_factory=lambda: {"default": tuple[str, ...](("emulated",))},
         description="participant (or 'default') -> TEE kinds it must prove",
     )
     accepted_measurements: dict[str, dict[str, tuple[str, ...]]] = Field(

@@ -9,9 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-
 import pytest
+import yaml
 
 from zenfed.demo import loopback_project
 from zenfed.jobs import export_job

@@ -41,10 +41,8 @@ def make_engine(spec: JobSpec, *, model_dir: Path, threads: int = 0, engine: str
             f"engine {name!r} is not available at this site ({err}); "
             f"install zenfed with its extras (`make install`)"
         ) from err
-    engine: Engine = engine_class(
-        model_dir=model_dir, lora=spec.lora, training=spec.training, threads=threads
-    )
-    return engine
+    built: Engine = engine_class(model_dir=model_dir, lora=spec.lora, training=spec.training, threads=threads)
+    return built
 
 
 __all__ = ["ENGINES", "AdapterState", "Engine", "EvalResult", "TrainResult", "make_engine"]

@@ -37,7 +37,9 @@ def lora_config(lora: LoraSpec, *, base_model_name: str | None = None) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        # PEFT types lora_alpha as int, but scales by alpha / r and takes a float fine.
+        r=lora.rank, lora_alpha=lora.alpha,  # type: ignore[arg-type]
+        lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name,
     )

@@ -7,6 +7,7 @@ text, and the weights are a seeded random initialisation.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from zenfed.engines.base_model import write_manifest
 
@@ -51,7 +52,7 @@ def build_tiny_model(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     bpe.train_from_iterator(corpus_for_tokenizer(seed=seed), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer: Any = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
         pad_token="<|endoftext|>", unk_token="<|endoftext|>",
     )
@@ -67,7 +68,8 @@ def build_tiny_model(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     write_manifest(out, source=f"tiny-random-llama(seed={seed})")
     return out

@@ -156,7 +156,8 @@ class LoRAExecutor(Executor):
         self._record(
             E.POLICY_DECISION, decision="accepted", job=spec.name, spec_sha256=spec.spec_hash(),
             dataset=spec.data.dataset, base_model_sha256=self._base_model_sha256,
-            engine=policy.engine or spec.model.engine, encrypted=spec.encryption.enabled, reason="job, base model and dataset allowed by the site policy",
+            engine=policy.engine or spec.model.engine, encrypted=spec.encryption.enabled,
+            reason="job, base model and dataset allowed by the site policy",
         )
 
     def _answer_attestation(self, shareable: Shareable) -> Shareable:

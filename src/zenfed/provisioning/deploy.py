@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -72,7 +73,7 @@ def _kit_processes(dep: Deployment) -> list[psutil.Process]:
     return found
 
 
-def _tracked(dep: Deployment) -> dict[str, dict[str, float]]:
+def _tracked(dep: Deployment) -> dict[str, dict[str, Any]]:
     """The processes ``up`` recorded: name -> {"pid", "create_time"} (a bare PID from older files)."""
     path = _state_dir(dep) / PROCESSES
     if not path.is_file():
@@ -81,10 +82,12 @@ def _tracked(dep: Deployment) -> dict[str, dict[str, float]]:
         raw = json.loads(path.read_text())
     except ValueError:
         return {}
-    return {name: entry if isinstance(entry, dict) else {"pid": entry, "create_time": None} for name, entry in raw.items()}
+    return {
+        name: entry if isinstance(entry, dict) else {"pid": entry, "create_time": None} for name, entry in raw.items()
+    }
 
 
-def _ours(entry: dict[str, float], dep: Deployment) -> psutil.Process | None:
+def _ours(entry: dict[str, Any], dep: Deployment) -> psutil.Process | None:
     """The tracked process if it is still the one ``up`` started, else None (its PID may be reused)."""
     try:
         proc = psutil.Process(int(entry["pid"]))

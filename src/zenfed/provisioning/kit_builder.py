@@ -54,7 +54,8 @@ class ZenfedKitBuilder(Builder):
             policy = self.site_policies.get(client.name) or SitePolicy(site=client.name)
             text = yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False)
             path = kit / "local" / POLICY_FILE
-            path.write_text(f"# zenfed site policy for {client.name}: edited by site IT, never leaves the site.\n{text}")
+            note = f"# zenfed site policy for {client.name}: edited by site IT, never leaves the site.\n"
+            path.write_text(note + text)
             os.chmod(path, 0o600)
 
     @staticmethod

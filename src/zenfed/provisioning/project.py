@@ -127,7 +127,8 @@ def provision(spec: ProjectSpec, *, out: str | Path, extra_builders: list[dict[s
     (ws / LAYOUT_FILE).unlink(missing_ok=True)
     project_file = ws / "project.yml"
     project_file.write_text(yaml.safe_dump(flare_project(spec, extra_builders=extra_builders), sort_keys=False))
-    cmd = [str(Path(sys.executable).with_name("nvflare")), "provision", "-p", str(project_file), "-w", str(ws), "--force"]
+    nvflare = str(Path(sys.executable).with_name("nvflare"))
+    cmd = [nvflare, "provision", "-p", str(project_file), "-w", str(ws), "--force"]
     run = subprocess.run(cmd, capture_output=True, text=True, check=False)
     prod = ws / spec.name / "prod_00"
     if run.returncode != 0 or not prod.is_dir():
