@@ -25,6 +25,7 @@ from zenfed.engines.base import (
     check_compatible,
     to_wire,
 )
+from zenfed.engines.dp_training import train_dp
 from zenfed.engines.lora_init import deterministic_init
 from zenfed.errors import DataError, ModelError
 from zenfed.spec import LoraSpec, TrainingSpec
@@ -160,53 +161,13 @@ class PeftEngine:
         )
 
     def _train_dp(
-        self, *, data: list[TokenizedExample], optimizer: torch.optim.Optimizer, steps: int,
-        dp: RecordDP,
+        self, *, data: list[TokenizedExample], optimizer: torch.optim.Optimizer, steps: int, dp: RecordDP,
     ) -> TrainResult:
-        """DP-SGD: Poisson batches at ``dp.sample_rate``, per-example clipping, Gaussian noise.
-
-        Every step, even one whose Poisson batch is empty (its update is pure
-        noise), calls ``privatize_grads`` (which steps ``dp.accountant``) and the
-        optimizer, so the accounting matches exactly what was done.
-        """
-        from zenfed.privacy.dp import DPSGD, PoissonSampler
-
-        model, pad_id = self._model, self._tokenizer.pad_token_id
-        private = DPSGD(
-            model, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
-            sample_rate=dp.sample_rate, num_records=len(data), accountant=dp.accountant,
-            chunk_size=max(1, self.training.batch_size),
-        )
-        sampler = PoissonSampler(num_records=len(data), sample_rate=dp.sample_rate, num_steps=steps)
-        losses: list[float] = []
-        sizes: list[int] = []
-        clipped: list[float] = []
-        model.train()
-        try:
-            for indices in sampler:
-                batch = _collate_dp([data[i] for i in indices], pad_id=pad_id)
-                stats = private.privatize_grads(**batch)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                sizes.append(stats.batch_size)
-                if stats.mean_loss is not None:
-                    losses.append(stats.mean_loss)
-                if stats.clipped_fraction is not None:
-                    clipped.append(stats.clipped_fraction)
-        finally:
-            model.eval()
-        # Statistics before noise: not DP. They stay at the site unless its policy says otherwise.
-        metrics = {
-            "dp_steps": float(steps),
-            "dp_mean_batch_size": sum(sizes) / len(sizes) if sizes else 0.0,
-            "dp_clipped_fraction": sum(clipped) / len(clipped) if clipped else 0.0,
-        }
-        if losses:
-            metrics["train_loss_last"] = losses[-1]
-        return TrainResult(
-            adapter=self.adapter_state(), num_examples=len(data), steps=steps,
-            train_loss=sum(losses) / len(losses) if losses else math.nan, metrics=metrics,
-        )
+        """DP-SGD steps on the PEFT model (see ``engines/dp_training.py``)."""
+        loss, metrics = train_dp(self._model, data=data, optimizer=optimizer, steps=steps, dp=dp,
+                                 pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size)
+        return TrainResult(adapter=self.adapter_state(), num_examples=len(data), steps=steps, train_loss=loss,
+                           metrics=metrics)
 
     @torch.no_grad()
     def evaluate(
@@ -250,11 +211,3 @@ class PeftEngine:
             new_tokens = generated[:, batch["input_ids"].shape[1]:]
             outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         return outputs
-
-
-def _collate_dp(batch: Sequence[TokenizedExample], *, pad_id: int) -> dict[str, torch.Tensor]:
-    """Collate a Poisson batch for DP-SGD; an empty batch gives (0, 1) tensors."""
-    if batch:
-        return collate(batch, pad_id=pad_id)
-    empty = torch.zeros((0, 1), dtype=torch.long)
-    return {"input_ids": empty, "attention_mask": empty.clone(), "labels": empty.clone()}
