@@ -78,10 +78,11 @@ TINY = QualityConfig(
     rounds=10, local_steps=5, batch_size=8, learning_rate=5e-3, rank=16, alpha=32.0,
     target_modules=ALL_LINEAR, test_per_task=40, tiny_hidden=64, tiny_layers=2,
 )
-# SmolLM2-135M-Instruct: 2-8 s a step on a shared 2-core CPU, so 6 * 2 * 3 = 36 steps an arm
-# (180 steps in all). Many short rounds keep the non-IID sites from drifting apart.
+# SmolLM2-135M-Instruct: 1.5-3 s a step on 2 idle cores, so 8 * 4 * 3 = 96 steps an arm
+# (480 steps in all; 36 steps an arm left every arm near chance accuracy).
+# Many short rounds keep the non-IID sites from drifting apart.
 FULL = QualityConfig(
-    rounds=6, local_steps=2, batch_size=4, learning_rate=4e-3, rank=8, alpha=16.0,
+    rounds=8, local_steps=4, batch_size=4, learning_rate=3e-3, rank=8, alpha=16.0,
     target_modules=ATTENTION, test_per_task=20,
 )
 

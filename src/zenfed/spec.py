@@ -22,6 +22,7 @@ from zenfed.errors import SpecError
 DEFAULT_BASE_MODEL = "default"
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 _ORG_PATTERN = r"^[A-Za-z0-9_]+$"  # FLARE's rule for organisation names
+_NOT_LORA_TARGETS = frozenset({"lm_head", "embed_tokens", "wte", "wpe"})
 
 
 class _Strict(BaseModel):
@@ -63,6 +64,11 @@ class LoraSpec(_Strict):
         for name in value:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
                 raise ValueError(f"{name!r} is not a module name; use names like 'q_proj'")
+            if name in _NOT_LORA_TARGETS:
+                raise ValueError(
+                    f"{name!r} is an embedding or output layer; PEFT would train it in full, not as "
+                    f"LoRA, and such weights cannot be averaged as adapters; target linear projections"
+                )
         return value
 
 
