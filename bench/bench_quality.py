@@ -57,7 +57,7 @@ class QualityConfig:
     seq_len: int = 128
     train_per_site: int = 400
     test_per_task: int = 40
-    skew: float = 0.97
+    skew: float = 0.9
     max_new_tokens: int = 6
     tiny_hidden: int = 64
     tiny_layers: int = 2

@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skew", type=float, default=0.97, help="share of a site's data from its own task")
+    p.add_argument("--skew", type=float, default=0.9, help="share of a site's data from its own task")
 
     job = sub.add_parser("job", help="job folders").add_subparsers(dest="job_command", required=True)
     p = command("export", _job_export, "write a FLARE job folder (configuration only) from a job spec", job)

@@ -145,7 +145,7 @@ def make_builtin(
     train_per_site: int = 400,
     valid_per_site: int = 48,
     test_per_task: int = 40,
-    skew: float = 0.97,
+    skew: float = 0.9,
     seed: int = 0,
 ) -> dict[str, object]:
     """Write the built-in benchmark: ``site-K/{train,valid}.jsonl`` and a union ``test.jsonl``.
