@@ -7,12 +7,11 @@ adapter in the clear, or a ciphertext sum under encryption (never decrypted).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zenfed.atomic import atomic_write_bytes
 from zenfed.wire import sha256_hex
 
 STATE_FILE = "state.json"
@@ -30,19 +29,6 @@ class RunState:
     finished: bool = False
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class CheckpointStore:
     """A folder holding the latest round's state and global payload."""
 
@@ -57,9 +43,9 @@ class CheckpointStore:
             "finished": state.finished, "global_meta": state.global_meta, "global_sha256": None,
         }
         if state.global_payload is not None:
-            _atomic_write(self.folder / GLOBAL_FILE, state.global_payload)
+            atomic_write_bytes(self.folder / GLOBAL_FILE, state.global_payload)
             meta["global_sha256"] = sha256_hex(state.global_payload)
-        _atomic_write(self.folder / STATE_FILE, json.dumps(meta, indent=2).encode())
+        atomic_write_bytes(self.folder / STATE_FILE, json.dumps(meta, indent=2).encode())
 
     def load(self) -> RunState | None:
         """Return the saved state, or None if there is none or it is inconsistent."""

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from zenfed.atomic import atomic_write_bytes
 from zenfed.errors import DataError
 
 _ROLES = ("system", "user", "assistant")
@@ -135,19 +134,8 @@ def example_to_row(example: Example, *, style: str = "alpaca") -> dict[str, obje
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, object]]) -> None:
     """Write rows atomically: a crash never leaves a half-written dataset file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 def normalise_answer(text: str) -> str:

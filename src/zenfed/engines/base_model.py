@@ -12,10 +12,9 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from zenfed.atomic import staged_dir
 from zenfed.errors import ModelError
 from zenfed.spec import DEFAULT_BASE_MODEL
 
@@ -158,17 +157,9 @@ def prepare_default_model(*, force: bool = False, progress: bool = True) -> Path
             return target
         if progress:
             print(f"zenfed: cached model at {target} is not usable ({problem}); rebuilding", flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
+    with staged_dir(target) as staging:
         _convert_gguf(staging, progress)
         write_manifest(staging, source=f"{_GGUF_PACKAGE}:{_GGUF_FILE}")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     if progress:
         print(f"zenfed: base model ready at {target}", flush=True)
     return target

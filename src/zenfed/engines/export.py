@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from zenfed.atomic import staged_dir
 from zenfed.engines.base import AdapterState
 from zenfed.spec import LoraSpec
 
@@ -45,16 +43,8 @@ def write_peft_adapter(out_dir: str | Path, state: AdapterState, *, lora: LoraSp
         base_model: What to record as ``base_model_name_or_path``.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as staging:
         save_file({k: state[k].contiguous() for k in sorted(state)}, str(staging / ADAPTER_WEIGHTS))
         config = peft_adapter_config(lora, base_model=base_model)
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return out

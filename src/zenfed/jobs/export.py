@@ -8,12 +8,11 @@ on, and what a regulated site's change control wants.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from zenfed import protocol as P
+from zenfed.atomic import staged_dir
 from zenfed.errors import JobError
 from zenfed.spec import JobSpec
 
@@ -72,17 +71,9 @@ def export_job(spec: JobSpec, *, out: str | Path, overwrite: bool = False) -> Pa
     target = Path(out)
     if target.exists() and not overwrite:
         raise JobError(f"{target} already exists; remove it or pass --force to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_dir(target) as staging:
         for relative, content in job_configs(spec).items():
             path = staging / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
