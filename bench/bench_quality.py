@@ -101,13 +101,16 @@ def _federated(engine: PeftEngine, start: AdapterState, site_data: dict[str, lis
                config: QualityConfig, seed: int) -> AdapterState:
     """FedAvg over the sites, in-process, with the controller's aggregator."""
     global_adapter = start
+    optimizer_states: dict[str, object] = {}  # Each site keeps its own optimizer, as the executor does.
     for round_index in range(config.rounds):
         mean = WeightedMean()
         for site_index, (site, examples) in enumerate(site_data.items()):
             result = engine.train(
                 adapter=global_adapter, examples=examples, steps=config.local_steps,
                 seed=seed * 100_003 + round_index * len(site_data) + site_index,
+                optimizer_state=optimizer_states.get(site),
             )
+            optimizer_states[site] = result.optimizer_state
             mean.add(site, result.adapter, weight=float(result.num_examples))
         global_adapter = mean.result()
         _log(f"federated round {round_index + 1}/{config.rounds} done")

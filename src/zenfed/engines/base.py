@@ -29,6 +29,7 @@ class TrainResult:
     steps: int
     train_loss: float
     metrics: dict[str, float] = field(default_factory=dict)
+    optimizer_state: Any = None  # The site's optimizer moments: kept at the site for its next round, never sent.
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,12 @@ class Engine(Protocol):
 
     def train(
         self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int,
-        dp: RecordDP | None = None,
+        dp: RecordDP | None = None, optimizer_state: Any = None,
     ) -> TrainResult:
         """Load ``adapter``, train ``steps`` optimizer steps on ``examples``, return the result.
 
-        With ``dp`` set, training is DP-SGD (see ``RecordDP``).
+        With ``dp`` set, training is DP-SGD (see ``RecordDP``). ``optimizer_state`` (from the
+        previous round's result) continues the site's optimizer instead of restarting it.
         """
         ...
 

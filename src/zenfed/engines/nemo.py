@@ -230,7 +230,7 @@ class NemoEngine:
 
     def train(
         self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int,
-        dp: RecordDP | None = None,
+        dp: RecordDP | None = None, optimizer_state: Any = None,
     ) -> TrainResult:
         """Train ``steps`` AdamW steps from ``adapter`` on ``examples`` via ``llm.api.finetune``.
 
@@ -238,6 +238,9 @@ class NemoEngine:
         are NeMo's): per-example gradients need a functional forward of each example, which
         Lightning's fit loop does not expose, so DP steps run in zenfed's own loop on the
         same module, optimizer and data (see ``engines/dp_training.py``).
+
+        ``optimizer_state`` is not carried over here: NeMo's fit builds its optimizer each
+        round, so a NeMo site restarts AdamW every round.
         """
         from nemo import lightning as nl
         from nemo.collections import llm

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +125,7 @@ class PeftEngine:
 
     def train(
         self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int,
-        dp: RecordDP | None = None,
+        dp: RecordDP | None = None, optimizer_state: Any = None,
     ) -> TrainResult:
         """Train ``steps`` AdamW steps from ``adapter`` on ``examples``.
 
@@ -137,8 +139,13 @@ class PeftEngine:
         data = tokenize_all(tokenizer, examples, max_len=self.training.seq_len)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.training.learning_rate, weight_decay=0.0)
+        if optimizer_state is not None:
+            # The site's Adam moments carry over between rounds; restarting them each round
+            # makes every round open with full-size, sign-like steps.
+            optimizer.load_state_dict(optimizer_state)
         if dp is not None:
-            return self._train_dp(data=data, optimizer=optimizer, steps=steps, dp=dp)
+            result = self._train_dp(data=data, optimizer=optimizer, steps=steps, dp=dp)
+            return replace(result, optimizer_state=copy.deepcopy(optimizer.state_dict()))
         generator = torch.Generator().manual_seed(seed)
         order: list[int] = []
         losses: list[float] = []
@@ -157,7 +164,7 @@ class PeftEngine:
         return TrainResult(
             adapter=self.adapter_state(), num_examples=len(examples), steps=steps,
             train_loss=sum(losses) / len(losses),
-            metrics={"train_loss_last": losses[-1]},
+            metrics={"train_loss_last": losses[-1]}, optimizer_state=copy.deepcopy(optimizer.state_dict()),
         )
 
     def _train_dp(

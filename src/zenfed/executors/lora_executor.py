@@ -61,6 +61,7 @@ class LoRAExecutor(Executor):
         self._run_dir = Path(".")
         self._final_global_sha256: str | None = None
         self._privacy: SitePrivacy | None = None
+        self._optimizer_state: Any = None
         self._site_config_dir: str | None = None
         self._released = False
 
@@ -223,7 +224,8 @@ class LoRAExecutor(Executor):
             self._reload_budget(privacy, site)
             dp = privacy.for_round(rnd)  # Raises BudgetExhausted: this site stops contributing, and says so.
             trained = engine.train(adapter=adapter, examples=self._train, steps=spec.training.local_steps,
-                                   seed=seed, dp=dp)
+                                   seed=seed, dp=dp, optimizer_state=self._optimizer_state)
+            self._optimizer_state = trained.optimizer_state  # Stays at the site for its next round.
             update = privacy.privatize_update(global_adapter=adapter, local_adapter=trained.adapter)
             spent = privacy.after_round(rnd)  # In the signed ledger before anything leaves the site.
             if spent:
