@@ -33,17 +33,16 @@ import lightning.pytorch as pl
 import torch
 
 from zenfed.data.jsonl import Example, exact_match
-from zenfed.data.tokenize import collate_prompts, prompt_ids, tokenize_all
+from zenfed.data.tokenize import tokenize_all
 from zenfed.engines.base import AdapterState, EvalResult, RecordDP, TrainResult, check_compatible
 from zenfed.engines.dp_training import train_dp
+from zenfed.engines.generation import EVAL_BATCH, greedy_generate
 from zenfed.engines.lora_init import deterministic_init
 from zenfed.engines.nemo_data import PlannedDataModule, batch_plan, nemo_batch
 from zenfed.engines.nemo_keys import is_nemo_lora_name, nemo_to_peft_state, peft_to_nemo_state
 from zenfed.engines.nemo_runtime import NemoRuntime
 from zenfed.errors import DataError, ModelError
 from zenfed.spec import LoraSpec, TrainingSpec
-
-EVAL_BATCH = 16
 
 # NeMo logs INFO to stdout by default; a site process's stdout may be machine-read (CLI --json),
 # so send NeMo's logs to stderr unless the site chose otherwise. Effective if set before NeMo loads.
@@ -331,17 +330,7 @@ class NemoEngine:
         return self._generate_loaded(prompts, max_new_tokens)
 
     def _generate_loaded(self, prompts: Sequence[Example], max_new_tokens: int) -> list[str]:
-        module, tokenizer, device = self._module, self._tokenizer, self._device()
-        module.to(device).eval()
-        outputs: list[str] = []
-        for start in range(0, len(prompts), EVAL_BATCH):
-            chunk = [prompt_ids(tokenizer, e) for e in prompts[start:start + EVAL_BATCH]]
-            batch = {k: v.to(device) for k, v in
-                     collate_prompts(chunk, pad_id=tokenizer.pad_token_id).items()}
-            generated = module.model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            )
-            new_tokens = generated[:, batch["input_ids"].shape[1]:]
-            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        return outputs
+        device = self._device()
+        self._module.to(device)
+        return greedy_generate(self._module.model, self._tokenizer, prompts, max_new_tokens=max_new_tokens,
+                               device=device)

@@ -15,8 +15,6 @@ from zenfed.data.jsonl import Example, exact_match
 from zenfed.data.tokenize import (
     TokenizedExample,
     collate,
-    collate_prompts,
-    prompt_ids,
     tokenize_all,
 )
 from zenfed.engines.base import (
@@ -28,11 +26,10 @@ from zenfed.engines.base import (
     to_wire,
 )
 from zenfed.engines.dp_training import train_dp
+from zenfed.engines.generation import EVAL_BATCH, greedy_generate
 from zenfed.engines.lora_init import deterministic_init
 from zenfed.errors import DataError, ModelError
 from zenfed.spec import LoraSpec, TrainingSpec
-
-EVAL_BATCH = 16
 
 
 def lora_config(lora: LoraSpec, *, base_model_name: str | None = None) -> Any:
@@ -205,16 +202,4 @@ class PeftEngine:
         return self._generate_loaded(prompts, max_new_tokens)
 
     def _generate_loaded(self, prompts: Sequence[Example], max_new_tokens: int) -> list[str]:
-        model, tokenizer = self._model, self._tokenizer
-        model.eval()
-        outputs: list[str] = []
-        for start in range(0, len(prompts), EVAL_BATCH):
-            chunk = [prompt_ids(tokenizer, e) for e in prompts[start:start + EVAL_BATCH]]
-            batch = collate_prompts(chunk, pad_id=tokenizer.pad_token_id)
-            generated = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            )
-            new_tokens = generated[:, batch["input_ids"].shape[1]:]
-            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        return outputs
+        return greedy_generate(self._model, self._tokenizer, prompts, max_new_tokens=max_new_tokens)
