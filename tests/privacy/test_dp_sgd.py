@@ -8,6 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from zenfed.privacy.dp import DPSGD, PoissonSampler, PrivacyAccountant, PrivacyError
+from zenfed.privacy.dp_sgd import eager_attention, label_positions
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +242,27 @@ def test_per_example_grads_through_nemo_lora_adapters():
         for name, param in hf.named_parameters():
             if param.requires_grad:
                 torch.testing.assert_close(grads[name][i], param.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_label_positions_pick_the_token_before_each_label():
+    # Prepare: row 0 has labels at 3 and 4, row 1 one label at 2, row 2 none
+    labels = torch.full((3, 6), -100)
+    labels[0, 3], labels[0, 4] = 11, 12
+    labels[1, 2] = 21
+
+    # Execute
+    positions, targets = label_positions(labels)
+
+    # Verify: logits at position t predict the label at t + 1; missing entries are ignored
+    assert positions.tolist() == [[2, 3], [1, 0], [0, 0]]
+    assert targets.tolist() == [[11, 12], [21, -100], [-100, -100]]
+
+
+def test_eager_attention_is_restored_after_the_block(model):
+    config = model.get_base_model().config
+    before = config._attn_implementation
+
+    with eager_attention(model):
+        assert config._attn_implementation == "eager"
+
+    assert config._attn_implementation == before

@@ -13,9 +13,11 @@ with :class:`PoissonSampler` at the same rate the accountant is told.
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +105,51 @@ def causal_mask_4d(attention_mask: torch.Tensor, *, dtype: torch.dtype) -> torch
     return torch.where(allowed, zero, low)[None, None]
 
 
+def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return, per row, the positions whose next token is a label, and those labels.
+
+    Both are ``(B, K)`` with K the most labels in any row; shorter rows are filled with
+    position 0 and target ``IGNORE_INDEX``, so they add nothing to the loss.
+    """
+    shifted = labels[:, 1:]
+    has_label = shifted != IGNORE_INDEX
+    width = max(1, int(has_label.sum(dim=1).max())) if labels.shape[0] else 1
+    positions = torch.zeros((labels.shape[0], width), dtype=torch.long, device=labels.device)
+    targets = torch.full_like(positions, IGNORE_INDEX)
+    for row in range(labels.shape[0]):
+        found = torch.nonzero(has_label[row]).flatten()
+        positions[row, : found.numel()] = found
+        targets[row, : found.numel()] = shifted[row, found]
+    return positions, targets
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the (possibly PEFT-wrapped) Hugging Face model can compute only some logits."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+@contextmanager
+def eager_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Use eager attention inside the block.
+
+    ``vmap`` has no batching rule for CPU scaled-dot-product attention and falls back to
+    a loop over examples; eager attention is plain matmuls, which it batches (~25% faster
+    a step here). Models without a Hugging Face config are left as they are.
+    """
+    configs = {id(c): c for m in model.modules()
+               if (c := getattr(m, "config", None)) is not None and hasattr(c, "_attn_implementation")}
+    before = {key: config._attn_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._attn_implementation = "eager"
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation = before[key]
+
+
 class DPSGD:
     """Per-example clipping and Gaussian noise for the trainable parameters of a model.
 
@@ -147,6 +194,7 @@ class DPSGD:
         self.generator = generator if generator is not None else secure_generator()
         self.chunk_size = chunk_size
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self._keeps_logits = _accepts_logits_to_keep(model)
         if not self.params:
             raise PrivacyError("the model has no trainable parameters; add LoRA adapters first")
 
@@ -155,22 +203,22 @@ class DPSGD:
         params: dict[str, torch.Tensor],
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        labels: torch.Tensor,
+        positions: torch.Tensor,
+        targets: torch.Tensor,
     ) -> torch.Tensor:
-        # One example: mean next-token cross-entropy over its unmasked label tokens.
+        # One example: mean next-token cross-entropy over its label tokens. Only the logits at
+        # ``positions`` (the tokens before each label) are computed: the output layer over the
+        # whole vocabulary at every prompt token was ~40% of a step, for no loss.
         first = next(iter(params.values()))
         mask = causal_mask_4d(attention_mask, dtype=first.dtype)
-        out = functional_call(
-            self.model,
-            params,
-            args=(),
-            kwargs={"input_ids": input_ids[None], "attention_mask": mask, "use_cache": False},
-            strict=False,
-        )
+        kwargs = {"input_ids": input_ids[None], "attention_mask": mask, "use_cache": False}
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = positions
+        out = functional_call(self.model, params, args=(), kwargs=kwargs, strict=False)
         logits = out if isinstance(out, torch.Tensor) else out.logits
-        targets = labels[1:]
+        logits = logits[0] if self._keeps_logits else logits[0, positions]
         total = torch.nn.functional.cross_entropy(
-            logits[0, :-1].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+            logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
         )
         return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
@@ -179,16 +227,16 @@ class DPSGD:
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Return per-example gradients ``{name: (B, *shape)}`` and per-example losses ``(B,)``."""
         params = {n: p.detach() for n, p in self.params.items()}
+        positions, targets = label_positions(labels)
         fn = vmap(
             grad_and_value(self._example_loss),
-            in_dims=(None, 0, 0, 0),
+            in_dims=(None, 0, 0, 0, 0),
             randomness="different",
             chunk_size=self.chunk_size,
         )
-        with warnings.catch_warnings():
-            # CPU SDPA has no batching rule yet: vmap falls back to a loop, correct but slower.
+        with warnings.catch_warnings(), eager_attention(self.model):
             warnings.filterwarnings("ignore", message=".*performance drop.*")
-            grads, losses = fn(params, input_ids, attention_mask, labels)
+            grads, losses = fn(params, input_ids, attention_mask, positions, targets)
         return grads, losses
 
     def privatize_grads(
