@@ -191,6 +191,22 @@ def test_duplicate_target_modules_are_refused():
     assert "lora.target_modules" in str(caught.value) and "twice" in str(caught.value)
 
 
+
+@pytest.mark.parametrize(("layers", "message"), [([3, 3], "twice"), ([-1], "start at 0"), ([], "at least 1")])
+def test_bad_lora_layers_are_refused(layers, message):
+    # Execute
+    with pytest.raises(SpecError) as caught:
+        parse_model(JobSpec, {"name": "x", "lora": {"layers": layers}}, kind="job spec", source="test")
+
+    # Assert
+    assert "lora.layers" in str(caught.value) and message in str(caught.value)
+
+
+def test_lora_layers_are_kept_sorted():
+    spec = parse_model(JobSpec, {"name": "x", "lora": {"layers": [29, 27, 28]}}, kind="job spec", source="test")
+
+    assert spec.lora.layers == (27, 28, 29)
+
 def test_specs_are_frozen():
     # Prepare
     spec = JobSpec(name="x")

@@ -55,6 +55,11 @@ class LoraSpec(_Strict):
         min_length=1,
         description="module names to adapt, e.g. [q_proj, k_proj, v_proj, o_proj]",
     )
+    layers: tuple[int, ...] | None = Field(
+        None,
+        min_length=1,
+        description="0-based decoder layers to adapt, e.g. [26, 27, 28, 29]; omit for every layer",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -70,6 +75,17 @@ class LoraSpec(_Strict):
                     f"LoRA, and such weights cannot be averaged as adapters; target linear projections"
                 )
         return value
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct_layers(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        if any(index < 0 for index in value):
+            raise ValueError("layer indices start at 0; remove the negative ones")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a layer twice; list each layer once")
+        return tuple(sorted(value))
 
 
 class TrainingSpec(_Strict):

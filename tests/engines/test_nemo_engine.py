@@ -63,6 +63,20 @@ def test_initial_adapter_equals_the_peft_engines(nemo, peft):
     assert all(v.dtype == torch.float32 for v in ours.values())
 
 
+
+def test_lora_on_chosen_layers_gives_both_engines_the_same_adapter(model_dir):
+    # Prepare: LoRA on the tiny model's second decoder layer only
+    lora = LORA.model_copy(update={"layers": (1,)})
+
+    # Execute
+    ours = NemoEngine(model_dir=model_dir, lora=lora, training=TRAINING).initial_adapter()
+    theirs = PeftEngine(model_dir=model_dir, lora=lora, training=TRAINING).initial_adapter()
+
+    # Assert: the same tensors, all in layer 1
+    assert sorted(ours) == sorted(theirs)
+    assert ours and all(".layers.1." in name for name in ours)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
 def test_training_matches_peft_step_for_step(nemo, peft, examples, trained):
     # Execute: the PEFT reference, same start, data, steps and seed.
     reference = peft.train(adapter=peft.initial_adapter(), examples=examples, steps=6, seed=5)

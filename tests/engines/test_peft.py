@@ -203,3 +203,35 @@ def test_make_engine_builds_the_engine_the_spec_names(tiny_job_spec, tiny_model_
     # Assert
     assert isinstance(engine, PeftEngine)
     assert engine.lora.rank == 4
+
+
+def test_lora_layers_adapt_only_those_layers_and_export_loads_in_peft(tiny_model_dir, tmp_path):
+    # Prepare
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from zenfed.engines.export import write_peft_adapter
+
+    lora = LORA.model_copy(update={"layers": (1,)})
+    engine = PeftEngine(model_dir=tiny_model_dir, lora=lora, training=TRAINING)
+
+    # Execute
+    state = engine.initial_adapter()
+    state = {k: (v + 0.05 if ".lora_B." in k else v) for k, v in state.items()}
+    folder = write_peft_adapter(tmp_path / "adapter", state, lora=lora, base_model=str(tiny_model_dir))
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder)
+
+    # Assert: layer 1's q and v only (A and B), and PEFT puts them back in the same place
+    assert len(state) == 2 * 2 and all(".layers.1." in name for name in state)
+    lora_names = [n for n, _ in loaded.named_parameters() if "lora_" in n]
+    assert len(lora_names) == 4 and all(".layers.1." in n for n in lora_names)
+
+
+def test_lora_layers_past_the_models_last_layer_are_a_model_error(tiny_model_dir):
+    # Prepare: the tiny model has 2 decoder layers (0 and 1)
+    engine = PeftEngine(model_dir=tiny_model_dir, lora=LORA.model_copy(update={"layers": (1, 2)}),
+                        training=TRAINING)
+
+    # Execute / Assert
+    with pytest.raises(ModelError, match=r"layer\(s\) \[2\].*2 decoder layers"):
+        engine.initial_adapter()

@@ -25,6 +25,7 @@ def peft_adapter_config(lora: LoraSpec, *, base_model: str) -> dict[str, object]
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
         "target_modules": sorted(lora.target_modules),
+        "layers_to_transform": list(lora.layers) if lora.layers else None,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,

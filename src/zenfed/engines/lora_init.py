@@ -9,10 +9,14 @@ adapter is a function of the tensor names, shapes and the job's seed only:
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from zenfed.engines.base import AdapterState
+from zenfed.errors import ModelError
+from zenfed.spec import LoraSpec
 
 
 def deterministic_init(template: AdapterState, *, seed: int) -> AdapterState:
@@ -33,3 +37,27 @@ def deterministic_init(template: AdapterState, *, seed: int) -> AdapterState:
         else:
             state[name] = torch.zeros(shape, dtype=torch.float32)
     return state
+
+
+def check_layers(lora: LoraSpec, model_config: Any, *, model_dir: Path) -> None:
+    """Refuse ``lora.layers`` naming a decoder layer the model does not have.
+
+    Raises:
+        ModelError: If an index is at or past the model's ``num_hidden_layers``.
+    """
+    count = getattr(model_config, "num_hidden_layers", None)
+    if not lora.layers or count is None:
+        return
+    missing = [index for index in lora.layers if index >= count]
+    if missing:
+        raise ModelError(
+            f"lora.layers names layer(s) {missing}, but the model in {model_dir} has {count} "
+            f"decoder layers (0 to {count - 1}); pick indices below {count}"
+        )
+
+
+def nemo_target_patterns(lora: LoraSpec) -> list[str]:
+    """Return NeMo LoRA ``target_modules``: plain names, or per-layer wildcards for ``lora.layers``."""
+    if not lora.layers:
+        return list(lora.target_modules)
+    return [f"*.layers.{index}.*.{module}" for index in lora.layers for module in lora.target_modules]

@@ -37,7 +37,7 @@ from zenfed.data.tokenize import tokenize_all
 from zenfed.engines.base import AdapterState, EvalResult, RecordDP, TrainResult, check_compatible
 from zenfed.engines.dp_training import train_dp
 from zenfed.engines.generation import EVAL_BATCH, greedy_generate
-from zenfed.engines.lora_init import deterministic_init
+from zenfed.engines.lora_init import check_layers, deterministic_init, nemo_target_patterns
 from zenfed.engines.nemo_data import PlannedDataModule, batch_plan, nemo_batch
 from zenfed.engines.nemo_keys import is_nemo_lora_name, nemo_to_peft_state, peft_to_nemo_state
 from zenfed.engines.nemo_runtime import NemoRuntime
@@ -157,8 +157,14 @@ class NemoEngine:
             raise ModelError(f"cannot load the tokenizer from {self.model_dir}: {err}") from err
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        from transformers import AutoConfig
+
+        try:
+            check_layers(self.lora, AutoConfig.from_pretrained(self.model_dir), model_dir=self.model_dir)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot read the model config in {self.model_dir}: {err}") from err
         peft = llm.peft.LoRA(
-            target_modules=list(self.lora.target_modules), dim=self.lora.rank,
+            target_modules=nemo_target_patterns(self.lora), dim=self.lora.rank,
             alpha=self.lora.alpha, dropout=self.lora.dropout, dropout_position="pre",
         )
         peft._add_via_setattr = True  # what NeMo's PEFT callback sets for HF models

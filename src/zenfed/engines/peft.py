@@ -27,7 +27,7 @@ from zenfed.engines.base import (
 )
 from zenfed.engines.dp_training import train_dp
 from zenfed.engines.generation import EVAL_BATCH, greedy_generate
-from zenfed.engines.lora_init import deterministic_init
+from zenfed.engines.lora_init import check_layers, deterministic_init
 from zenfed.errors import DataError, ModelError
 from zenfed.spec import LoraSpec, TrainingSpec
 
@@ -41,6 +41,7 @@ def lora_config(lora: LoraSpec, *, base_model_name: str | None = None) -> Any:
         r=lora.rank, lora_alpha=lora.alpha,  # type: ignore[arg-type]
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
+        layers_to_transform=list(lora.layers) if lora.layers else None,
         base_model_name_or_path=base_model_name,
     )
 
@@ -74,6 +75,7 @@ class PeftEngine:
             raise ModelError(f"cannot load base model from {self.model_dir}: {err}") from err
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        check_layers(self.lora, base.config, model_dir=self.model_dir)
         try:
             model = get_peft_model(base, lora_config(self.lora, base_model_name=str(self.model_dir)))
         except ValueError as err:
