@@ -1,9 +1,12 @@
-"""Engine-independent LoRA initialisation, so every site starts round 1 from the same adapter.
+"""Engine-independent LoRA set-up: the initial adapter, and which layers get LoRA.
+
+Every site must start round 1 from the same adapter.
 
 Engines differ in how they initialise LoRA; a federation must not. The initial
 adapter is a function of the tensor names, shapes and the job's seed only:
 ``lora_A`` is Kaiming-uniform (bound 1/sqrt(fan_in), as PEFT's default), and
 ``lora_B`` is zero, so the adapted model starts equal to the base model.
+``lora.layers`` is checked against the model and turned into each engine's targets here.
 """
 
 from __future__ import annotations

@@ -160,9 +160,10 @@ class NemoEngine:
         from transformers import AutoConfig
 
         try:
-            check_layers(self.lora, AutoConfig.from_pretrained(self.model_dir), model_dir=self.model_dir)
+            model_config = AutoConfig.from_pretrained(self.model_dir)
         except (OSError, ValueError) as err:
             raise ModelError(f"cannot read the model config in {self.model_dir}: {err}") from err
+        check_layers(self.lora, model_config, model_dir=self.model_dir)
         peft = llm.peft.LoRA(
             target_modules=nemo_target_patterns(self.lora), dim=self.lora.rank,
             alpha=self.lora.alpha, dropout=self.lora.dropout, dropout_position="pre",
