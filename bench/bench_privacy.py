@@ -61,6 +61,7 @@ class PrivacyBenchConfig:
     local_steps: int
     batch_size: int
     learning_rate: float
+    dp_learning_rate: float
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
@@ -86,19 +87,20 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
 
 TINY = PrivacyBenchConfig(
-    rounds=5, local_steps=4, batch_size=16, learning_rate=2e-2, rank=8, alpha=16.0,
-    target_modules=ALL_LINEAR, clip_norm=1.0, train_per_site=400, test_per_task=20,
+    rounds=5, local_steps=4, batch_size=16, learning_rate=2e-2, dp_learning_rate=2e-2, rank=8,
+    alpha=16.0, target_modules=ALL_LINEAR, clip_norm=1.0, train_per_site=400, test_per_task=20,
     canaries=6, canary_repeats=16, canary_candidates=500,
 )
-# SmolLM2-135M-Instruct: 3 rounds x 4 DP-SGD steps of 32 expected examples a site, over
-# 1200 records a site (a DP arm is about 5 minutes on 2 idle cores). Measured at epsilon 8
-# (seed 0): batches of 8 left eval loss at 5.50; 32 gives 3.70; 64 with LoRA on the top
-# 6 layers 4.14; 64 with rank 1 on v_proj over 8 steps 4.76. More examples per step is what
-# helps; see docs/privacy.md.
+# SmolLM2-135M-Instruct: 3 rounds x 4 steps of 128 expected examples a site, over 1200 records
+# a site. DP wants large batches (the noise per coordinate is sigma/B) and a larger step than
+# plain Adam (with a per-coordinate signal-to-noise ratio below 1, Adam's step along the signal
+# shrinks by that ratio). Tuning runs at epsilon 8, batch 32 (seed 0): learning rate 5e-3 gave
+# eval loss 3.78, 2e-2 1.42, 5e-2 1.08, 1e-1 4.25 (diverged); without DP, 2e-2 beat 5e-3 and
+# 5e-2. Batch 64 at 5e-2 gave 0.86. See docs/privacy.md.
 FULL = PrivacyBenchConfig(
-    rounds=3, local_steps=4, batch_size=32, learning_rate=5e-3, rank=2, alpha=4.0,
-    target_modules=("q_proj", "v_proj"), clip_norm=1.0, train_per_site=1200, test_per_task=15,
-    canaries=3, canary_repeats=30, canary_candidates=200,
+    rounds=3, local_steps=4, batch_size=128, learning_rate=2e-2, dp_learning_rate=5e-2, rank=2,
+    alpha=4.0, target_modules=("q_proj", "v_proj"), clip_norm=1.0, train_per_site=1200,
+    test_per_task=30, canaries=6, canary_repeats=20, canary_candidates=200,
 )
 
 
@@ -175,6 +177,8 @@ def _federated(engine: PeftEngine, start: AdapterState, site_data: dict[str, lis
                config: PrivacyBenchConfig, epsilon: float | None, seed: int) -> tuple[AdapterState,
                                                                                        dict]:
     """FedAvg over the sites; with ``epsilon``, every site trains with DP-SGD at that budget."""
+    rate = config.learning_rate if epsilon is None else config.dp_learning_rate
+    engine.training = engine.training.model_copy(update={"learning_rate": rate})
     plans, accountants = {}, {}
     for site, examples in site_data.items():
         if epsilon is not None:
@@ -200,6 +204,7 @@ def _federated(engine: PeftEngine, start: AdapterState, site_data: dict[str, lis
             optimizer_states[site] = result.optimizer_state
             mean.add(site, result.adapter, weight=float(result.num_examples))
         global_adapter = mean.result()
+        _log(f"epsilon={epsilon}: round {round_index + 1}/{config.rounds} done")
     spent = {site: {"noise_multiplier": round(plans[site].noise_multiplier, 4),
                     "epsilon": round(accountants[site].get_epsilon(plans[site].delta), 4),
                     "delta": plans[site].delta}

@@ -235,3 +235,29 @@ def test_lora_layers_past_the_models_last_layer_are_a_model_error(tiny_model_dir
     # Execute / Assert
     with pytest.raises(ModelError, match=r"layer\(s\) \[2\].*2 decoder layers"):
         engine.initial_adapter()
+
+
+def test_a_batch_larger_than_a_micro_batch_gets_the_whole_batch_gradient(engine, examples):
+    # Prepare: more examples than one micro-batch, with responses of different lengths
+    from zenfed.data.tokenize import collate, tokenize_all
+    from zenfed.engines.peft import MICRO_BATCH
+
+    engine.load_adapter(engine.initial_adapter())
+    model = engine.model
+    batch = tokenize_all(engine.tokenizer, examples, max_len=TRAINING.seq_len)
+    assert len(batch) > MICRO_BATCH
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    whole_loss = model(**collate(batch, pad_id=engine.tokenizer.pad_token_id)).loss
+    whole_loss.backward()
+    expected = {name: p.grad.clone() for name, p in params.items()}
+    model.zero_grad(set_to_none=True)
+
+    # Act
+    loss = engine._accumulate_gradients(batch)
+
+    # Assert: same loss and the same gradient as one pass over the whole batch
+    assert loss == pytest.approx(float(whole_loss), rel=1e-5)
+    for name, p in params.items():
+        assert torch.allclose(p.grad, expected[name], rtol=1e-4, atol=1e-6), name
+    model.zero_grad(set_to_none=True)

@@ -31,6 +31,10 @@ from zenfed.engines.lora_init import check_layers, deterministic_init
 from zenfed.errors import DataError, ModelError
 from zenfed.spec import LoraSpec, TrainingSpec
 
+# Examples per forward and backward pass: larger batches are split and their gradients
+# accumulated, because 128 SmolLM2 examples at once took more than 24 GB.
+MICRO_BATCH = 16
+
 
 def lora_config(lora: LoraSpec, *, base_model_name: str | None = None) -> Any:
     """Return the PEFT ``LoraConfig`` for a spec's LoRA section."""
@@ -153,18 +157,34 @@ class PeftEngine:
             if len(order) < self.training.batch_size:
                 order.extend(torch.randperm(len(data), generator=generator).tolist())
             batch_ids, order = order[: self.training.batch_size], order[self.training.batch_size:]
-            batch = collate([data[i] for i in batch_ids], pad_id=tokenizer.pad_token_id)
-            loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses.append(self._accumulate_gradients([data[i] for i in batch_ids]))
             optimizer.step()
-            losses.append(float(loss.detach()))
         model.eval()
         return TrainResult(
             adapter=self.adapter_state(), num_examples=len(examples), steps=steps,
             train_loss=sum(losses) / len(losses),
             metrics={"train_loss_last": losses[-1]}, optimizer_state=copy.deepcopy(optimizer.state_dict()),
         )
+
+    def _accumulate_gradients(self, batch: list[TokenizedExample]) -> float:
+        """Backpropagate the batch's token-mean loss in micro-batches; return that loss.
+
+        Each micro-batch's mean is weighted by its share of the batch's label tokens, so the
+        accumulated gradient is the whole batch's, while memory is bounded by ``MICRO_BATCH``.
+        """
+        micro = [batch[i:i + MICRO_BATCH] for i in range(0, len(batch), MICRO_BATCH)]
+        collated = [collate(part, pad_id=self._tokenizer.pad_token_id) for part in micro]
+        counts = [int((c["labels"][:, 1:] != -100).sum()) for c in collated]
+        total = sum(counts)  # > 0: tokenize_example refuses examples with no response token
+        loss_sum = 0.0
+        for inputs, count in zip(collated, counts, strict=True):
+            if count == 0:
+                continue
+            loss = self._model(**inputs).loss * (count / total)
+            loss.backward()
+            loss_sum += float(loss.detach())
+        return loss_sum
 
     def _train_dp(
         self, *, data: list[TokenizedExample], optimizer: torch.optim.Optimizer, steps: int, dp: RecordDP,
