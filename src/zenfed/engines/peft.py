@@ -176,11 +176,9 @@ class PeftEngine:
         micro = [batch[i:i + MICRO_BATCH] for i in range(0, len(batch), MICRO_BATCH)]
         collated = [collate(part, pad_id=self._tokenizer.pad_token_id) for part in micro]
         counts = [int((c["labels"][:, 1:] != -100).sum()) for c in collated]
-        total = sum(counts)  # > 0: tokenize_example refuses examples with no response token
+        total = sum(counts)  # every count > 0: tokenize_example refuses examples with no response token
         loss_sum = 0.0
         for inputs, count in zip(collated, counts, strict=True):
-            if count == 0:
-                continue
             loss = self._model(**inputs).loss * (count / total)
             loss.backward()
             loss_sum += float(loss.detach())
