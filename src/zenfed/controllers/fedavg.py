@@ -34,7 +34,7 @@ from zenfed.audit.sink import AuditSink
 from zenfed.controllers.aggregators import Aggregation, PlainFedAvg
 from zenfed.controllers.attestation_gate import AttestationQuorumError, ServerAttestationGate
 from zenfed.controllers.checkpoint import CheckpointStore, RunState
-from zenfed.controllers.result import build_result
+from zenfed.controllers.result import build_result, round_record, round_summary, weighted_eval
 from zenfed.errors import ZenfedError
 from zenfed.spec import JobSpec, parse_model
 from zenfed.wire import decode_adapter, sha256_hex
@@ -150,16 +150,16 @@ class FedLoRAController(Controller):
             new_global = self._run_round(P.TASK_TRAIN, global_state, fl_ctx, abort_signal)
             if abort_signal.triggered or new_global is None:
                 return
-            state.history.append(self._round_record(rnd, started, new_global))
+            state.history.append(round_record(rnd, started, self._aggregation, self._round_sites, new_global))
             global_state = new_global
             state.global_payload, state.global_meta = self._aggregation.to_checkpoint(new_global)
             state.completed_round = rnd
             store.save(state)
-            self.log_info(fl_ctx, f"round {rnd}/{spec.federation.rounds} done: {self._summary(state.history[-1])}")
+            self.log_info(fl_ctx, f"round {rnd}/{spec.federation.rounds} done: {round_summary(state.history[-1])}")
         self._round, self._phase = spec.federation.rounds, "evaluate"
         if self._run_round(P.TASK_EVALUATE, global_state, fl_ctx, abort_signal) is None:
             return
-        final_eval, final_sites = self._weighted_eval(), dict(self._round_sites)
+        final_eval, final_sites = weighted_eval(self._round_sites), dict(self._round_sites)
         released = self._release(global_state, final_sites, fl_ctx, abort_signal)
         state.finished = True
         store.save(state)
@@ -249,7 +249,7 @@ class FedLoRAController(Controller):
             return None
         if task_name == P.TASK_RELEASE:
             return True
-        self._last_eval = self._weighted_eval()
+        self._last_eval = weighted_eval(self._round_sites)
         self._audit.record(E.EVALUATED, round=self._round - 1 if task_name == P.TASK_TRAIN else self._round,
                            scope="federated", metrics={k: float(v) for k, v in self._last_eval.items()})
         if task_name == P.TASK_EVALUATE:
@@ -361,32 +361,6 @@ class FedLoRAController(Controller):
         return self._released
 
     # -- records ---------------------------------------------------------------------------
-    def _weighted_eval(self) -> dict[str, float]:
-        sites = self._round_sites.values()
-        total = sum(m["eval_examples"] for m in sites)
-        if not total:
-            return {}
-        return {"eval_loss": sum(m["eval_loss"] * m["eval_examples"] for m in sites) / total,
-                "accuracy": sum(m["accuracy"] * m["eval_examples"] for m in sites) / total}
-
-    def _round_record(self, rnd: int, started: float, new_global: Any) -> dict[str, Any]:
-        """One row of the history. Sites evaluated the adapter they received: the previous global."""
-        evaluated = self._weighted_eval()
-        losses = [m["train_loss"] for m in self._round_sites.values() if "train_loss" in m]
-        return {
-            "round": rnd, "seconds": round(time.time() - started, 3), "evaluated_round": rnd - 1,
-            "eval_loss": evaluated.get("eval_loss"), "accuracy": evaluated.get("accuracy"),
-            "train_loss": sum(losses) / len(losses) if losses else None,
-            "contributors": sorted(self._aggregation.contributors), "total_weight": self._aggregation.total_weight,
-            "global_adapter_sha256": self._aggregation.digest(new_global), "encrypted": self._aggregation.encrypted,
-            "sites": dict(self._round_sites),
-        }
-
-    @staticmethod
-    def _summary(entry: dict[str, Any]) -> str:
-        return (f"{len(entry['contributors'])} sites, train loss {entry['train_loss']:.4f}, "
-                f"eval loss of round {entry['evaluated_round']} {entry['eval_loss']:.4f}")
-
     def _write_result(self, state: RunState, global_state: Any, released: Any, final_eval: dict[str, float],
                       final_sites: dict[str, dict[str, Any]]) -> None:
         """Write ``zenfed_result.json`` and, if released, the final adapter as a PEFT folder."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+from zenfed.controllers.aggregators import Aggregation
 from zenfed.engines.base import AdapterState
 from zenfed.engines.export import write_peft_adapter
 from zenfed.spec import JobSpec
@@ -13,6 +15,36 @@ from zenfed.wire import encode_adapter, sha256_hex
 
 RESULT_FILE = "zenfed_result.json"
 _EVAL_KEYS = ("eval_loss", "accuracy", "eval_examples")
+
+
+def weighted_eval(round_sites: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Return the sites' evaluation, weighted by each site's number of eval examples."""
+    total = sum(m["eval_examples"] for m in round_sites.values())
+    if not total:
+        return {}
+    return {"eval_loss": sum(m["eval_loss"] * m["eval_examples"] for m in round_sites.values()) / total,
+            "accuracy": sum(m["accuracy"] * m["eval_examples"] for m in round_sites.values()) / total}
+
+
+def round_record(rnd: int, started: float, aggregation: Aggregation, round_sites: dict[str, dict[str, Any]],
+                 new_global: Any) -> dict[str, Any]:
+    """Return one row of the history. Sites evaluated the adapter they received: the previous global."""
+    evaluated = weighted_eval(round_sites)
+    losses = [m["train_loss"] for m in round_sites.values() if "train_loss" in m]
+    return {
+        "round": rnd, "seconds": round(time.time() - started, 3), "evaluated_round": rnd - 1,
+        "eval_loss": evaluated.get("eval_loss"), "accuracy": evaluated.get("accuracy"),
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "contributors": sorted(aggregation.contributors), "total_weight": aggregation.total_weight,
+        "global_adapter_sha256": aggregation.digest(new_global), "encrypted": aggregation.encrypted,
+        "sites": dict(round_sites),
+    }
+
+
+def round_summary(entry: dict[str, Any]) -> str:
+    """Return one line for the server log about a finished round."""
+    return (f"{len(entry['contributors'])} sites, train loss {entry['train_loss']:.4f}, "
+            f"eval loss of round {entry['evaluated_round']} {entry['eval_loss']:.4f}")
 
 
 def shift_evaluations(
