@@ -60,27 +60,36 @@ def _fmt(value: Any, spec: str) -> str:
 def print_round_table(result: dict[str, Any]) -> None:
     """Print federated eval loss and accuracy per round (round 0 is the starting adapter).
 
-    Per site: its local training loss and, with differential privacy, the epsilon it has spent so far.
+    Per site: its local training loss (sites under DP withhold it, and its columns are left
+    out) and, with differential privacy, the epsilon it has spent so far.
     """
     rows: list[tuple[str, dict[str, Any], dict[str, Any]]] = [("0", result.get("baseline", {}), {})]
     rows += [(str(r["round"]), r, r.get("sites", {})) for r in result.get("rounds", [])]
     site_names = sorted({s for _, _, sites in rows for s in sites})
     with_dp = any("privacy" in m for _, _, sites in rows for m in sites.values())
-    columns = [f"{'round':>5}", f"{'eval loss':>9}", f"{'accuracy':>8}", f"{'train loss':>10}"]
-    columns += [f"{'loss ' + s:>12}" for s in site_names]
+    with_loss = any(m.get("train_loss") is not None for _, _, sites in rows for m in sites.values())
+    columns = [f"{'round':>5}", f"{'eval loss':>9}", f"{'accuracy':>8}"]
+    if with_loss:
+        columns += [f"{'train loss':>10}", *(f"{'loss ' + s:>12}" for s in site_names)]
     columns += [f"{'eps ' + s:>10}" for s in site_names] if with_dp else []
     header = "  ".join(columns)
     print(header)
     print("-" * len(header))
     for label, row, sites in rows:
-        cells = [f"{label:>5}", f"{_fmt(row.get('eval_loss'), '9.4f'):>9}", f"{_fmt(row.get('accuracy'), '8.1%'):>8}",
-                 f"{_fmt(row.get('train_loss'), '10.4f'):>10}"]
-        cells += [f"{_fmt(sites.get(s, {}).get('train_loss'), '12.4f'):>12}" for s in site_names]
+        cells = [f"{label:>5}", f"{_fmt(row.get('eval_loss'), '9.4f'):>9}", f"{_fmt(row.get('accuracy'), '8.1%'):>8}"]
+        if with_loss:
+            cells += [f"{_fmt(row.get('train_loss'), '10.4f'):>10}"]
+            cells += [f"{_fmt(sites.get(s, {}).get('train_loss'), '12.4f'):>12}" for s in site_names]
         if with_dp:
             cells += [f"{_fmt(sites.get(s, {}).get('privacy', {}).get('epsilon'), '10.3f'):>10}" for s in site_names]
         print("  ".join(cells))
-    print("(eval loss / accuracy: federated evaluation of the global adapter after that round, weighted by "
-          "validation examples; loss SITE: local training loss; eps SITE: epsilon spent by that site so far)")
+    legend = ["eval loss / accuracy: federated evaluation of the global adapter after that round, weighted by "
+              "validation examples"]
+    legend += ["loss SITE: local training loss"] if with_loss else []
+    legend += ["eps SITE: epsilon spent by that site so far"] if with_dp else []
+    print(f"({'; '.join(legend)})")
+    if with_dp and not with_loss:
+        print("(sites under DP keep their training loss: epsilon does not cover it)")
 
 
 def show_generation(adapter_dir: Path, *, spec: JobSpec, test_file: Path, count: int = 3) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from zenfed.controllers.result import RESULT_FILE, build_result, shift_evaluations
 
 
@@ -121,3 +123,20 @@ def test_build_result_without_a_release_writes_no_adapter(tmp_path):
     assert result["final"]["adapter_dir"] is None and result["final"]["adapter_sha256"] is None
     assert not (tmp_path / "adapter").exists()
     assert (tmp_path / RESULT_FILE).is_file()
+
+
+def test_a_round_of_sites_under_dp_has_no_training_loss_and_its_summary_says_why():
+    # Prepare: two sites answered with evaluations but, under DP, without training losses.
+    from zenfed.controllers.aggregators import PlainFedAvg
+    from zenfed.controllers.result import round_record, round_summary
+
+    sites = {name: {k: v for k, v in site(0.0, loss, 0.5).items() if k != "train_loss"}
+             for name, loss in (("a", 1.0), ("b", 3.0))}
+    sites["b"]["eval_examples"] = 30
+
+    # Act
+    entry = round_record(2, 0.0, PlainFedAvg(), sites, new_global={"lora_B": torch.zeros(2, 2)})
+
+    # Assert: the evaluation is weighted by examples; the training loss is absent, not zero.
+    assert entry["eval_loss"] == (1.0 * 10 + 3.0 * 30) / 40 and entry["train_loss"] is None
+    assert "train loss withheld (DP)" in round_summary(entry)

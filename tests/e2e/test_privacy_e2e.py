@@ -83,6 +83,9 @@ def test_budget_refusal_and_mid_job_exhaustion(tmp_path, tiny_job_spec, small_bu
     assert [r["fields"]["round"] for r in spent] == [1, 2, 3]
     assert spent[-1]["fields"]["epsilon"] <= 8.0 + 1e-9
     eps = [r["sites"]["site-1"]["privacy"]["epsilon"] for r in result["rounds"]]
+    # Under DP no site sends its training loss: it comes from the training records without noise.
+    assert all("train_loss" not in m for r in result["rounds"] for m in r["sites"].values())
+    assert all(r["train_loss"] is None for r in result["rounds"])
     assert eps == pytest.approx([r["fields"]["epsilon"] for r in spent])
     ledger = Path(deployment.site_kits["site-2"]) / "local" / "privacy_ledger.json"
     assert ledger.is_file() and oct(ledger.stat().st_mode & 0o777) == "0o600"

@@ -157,12 +157,14 @@ def render_pdf(report: dict[str, Any], plots: dict[str, bytes]) -> bytes:
         story.append(_p("No round metrics were recorded."))
     sites = s["sites"]
     rows = [[r["round"], format_number(r["eval_loss"]), format_number(r["accuracy"])]
-            + [format_number(r["sites"][x]["train_loss"]) if x in r["sites"] else "n/a"
+            + [format_number(r["sites"][x].get("train_loss")) if x in r["sites"] else "n/a"
                for x in sites]
             for r in report["curves"]["rounds"]]
     n = 3 + len(sites)
     story.append(_table(["Round", "Evaluation loss", "Accuracy"]
                         + [f"{x} training loss" for x in sites], rows, [1 / n] * n))
+    story.append(_p("n/a: not reported. A site under differential privacy keeps its training loss: "
+                    "epsilon does not cover it.", _CELL))
 
     lin = report["lineage"]
     section("lineage", 6)

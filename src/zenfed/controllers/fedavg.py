@@ -317,8 +317,10 @@ class FedLoRAController(Controller):
             self._update_hashes.append(digest)
             self._audit.record(E.UPDATE_RECEIVED, site=site, round=self._round, sha256=digest, size=len(payload),
                                kind=P.UPDATE_KIND, encrypted=self._aggregation.encrypted)
-            metrics.update(train_loss=float(header[P.H_TRAIN_LOSS]), num_examples=int(header[P.H_NUM_EXAMPLES]),
-                           weight=weight, update_sha256=digest, update_bytes=len(payload))
+            metrics.update(num_examples=int(header[P.H_NUM_EXAMPLES]), weight=weight, update_sha256=digest,
+                           update_bytes=len(payload))
+            if header.get(P.H_TRAIN_LOSS) is not None:  # A site under DP withholds it.
+                metrics["train_loss"] = float(header[P.H_TRAIN_LOSS])
         if header.get(P.H_BASE_MODEL_SHA256):
             self._base_model_sha256 = str(header[P.H_BASE_MODEL_SHA256])
         self._round_sites[site] = metrics

@@ -43,8 +43,10 @@ def round_record(rnd: int, started: float, aggregation: Aggregation, round_sites
 
 def round_summary(entry: dict[str, Any]) -> str:
     """Return one line for the server log about a finished round."""
-    return (f"{len(entry['contributors'])} sites, train loss {entry['train_loss']:.4f}, "
-            f"eval loss of round {entry['evaluated_round']} {entry['eval_loss']:.4f}")
+    train = "withheld (DP)" if entry["train_loss"] is None else f"{entry['train_loss']:.4f}"
+    evaluated = "n/a" if entry["eval_loss"] is None else f"{entry['eval_loss']:.4f}"
+    return (f"{len(entry['contributors'])} sites, train loss {train}, "
+            f"eval loss of round {entry['evaluated_round']} {evaluated}")
 
 
 def shift_evaluations(

@@ -236,9 +236,13 @@ class LoRAExecutor(Executor):
                              ledger_head=privacy.ledger_head())
             payload = self._encode_update(update, trained.num_examples, header, out, site)
             out.update({
-                P.H_NUM_EXAMPLES: trained.num_examples, P.H_TRAIN_LOSS: trained.train_loss,
+                P.H_NUM_EXAMPLES: trained.num_examples,
                 P.H_STEPS: trained.steps, P.H_PAYLOAD_SHA256: sha256_hex(payload), P.H_PAYLOAD_BYTES: len(payload),
             })
+            if privacy.level == "none":
+                # Under DP the training loss stays here: it is computed from the training records
+                # without noise, so epsilon would not cover it.
+                out[P.H_TRAIN_LOSS] = trained.train_loss
             reply[P.KEY_PAYLOAD] = payload
             self._keep_sent(rnd, payload)
             self._record(E.UPDATE_SENT, round=rnd, sha256=sha256_hex(payload), size=len(payload),
