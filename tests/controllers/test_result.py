@@ -6,7 +6,14 @@ import json
 
 import torch
 
-from zenfed.controllers.result import RESULT_FILE, build_result, shift_evaluations
+from zenfed.controllers.aggregators import PlainFedAvg
+from zenfed.controllers.result import (
+    RESULT_FILE,
+    build_result,
+    round_record,
+    round_summary,
+    shift_evaluations,
+)
 
 
 def site(train_loss, eval_loss, accuracy, examples=10):
@@ -127,9 +134,6 @@ def test_build_result_without_a_release_writes_no_adapter(tmp_path):
 
 def test_a_round_of_sites_under_dp_has_no_training_loss_and_its_summary_says_why():
     # Prepare: two sites answered with evaluations but, under DP, without training losses.
-    from zenfed.controllers.aggregators import PlainFedAvg
-    from zenfed.controllers.result import round_record, round_summary
-
     sites = {name: {k: v for k, v in site(0.0, loss, 0.5).items() if k != "train_loss"}
              for name, loss in (("a", 1.0), ("b", 3.0))}
     sites["b"]["eval_examples"] = 30
