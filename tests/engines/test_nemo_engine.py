@@ -10,11 +10,13 @@ import torch
 from zenfed.data.builtin import TASKS, make_example
 from zenfed.data.tokenize import collate, tokenize_all
 from zenfed.engines import Engine
+from zenfed.engines.base import RecordDP
 from zenfed.engines.export import write_peft_adapter
 from zenfed.engines.nemo import NemoEngine
 from zenfed.engines.peft import PeftEngine
 from zenfed.engines.tiny import build_tiny_model
 from zenfed.errors import AdapterError, DataError
+from zenfed.privacy.dp import PrivacyAccountant
 from zenfed.spec import LoraSpec, TrainingSpec
 
 LORA = LoraSpec(rank=4, alpha=8.0)
@@ -87,6 +89,44 @@ def test_training_matches_peft_step_for_step(nemo, peft, examples, trained):
     diff = max(float((trained.adapter[k] - reference.adapter[k]).abs().max())
                for k in trained.adapter)
     assert diff < 1e-5
+
+
+def test_dp_sgd_matches_peft_step_for_step_and_keeps_its_optimizer_across_rounds(nemo, peft, examples):
+    # Prepare: no noise and every record in every batch make DP-SGD deterministic; a clip
+    # norm this small clips every example's gradient, so the clipping is compared too.
+    exact = RecordDP(noise_multiplier=0.0, clip_norm=0.05, sample_rate=1.0, accountant=None)
+    data = examples[:8]
+    rounds = {}
+
+    # Execute: two rounds in each engine, the second from the first's adapter and optimizer.
+    for engine in (nemo, peft):
+        first = engine.train(adapter=engine.initial_adapter(), examples=data, steps=2, seed=0, dp=exact)
+        second = engine.train(adapter=first.adapter, examples=data, steps=2, seed=0, dp=exact,
+                              optimizer_state=first.optimizer_state)
+        rounds[engine.name] = (first, second)
+
+    # Assert: the same clipped steps, and the site's Adam moments carried into round 2.
+    for index in (0, 1):
+        ours, theirs = rounds["nemo"][index].adapter, rounds["peft"][index].adapter
+        assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-5
+    steps = {int(state["step"]) for state in rounds["nemo"][1].optimizer_state["state"].values()}
+    assert steps == {4}
+
+
+def test_dp_sgd_through_nemo_is_noisy_and_accounted(nemo, examples):
+    # Prepare
+    accountants = [PrivacyAccountant(), PrivacyAccountant()]
+    start = nemo.initial_adapter()
+
+    # Execute: the same seed twice, at a Poisson rate of 4 records in 24.
+    results = [nemo.train(adapter=start, examples=examples, steps=3, seed=1,
+                          dp=RecordDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=4 / 24, accountant=a))
+               for a in accountants]
+
+    # Assert: every step was accounted at the true rate, and the noise is not the seed's.
+    assert accountants[0].history == [{"noise_multiplier": 1.0, "sample_rate": 4 / 24, "num_steps": 3}]
+    assert results[0].metrics["dp_steps"] == 3
+    assert any(not torch.equal(results[0].adapter[k], results[1].adapter[k]) for k in start)
 
 
 def test_training_reduces_loss(nemo, examples, trained):

@@ -17,6 +17,7 @@ causal LM), ``llm.peft.LoRA`` and a NeMo ``Trainer``. What this engine adds:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -245,8 +246,9 @@ class NemoEngine:
         Lightning's fit loop does not expose, so DP steps run in zenfed's own loop on the
         same module, optimizer and data (see ``engines/dp_training.py``).
 
-        ``optimizer_state`` is not carried over here: NeMo's fit builds its optimizer each
-        round, so a NeMo site restarts AdamW every round.
+        ``optimizer_state`` carries the site's AdamW moments from round to round under DP,
+        where zenfed's loop owns the optimizer, as the PEFT engine does. Plain training does
+        not take it: NeMo's fit builds its optimizer each round, so it restarts AdamW.
         """
         from nemo import lightning as nl
         from nemo.collections import llm
@@ -262,10 +264,13 @@ class NemoEngine:
             hf_model = self._module.model
             params = [p for p in hf_model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=self.training.learning_rate, weight_decay=0.0)
+            if optimizer_state is not None:
+                optimizer.load_state_dict(optimizer_state)
             loss, metrics = train_dp(hf_model, data=data, optimizer=optimizer, steps=steps, dp=dp,
                                      pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size)
             return TrainResult(adapter=self.adapter_state(), num_examples=len(examples), steps=steps,
-                               train_loss=loss, metrics=metrics)
+                               train_loss=loss, metrics=metrics,
+                               optimizer_state=copy.deepcopy(optimizer.state_dict()))
         plan = batch_plan(len(data), batch_size=self.training.batch_size, steps=steps, seed=seed)
         datamodule = PlannedDataModule(
             data=data, plan=plan, pad_id=self._tokenizer.pad_token_id, seq_len=self.training.seq_len
