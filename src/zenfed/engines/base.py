@@ -32,6 +32,19 @@ class TrainResult:
     optimizer_state: Any = None  # The site's optimizer moments: kept at the site for its next round, never sent.
 
 
+def site_optimizer(model: torch.nn.Module, *, learning_rate: float, state: Any = None) -> torch.optim.Optimizer:
+    """Return AdamW over ``model``'s trainable parameters, resuming the site's ``state`` if given.
+
+    The moments carry over between rounds (``TrainResult.optimizer_state``): restarting
+    them each round makes every round open with full-size, sign-like steps.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    if state is not None:
+        optimizer.load_state_dict(state)
+    return optimizer
+
+
 @dataclass(frozen=True)
 class EvalResult:
     """Loss (mean over response tokens) and exact-match accuracy on a dataset."""

@@ -35,7 +35,14 @@ import torch
 
 from zenfed.data.jsonl import Example, exact_match
 from zenfed.data.tokenize import tokenize_all
-from zenfed.engines.base import AdapterState, EvalResult, RecordDP, TrainResult, check_compatible
+from zenfed.engines.base import (
+    AdapterState,
+    EvalResult,
+    RecordDP,
+    TrainResult,
+    check_compatible,
+    site_optimizer,
+)
 from zenfed.engines.dp_training import train_dp
 from zenfed.engines.generation import EVAL_BATCH, greedy_generate
 from zenfed.engines.lora_init import check_layers, deterministic_init, nemo_target_patterns
@@ -262,10 +269,7 @@ class NemoEngine:
         data = tokenize_all(self._tokenizer, examples, max_len=self.training.seq_len)
         if dp is not None:
             hf_model = self._module.model
-            params = [p for p in hf_model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=self.training.learning_rate, weight_decay=0.0)
-            if optimizer_state is not None:
-                optimizer.load_state_dict(optimizer_state)
+            optimizer = site_optimizer(hf_model, learning_rate=self.training.learning_rate, state=optimizer_state)
             loss, metrics = train_dp(hf_model, data=data, optimizer=optimizer, steps=steps, dp=dp,
                                      pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size)
             return TrainResult(adapter=self.adapter_state(), num_examples=len(examples), steps=steps,

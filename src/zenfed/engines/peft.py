@@ -23,6 +23,7 @@ from zenfed.engines.base import (
     RecordDP,
     TrainResult,
     check_compatible,
+    site_optimizer,
     to_wire,
 )
 from zenfed.engines.dp_training import train_dp
@@ -140,12 +141,7 @@ class PeftEngine:
         self.load_adapter(adapter)
         model, tokenizer = self._model, self._tokenizer
         data = tokenize_all(tokenizer, examples, max_len=self.training.seq_len)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.training.learning_rate, weight_decay=0.0)
-        if optimizer_state is not None:
-            # The site's Adam moments carry over between rounds; restarting them each round
-            # makes every round open with full-size, sign-like steps.
-            optimizer.load_state_dict(optimizer_state)
+        optimizer = site_optimizer(model, learning_rate=self.training.learning_rate, state=optimizer_state)
         if dp is not None:
             result = self._train_dp(data=data, optimizer=optimizer, steps=steps, dp=dp)
             return replace(result, optimizer_state=copy.deepcopy(optimizer.state_dict()))
