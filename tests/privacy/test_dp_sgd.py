@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from zenfed.privacy.dp import DPSGD, PoissonSampler, PrivacyAccountant, PrivacyError
-from zenfed.privacy.dp_sgd import eager_attention, label_positions
+from zenfed.privacy.dp_sgd import label_positions
 
 
 @pytest.fixture(scope="module")
@@ -258,11 +258,20 @@ def test_label_positions_pick_the_token_before_each_label():
     assert targets.tolist() == [[11, 12], [21, -100], [-100, -100]]
 
 
-def test_eager_attention_is_restored_after_the_block(model):
-    config = model.get_base_model().config
-    before = config._attn_implementation
+def test_per_example_hooks_are_removed_after_each_call(model):
+    # Prepare
+    input_ids, attention_mask, labels = _batch()
+    dp = DPSGD(model, clip_norm=1.0, noise_multiplier=0.0, sample_rate=1.0, num_records=4, chunk_size=3)
 
-    with eager_attention(model):
-        assert config._attn_implementation == "eager"
+    # Execute: two calls in a row (attaching twice would raise), then a plain backward.
+    for _ in range(2):
+        grads, _ = dp.per_example_grads(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    model.zero_grad()
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
 
-    assert config._attn_implementation == before
+    # Assert: micro-batches of 3 and 1 still give one row per example, and nothing of the
+    # hooks is left on the model.
+    assert all(g.shape[0] == 4 for g in grads.values())
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    model.zero_grad()

@@ -17,9 +17,9 @@ import torch
 from zenfed.data.tokenize import TokenizedExample, collate
 from zenfed.engines.base import RecordDP
 
-# Examples per vmap chunk: per-example activations of every layer are held at once, and a
-# 64-example chunk of SmolLM2 with LoRA on all 30 layers took 23 GB (killed for memory).
-MAX_VMAP_CHUNK = 16
+# Examples per forward and backward pass of a DP step: the pass holds every layer's
+# activations for all of them (as plain training's MICRO_BATCH does).
+MAX_DP_MICRO_BATCH = 16
 
 
 def collate_poisson(batch: Sequence[TokenizedExample], *, pad_id: int) -> dict[str, torch.Tensor]:
@@ -45,7 +45,7 @@ def train_dp(
 
     private = DPSGD(
         model, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
-        num_records=len(data), accountant=dp.accountant, chunk_size=max(1, min(chunk_size, MAX_VMAP_CHUNK)),
+        num_records=len(data), accountant=dp.accountant, chunk_size=max(1, min(chunk_size, MAX_DP_MICRO_BATCH)),
     )
     sampler = PoissonSampler(num_records=len(data), sample_rate=dp.sample_rate, num_steps=steps)
     losses: list[float] = []

@@ -1,8 +1,8 @@
 """Record-level DP-SGD on the trainable (LoRA) parameters of a causal language model.
 
-Per-example gradients come from ``torch.func`` (``functional_call`` + ``vmap`` +
-``grad``), taken only with respect to the parameters that require grad, so a
-PEFT model's frozen base weights cost nothing extra. Each example's gradient is
+Per-example gradients come from Opacus' per-sample-gradient hooks on the
+trainable (LoRA) layers, in one batched forward and backward pass, so a PEFT
+model's frozen base weights cost nothing extra. Each example's gradient is
 clipped to L2 norm C, the clipped gradients are summed, Gaussian noise of std
 sigma*C is added, and the result is divided by the expected batch size q*n. The
 result is written to ``.grad``, so any optimizer can step.
@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call, grad_and_value, vmap
 
 from zenfed.privacy.dp_accountant import PrivacyAccountant, _check_rate, _positive
 from zenfed.privacy.dp_errors import PrivacyError
@@ -90,21 +89,6 @@ class DPStepStats:
     clipped_fraction: float | None
 
 
-def causal_mask_4d(attention_mask: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
-    """Return an additive (1, 1, T, T) causal+padding mask for one example's 1-D mask.
-
-    Hugging Face models build masks with data-dependent branches that ``vmap``
-    cannot trace; a ready 4-D mask is used as is. Masked entries take the
-    dtype's finite minimum (not -inf), so a fully padded row stays finite.
-    """
-    length = attention_mask.shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
-    allowed = causal & attention_mask.bool()[None, :]
-    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
-    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
-    return torch.where(allowed, zero, low)[None, None]
-
-
 def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Return, per row, the positions whose next token is a label, and those labels.
 
@@ -127,27 +111,26 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the (possibly PEFT-wrapped) Hugging Face model can compute only some logits."""
     get_base = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    forward = getattr(base, "forward", None)
+    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
 
 
 @contextmanager
-def eager_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Use eager attention inside the block.
+def per_sample_hooks(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Attach Opacus' per-sample-gradient hooks to ``model`` for the block; yield the hooked module.
 
-    ``vmap`` has no batching rule for CPU scaled-dot-product attention and falls back to
-    a loop over examples; eager attention is plain matmuls, which it batches (~25% faster
-    a step here). Models without a Hugging Face config are left as they are.
+    After each backward pass inside the block, every trainable parameter carries a
+    ``grad_sample`` of shape (batch, *shape). The hooks and every attribute Opacus adds are
+    removed on exit, so a plain forward or backward afterwards costs nothing extra.
     """
-    configs = {id(c): c for m in model.modules()
-               if (c := getattr(m, "config", None)) is not None and hasattr(c, "_attn_implementation")}
-    before = {key: config._attn_implementation for key, config in configs.items()}
+    from opacus.grad_sample import GradSampleModule
+
+    # strict=False: modules Opacus has no rule for get per-sample gradients from torch.func.
+    hooked = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
     try:
-        for config in configs.values():
-            config._attn_implementation = "eager"
-        yield
+        yield hooked
     finally:
-        for key, config in configs.items():
-            config._attn_implementation = before[key]
+        hooked.cleanup()
 
 
 class DPSGD:
@@ -163,7 +146,7 @@ class DPSGD:
         num_records: n, the site's training records; the sum is divided by q * n.
         accountant: if given, one step is composed on every call.
         generator: noise source; default a securely seeded one.
-        chunk_size: examples per ``vmap`` chunk (bounds memory); None for all at once.
+        chunk_size: examples per forward and backward pass (bounds memory); None for all at once.
 
     """
 
@@ -198,46 +181,67 @@ class DPSGD:
         if not self.params:
             raise PrivacyError("the model has no trainable parameters; add LoRA adapters first")
 
-    def _example_loss(
-        self,
-        params: dict[str, torch.Tensor],
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        positions: torch.Tensor,
-        targets: torch.Tensor,
+    def _batch_losses(
+        self, hooked: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
     ) -> torch.Tensor:
-        # One example: mean next-token cross-entropy over its label tokens. Only the logits at
-        # ``positions`` (the tokens before each label) are computed: the output layer over the
-        # whole vocabulary at every prompt token was ~40% of a step, for no loss.
-        first = next(iter(params.values()))
-        mask = causal_mask_4d(attention_mask, dtype=first.dtype)
-        kwargs = {"input_ids": input_ids[None], "attention_mask": mask, "use_cache": False}
+        """Return each example's mean next-token cross-entropy over its label tokens, ``(B,)``.
+
+        Only the logits at positions some example has a label after are computed: the output
+        layer over the whole vocabulary at every prompt token was ~40% of a step, for no loss.
+        """
+        positions, targets = label_positions(labels)
+        kept = positions[targets != IGNORE_INDEX].unique()
+        if kept.numel() == 0:
+            kept = torch.zeros(1, dtype=torch.long, device=labels.device)
+        kwargs: dict[str, object] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if self._keeps_logits:
-            kwargs["logits_to_keep"] = positions
-        out = functional_call(self.model, params, args=(), kwargs=kwargs, strict=False)
+            kwargs["logits_to_keep"] = kept
+        out = hooked(**kwargs)
         logits = out if isinstance(out, torch.Tensor) else out.logits
-        logits = logits[0] if self._keeps_logits else logits[0, positions]
-        total = torch.nn.functional.cross_entropy(
-            logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        if not self._keeps_logits:
+            logits = logits[:, kept]
+        # Column of each (row, label) position among the kept ones; filler entries are ignored.
+        columns = torch.searchsorted(kept, positions).clamp(max=kept.numel() - 1)
+        chosen = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))
+        token_loss = torch.nn.functional.cross_entropy(
+            chosen.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
         )
-        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return token_loss.sum(dim=1) / (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
 
     def per_example_grads(
         self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Return per-example gradients ``{name: (B, *shape)}`` and per-example losses ``(B,)``."""
-        params = {n: p.detach() for n, p in self.params.items()}
-        positions, targets = label_positions(labels)
-        fn = vmap(
-            grad_and_value(self._example_loss),
-            in_dims=(None, 0, 0, 0, 0),
-            randomness="different",
-            chunk_size=self.chunk_size,
-        )
-        with warnings.catch_warnings(), eager_attention(self.model):
-            warnings.filterwarnings("ignore", message=".*performance drop.*")
-            grads, losses = fn(params, input_ids, attention_mask, positions, targets)
-        return grads, losses
+        """Return per-example gradients ``{name: (B, *shape)}`` and per-example losses ``(B,)``.
+
+        One batched forward and backward per micro-batch of ``chunk_size`` examples, with
+        Opacus' hooks turning each trainable layer's activations and output gradients into
+        per-example gradients. Examples do not interact in a causal LM (each row has its own
+        attention mask), so the gradient of the summed per-example losses splits exactly.
+        """
+        batch = int(input_ids.shape[0])
+        step = self.chunk_size or max(batch, 1)
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.params}
+        losses: list[torch.Tensor] = []
+        # The backward pass also sums into .grad; the caller's .grad is put back afterwards.
+        saved = {name: param.grad for name, param in self.params.items()}
+        for param in self.params.values():
+            param.grad = None  # else backward would add into the saved tensor in place
+        with per_sample_hooks(self.model) as hooked, warnings.catch_warnings():
+            # The frozen layers below the first adapter need no input gradient; torch warns.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for start in range(0, batch, step):
+                rows = slice(start, start + step)
+                example_losses = self._batch_losses(hooked, input_ids[rows], attention_mask[rows], labels[rows])
+                example_losses.sum().backward()
+                losses.append(example_losses.detach())
+                for name, param in self.params.items():
+                    parts[name].append(param.grad_sample.detach())  # type: ignore[attr-defined]
+                    param.grad_sample = None  # type: ignore[attr-defined]
+                    param.grad = None
+        for name, param in self.params.items():
+            param.grad = saved[name]
+        grads = {name: torch.cat(chunks) for name, chunks in parts.items()}
+        return grads, torch.cat(losses) if losses else torch.zeros(0)
 
     def privatize_grads(
         self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
