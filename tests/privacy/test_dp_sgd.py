@@ -275,3 +275,15 @@ def test_per_example_hooks_are_removed_after_each_call(model):
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     model.zero_grad()
+
+
+def test_an_empty_batch_has_no_per_example_gradients(model):
+    dp = DPSGD(model, clip_norm=1.0, noise_multiplier=0.0, sample_rate=0.5, num_records=4)
+    empty = torch.zeros(0, 12, dtype=torch.long)
+
+    grads, losses = dp.per_example_grads(input_ids=empty, attention_mask=empty, labels=empty)
+
+    assert losses.shape == (0,)
+    assert {n: tuple(g.shape) for n, g in grads.items()} == {
+        n: (0, *p.shape) for n, p in _trainable(model).items()
+    }

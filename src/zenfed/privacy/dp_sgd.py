@@ -115,6 +115,19 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
 
 
+def _take_grad_sample(name: str, param: torch.Tensor) -> torch.Tensor:
+    """Return and clear a parameter's per-example gradient from the last backward pass."""
+    sample = getattr(param, "grad_sample", None)
+    if not isinstance(sample, torch.Tensor):
+        raise PrivacyError(
+            f"no per-example gradient for trainable parameter {name}: its layer has state that "
+            "mixes examples (e.g. a buffer); train LoRA on linear layers only"
+        )
+    param.grad_sample = None  # type: ignore[attr-defined]
+    param.grad = None
+    return sample.detach()
+
+
 @contextmanager
 def per_sample_hooks(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Attach Opacus' per-sample-gradient hooks to ``model`` for the block; yield the hooked module.
@@ -219,29 +232,30 @@ class DPSGD:
         attention mask), so the gradient of the summed per-example losses splits exactly.
         """
         batch = int(input_ids.shape[0])
-        step = self.chunk_size or max(batch, 1)
+        if batch == 0:
+            return {n: p.new_zeros((0, *p.shape)) for n, p in self.params.items()}, torch.zeros(0)
+        step = self.chunk_size or batch
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.params}
         losses: list[torch.Tensor] = []
         # The backward pass also sums into .grad; the caller's .grad is put back afterwards.
         saved = {name: param.grad for name, param in self.params.items()}
         for param in self.params.values():
             param.grad = None  # else backward would add into the saved tensor in place
-        with per_sample_hooks(self.model) as hooked, warnings.catch_warnings():
-            # The frozen layers below the first adapter need no input gradient; torch warns.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            for start in range(0, batch, step):
-                rows = slice(start, start + step)
-                example_losses = self._batch_losses(hooked, input_ids[rows], attention_mask[rows], labels[rows])
-                example_losses.sum().backward()
-                losses.append(example_losses.detach())
-                for name, param in self.params.items():
-                    parts[name].append(param.grad_sample.detach())  # type: ignore[attr-defined]
-                    param.grad_sample = None  # type: ignore[attr-defined]
-                    param.grad = None
-        for name, param in self.params.items():
-            param.grad = saved[name]
-        grads = {name: torch.cat(chunks) for name, chunks in parts.items()}
-        return grads, torch.cat(losses) if losses else torch.zeros(0)
+        try:
+            with per_sample_hooks(self.model) as hooked, warnings.catch_warnings():
+                # The frozen layers below the first adapter need no input gradient; torch warns.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                for start in range(0, batch, step):
+                    rows = slice(start, start + step)
+                    example_losses = self._batch_losses(hooked, input_ids[rows], attention_mask[rows], labels[rows])
+                    example_losses.sum().backward()
+                    losses.append(example_losses.detach())
+                    for name, param in self.params.items():
+                        parts[name].append(_take_grad_sample(name, param))
+        finally:
+            for name, param in self.params.items():
+                param.grad = saved[name]
+        return {name: torch.cat(chunks) for name, chunks in parts.items()}, torch.cat(losses)
 
     def privatize_grads(
         self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
