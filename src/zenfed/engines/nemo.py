@@ -249,9 +249,10 @@ class NemoEngine:
         """Train ``steps`` AdamW steps from ``adapter`` on ``examples`` via ``llm.api.finetune``.
 
         With ``dp`` set, the steps are DP-SGD on the HF module NeMo wraps (its LoRA layers
-        are NeMo's): per-example gradients need a functional forward of each example, which
-        Lightning's fit loop does not expose, so DP steps run in zenfed's own loop on the
-        same module, optimizer and data (see ``engines/dp_training.py``).
+        are NeMo's). A DP step needs a Poisson batch (of varying size, possibly empty) and
+        its clipped, noised gradient in place before the optimizer steps; NeMo's data module
+        and fit loop draw fixed-size shuffled batches, so DP steps run in zenfed's own loop
+        on the same module, optimizer and data (see ``engines/dp_training.py``).
 
         ``optimizer_state`` carries the site's AdamW moments from round to round under DP,
         where zenfed's loop owns the optimizer, as the PEFT engine does. Plain training does
