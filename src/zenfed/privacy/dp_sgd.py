@@ -111,8 +111,7 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the (possibly PEFT-wrapped) Hugging Face model can compute only some logits."""
     get_base = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model
-    forward = getattr(base, "forward", None)
-    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def _take_grad_sample(name: str, param: torch.Tensor) -> torch.Tensor:
