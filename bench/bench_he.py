@@ -22,10 +22,10 @@ import time
 import numpy as np
 import torch
 
-from zenfed.privacy.he import EncryptedSum, Encryptor, UpdateLayout, decrypt_sum, fingerprint
-from zenfed.privacy.he_context import make_public_context, make_secret_context
-from zenfed.privacy.he_envelope import open_envelope, seal_envelope
-from zenfed.privacy.he_params import packing_for
+from zenfed.privacy.he.ckks import EncryptedSum, Encryptor, UpdateLayout, decrypt_sum, fingerprint
+from zenfed.privacy.he.context import make_public_context, make_secret_context
+from zenfed.privacy.he.envelope import open_envelope, seal_envelope
+from zenfed.privacy.he.params import packing_for
 from zenfed.spec import EncryptionSpec
 
 # SmolLM2-135M (LlamaForCausalLM) configuration.

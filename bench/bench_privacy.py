@@ -41,10 +41,10 @@ from zenfed.controllers.aggregators import WeightedMean
 from zenfed.data.builtin import make_builtin
 from zenfed.data.jsonl import Example, Message, load_jsonl
 from zenfed.data.tokenize import collate, tokenize_all
-from zenfed.engines.base import AdapterState, RecordDP
 from zenfed.engines.peft import PeftEngine
 from zenfed.privacy.dp import PrivacyAccountant, plan_record_dp
 from zenfed.spec import LoraSpec, TrainingSpec
+from zenfed.types import AdapterState, RecordDP
 
 THREADS = 2
 EPSILONS: tuple[float | None, ...] = (None, 8.0, 3.0, 1.0)

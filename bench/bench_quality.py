@@ -33,9 +33,9 @@ import torch
 from zenfed.controllers.aggregators import WeightedMean
 from zenfed.data.builtin import make_builtin
 from zenfed.data.jsonl import Example, load_jsonl
-from zenfed.engines.base import AdapterState
 from zenfed.engines.peft import PeftEngine
 from zenfed.spec import LoraSpec, TrainingSpec
+from zenfed.types import AdapterState
 
 THREADS = 2
 

@@ -13,8 +13,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from zenfed.engines.base import AdapterState
 from zenfed.errors import AdapterError
+from zenfed.types import AdapterState
 
 _MAX_TENSORS = 100_000
 

@@ -14,7 +14,7 @@ from zenfed.engines.tiny import build_tiny_model
 from zenfed.jobs import export_job
 from zenfed.jobs.simulate import builtin_policies, run_simulation
 from zenfed.jobs.submit import load_result, submit
-from zenfed.privacy.he_context import context_has_secret_key, load_context
+from zenfed.privacy.he.context import context_has_secret_key, load_context
 from zenfed.provisioning.deploy import down, up
 from zenfed.provisioning.project import provision
 from zenfed.spec import JobSpec
@@ -107,7 +107,7 @@ def test_deployment_server_never_holds_a_secret_key(
     assert server_files
     assert not [p for p in server_files if context_has_secret_key(p)]
     # The server's context cannot decrypt; a site's can.
-    from zenfed.privacy.he_context import SERVER_CONTEXT_FILE, SITE_CONTEXT_FILE
+    from zenfed.privacy.he.context import SERVER_CONTEXT_FILE, SITE_CONTEXT_FILE
 
     server_ctx = load_context(server_kit / "startup" / SERVER_CONTEXT_FILE, require_secret=False)
     assert not server_ctx.has_secret_key

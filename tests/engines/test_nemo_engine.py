@@ -10,7 +10,6 @@ import torch
 from zenfed.data.builtin import TASKS, make_example
 from zenfed.data.tokenize import collate, tokenize_all
 from zenfed.engines import Engine
-from zenfed.engines.base import RecordDP
 from zenfed.engines.export import write_peft_adapter
 from zenfed.engines.nemo import NemoEngine
 from zenfed.engines.peft import PeftEngine
@@ -18,6 +17,7 @@ from zenfed.engines.tiny import build_tiny_model
 from zenfed.errors import AdapterError, DataError
 from zenfed.privacy.dp import PrivacyAccountant
 from zenfed.spec import LoraSpec, TrainingSpec
+from zenfed.types import RecordDP
 
 LORA = LoraSpec(rank=4, alpha=8.0)
 TRAINING = TrainingSpec(batch_size=4, seq_len=128, learning_rate=1e-2, seed=3)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from zenfed.data.builtin import TASKS, make_example
-from zenfed.engines.base import RecordDP
 from zenfed.engines.peft import PeftEngine
 from zenfed.privacy.dp import PrivacyAccountant
 from zenfed.spec import LoraSpec, TrainingSpec
+from zenfed.types import RecordDP
 
 LORA = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 TRAINING = TrainingSpec(batch_size=4, seq_len=96, learning_rate=1e-2, seed=11)

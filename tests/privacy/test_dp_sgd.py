@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from zenfed.privacy.dp import DPSGD, PoissonSampler, PrivacyAccountant, PrivacyError
-from zenfed.privacy.dp_sgd import label_positions
+from zenfed.privacy.dp.sgd import label_positions
 
 
 @pytest.fixture(scope="module")

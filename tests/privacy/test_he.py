@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from zenfed.privacy.he import (
+from zenfed.privacy.he.ckks import (
     EncryptedSum,
     Encryptor,
     UpdateLayout,
@@ -15,9 +15,9 @@ from zenfed.privacy.he import (
     pack_values,
     unpack_values,
 )
-from zenfed.privacy.he_context import make_public_context, make_secret_context
-from zenfed.privacy.he_params import HEError, HEKeyError, PackingConfig, slot_layout
-from zenfed.privacy.he_wire import HEDecodeError
+from zenfed.privacy.he.context import make_public_context, make_secret_context
+from zenfed.privacy.he.params import HEError, HEKeyError, PackingConfig, slot_layout
+from zenfed.privacy.he.wire import HEDecodeError
 
 QUANT = PackingConfig(quant_bits=16, max_sites=64, clip=0.05)
 REAL = PackingConfig(quant_bits=None, max_sites=64)

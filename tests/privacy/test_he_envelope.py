@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zenfed.privacy.he import (
+from zenfed.privacy.he.ckks import (
     EncryptedSum,
     Encryptor,
     UpdateLayout,
@@ -13,8 +13,8 @@ from zenfed.privacy.he import (
     expected_ciphertext_bytes,
     fingerprint,
 )
-from zenfed.privacy.he_context import make_public_context, make_secret_context
-from zenfed.privacy.he_envelope import (
+from zenfed.privacy.he.context import make_public_context, make_secret_context
+from zenfed.privacy.he.envelope import (
     EnvelopeError,
     HashMismatchError,
     LengthMismatchError,
@@ -25,8 +25,8 @@ from zenfed.privacy.he_envelope import (
     open_envelope,
     seal_envelope,
 )
-from zenfed.privacy.he_params import PackingConfig
-from zenfed.privacy.he_wire import HEDecodeError
+from zenfed.privacy.he.params import PackingConfig
+from zenfed.privacy.he.wire import HEDecodeError
 
 PACKING = PackingConfig()
 UPDATE = {"a": torch.full((40, 8), 0.01), "b": torch.full((8, 40), -0.02)}

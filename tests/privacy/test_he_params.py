@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from zenfed.privacy.he_context import (
+from zenfed.privacy.he.context import (
     HEContext,
     context_from_bytes,
     context_has_secret_key,
@@ -18,7 +18,7 @@ from zenfed.privacy.he_context import (
     make_secret_context,
     save_context,
 )
-from zenfed.privacy.he_params import (
+from zenfed.privacy.he.params import (
     HEError,
     HEKeyError,
     HEParams,

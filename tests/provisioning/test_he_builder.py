@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from zenfed.privacy.he import EncryptedSum, Encryptor, UpdateLayout, decrypt_sum
-from zenfed.privacy.he_context import (
+from zenfed.privacy.he.ckks import EncryptedSum, Encryptor, UpdateLayout, decrypt_sum
+from zenfed.privacy.he.context import (
     SERVER_CONTEXT_FILE,
     SITE_CONTEXT_FILE,
     context_has_secret_key,
     load_context,
 )
-from zenfed.privacy.he_params import HEKeyError, PackingConfig
+from zenfed.privacy.he.params import HEKeyError, PackingConfig
 
 PROJECT = """\
 api_version: 3
@@ -104,7 +104,7 @@ def test_the_server_context_adds_but_cannot_decrypt(kits):
 
 
 def test_the_builder_refuses_parameters_below_128_bits():
-    from zenfed.privacy.he_params import HESecurityError
+    from zenfed.privacy.he.params import HESecurityError
     from zenfed.provisioning.he_builder import HEContextBuilder
 
     with pytest.raises(HESecurityError):

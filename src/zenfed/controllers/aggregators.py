@@ -13,8 +13,8 @@ from typing import Any, Protocol
 import torch
 
 from zenfed import protocol as P
-from zenfed.engines.base import AdapterState, check_compatible
 from zenfed.errors import ZenfedError
+from zenfed.types import AdapterState, check_compatible
 from zenfed.wire import decode_adapter, encode_adapter, sha256_hex
 
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from zenfed import protocol as P
 from zenfed.errors import ZenfedError
-from zenfed.privacy.he import EncryptedSum, expected_ciphertext_bytes, fingerprint
-from zenfed.privacy.he_context import SERVER_CONTEXT_FILE, HEContext, load_context
-from zenfed.privacy.he_envelope import open_envelope, read_envelope
-from zenfed.privacy.he_params import packing_for
+from zenfed.privacy.he.ckks import EncryptedSum, expected_ciphertext_bytes, fingerprint
+from zenfed.privacy.he.context import SERVER_CONTEXT_FILE, HEContext, load_context
+from zenfed.privacy.he.envelope import open_envelope, read_envelope
+from zenfed.privacy.he.params import packing_for
 from zenfed.spec import EncryptionSpec
 from zenfed.wire import sha256_hex
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from zenfed.controllers.aggregators import Aggregation
-from zenfed.engines.base import AdapterState
 from zenfed.engines.export import write_peft_adapter
 from zenfed.spec import JobSpec
+from zenfed.types import AdapterState
 from zenfed.wire import encode_adapter, sha256_hex
 
 RESULT_FILE = "zenfed_result.json"

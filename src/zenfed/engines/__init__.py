@@ -9,9 +9,10 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from zenfed.engines.base import AdapterState, Engine, EvalResult, TrainResult
+from zenfed.engines.base import Engine, EvalResult, TrainResult
 from zenfed.errors import ModelError
 from zenfed.spec import JobSpec
+from zenfed.types import AdapterState
 
 # name -> "module:Class"; imported lazily so a PEFT-only site never imports NeMo.
 ENGINES: dict[str, str] = {

@@ -15,9 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from zenfed.data.jsonl import Example
-from zenfed.errors import AdapterError
-
-AdapterState = dict[str, torch.Tensor]
+from zenfed.types import AdapterState, RecordDP
 
 
 @dataclass(frozen=True)
@@ -54,21 +52,6 @@ class EvalResult:
     num_examples: int
 
 
-@dataclass
-class RecordDP:
-    """Record-level DP-SGD for one round of local training.
-
-    Batches are Poisson-sampled at ``sample_rate``; each example's gradient is
-    clipped to ``clip_norm`` and Gaussian noise of ``noise_multiplier * clip_norm``
-    is added to their sum. ``accountant`` (a ``zenfed.privacy.dp.PrivacyAccountant``)
-    is stepped once per optimizer step.
-    """
-
-    noise_multiplier: float
-    clip_norm: float
-    sample_rate: float
-    accountant: Any
-
 
 @runtime_checkable
 class Engine(Protocol):
@@ -103,23 +86,3 @@ class Engine(Protocol):
 def to_wire(state: dict[str, torch.Tensor]) -> AdapterState:
     """Return a detached, contiguous float32 CPU copy of ``state``, sorted by name."""
     return {k: state[k].detach().to(device="cpu", dtype=torch.float32).contiguous().clone() for k in sorted(state)}
-
-
-def check_compatible(expected: AdapterState, received: AdapterState, *, what: str) -> None:
-    """Raise AdapterError unless ``received`` has exactly the names and shapes of ``expected``."""
-    missing = sorted(set(expected) - set(received))
-    extra = sorted(set(received) - set(expected))
-    if missing or extra:
-        raise AdapterError(
-            f"{what} does not match this job's LoRA shape: "
-            f"{len(missing)} tensors missing (e.g. {missing[:2]}), {len(extra)} unexpected "
-            f"(e.g. {extra[:2]}); check that every site runs the same job spec"
-        )
-    for name, tensor in expected.items():
-        other = received[name]
-        if tuple(other.shape) != tuple(tensor.shape):
-            raise AdapterError(
-                f"{what}: tensor {name} has shape {tuple(other.shape)}, expected {tuple(tensor.shape)}"
-            )
-        if other.dtype != torch.float32:
-            raise AdapterError(f"{what}: tensor {name} is {other.dtype}, expected float32")

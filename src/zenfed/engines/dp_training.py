@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from zenfed.data.tokenize import TokenizedExample, collate
-from zenfed.engines.base import RecordDP
+from zenfed.types import RecordDP
 
 # Examples per forward and backward pass of a DP step: the pass holds every layer's
 # activations for all of them (as plain training's MICRO_BATCH does).

@@ -8,8 +8,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from zenfed.atomic import staged_dir
-from zenfed.engines.base import AdapterState
 from zenfed.spec import LoraSpec
+from zenfed.types import AdapterState
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from zenfed.engines.base import AdapterState
 from zenfed.errors import ModelError
 from zenfed.spec import LoraSpec
+from zenfed.types import AdapterState
 
 
 def deterministic_init(template: AdapterState, *, seed: int) -> AdapterState:

@@ -21,8 +21,9 @@ from collections.abc import Mapping
 
 import torch
 
-from zenfed.engines.base import AdapterState, to_wire
+from zenfed.engines.base import to_wire
 from zenfed.errors import AdapterError
+from zenfed.types import AdapterState
 
 NEMO_PREFIX = "model."
 PEFT_PREFIX = "base_model.model."

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zenfed.engines.base import AdapterState
 from zenfed.errors import PolicyError
-from zenfed.privacy.he import Encryptor, UpdateLayout, decrypt_sum, fingerprint
-from zenfed.privacy.he_context import SITE_CONTEXT_FILE, load_context
-from zenfed.privacy.he_envelope import seal_envelope
-from zenfed.privacy.he_params import packing_for
+from zenfed.privacy.he.ckks import Encryptor, UpdateLayout, decrypt_sum, fingerprint
+from zenfed.privacy.he.context import SITE_CONTEXT_FILE, load_context
+from zenfed.privacy.he.envelope import seal_envelope
+from zenfed.privacy.he.params import packing_for
 from zenfed.spec import JobSpec
+from zenfed.types import AdapterState
 
 SHARED_CONTEXT_DIR = "zenfed_sites"  # the simulator's shared local/ folder, as for site policies
 

@@ -24,7 +24,7 @@ from zenfed.audit import events as E
 from zenfed.audit.sink import AuditSink
 from zenfed.data.jsonl import Example, load_jsonl
 from zenfed.engines import make_engine
-from zenfed.engines.base import AdapterState, Engine
+from zenfed.engines.base import Engine
 from zenfed.engines.base_model import model_fingerprint, resolve_base_model
 from zenfed.errors import PolicyError, ZenfedError
 from zenfed.executors.attestation_check import SiteAttestation
@@ -32,6 +32,7 @@ from zenfed.executors.encryption import SiteEncryption, find_site_context
 from zenfed.executors.privacy_stage import SitePrivacy
 from zenfed.executors.site_policy import check_job_allowed, load_policy_for
 from zenfed.spec import JobSpec, SitePolicy, parse_model
+from zenfed.types import AdapterState
 from zenfed.wire import decode_adapter, encode_adapter, sha256_hex
 
 _TASKS = (P.TASK_ATTEST, P.TASK_TRAIN, P.TASK_EVALUATE, P.TASK_RELEASE)

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-from zenfed.engines.base import AdapterState, RecordDP
 from zenfed.privacy.dp import (
     DEFAULT_CLIENT_DELTA,
     BudgetDecision,
@@ -43,8 +42,9 @@ from zenfed.privacy.dp import (
     planned_epsilon,
     solve_noise_multiplier,
 )
-from zenfed.privacy.dp_budget import decide_budget
+from zenfed.privacy.dp.budget import decide_budget
 from zenfed.spec import JobSpec, SitePolicy, SitePrivacyPolicy
+from zenfed.types import AdapterState, RecordDP
 
 _log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ def prepare_workspace(workspace: Path, policies: Mapping[str, SitePolicy], *, en
         text = yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False)
         (local / "zenfed_sites" / f"{site}.yaml").write_text(text)
     if encrypted:
-        from zenfed.privacy.he_context import (
+        from zenfed.privacy.he.context import (
             SERVER_CONTEXT_FILE,
             SITE_CONTEXT_FILE,
             make_public_context,

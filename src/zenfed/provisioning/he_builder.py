@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
-from zenfed.privacy.he_context import (
+from zenfed.privacy.he.context import (
     SERVER_CONTEXT_FILE,
     SITE_CONTEXT_FILE,
     HEContext,
@@ -25,7 +25,7 @@ from zenfed.privacy.he_context import (
     make_secret_context,
     save_context,
 )
-from zenfed.privacy.he_params import HEKeyError, HEParams
+from zenfed.privacy.he.params import HEKeyError, HEParams
 
 
 class HEContextBuilder(Builder):

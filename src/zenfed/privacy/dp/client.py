@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from zenfed.privacy.dp_accountant import PrivacyAccountant, _check_rate, _positive
-from zenfed.privacy.dp_errors import PrivacyError
-from zenfed.privacy.dp_sgd import _CLIP_SLACK, secure_generator
+from zenfed.privacy.dp.accountant import PrivacyAccountant, _check_rate, _positive
+from zenfed.privacy.dp.errors import PrivacyError
+from zenfed.privacy.dp.sgd import _CLIP_SLACK, secure_generator
 
 Update = dict[str, torch.Tensor]
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import tenseal as ts
 
-from zenfed.privacy.he_params import HEError, HEKeyError, HEParams, require_security
+from zenfed.privacy.he.errors import HEError, HEKeyError
+from zenfed.privacy.he.params import HEParams, require_security
 
 SITE_CONTEXT_FILE = "zenfed_he_site.context"
 """File name of the secret context in a site kit's startup/ folder."""

@@ -1,16 +1,17 @@
 """Differential privacy for zenfed: the public API in one place.
 
-- Accounting (``dp_accountant``): :class:`PrivacyAccountant`, :func:`planned_epsilon`,
+- Accounting (``accountant``): :class:`PrivacyAccountant`, :func:`planned_epsilon`,
   :func:`solve_noise_multiplier`, :func:`plan_record_dp`, :func:`default_delta`.
-- Record-level DP-SGD (``dp_sgd``): :class:`DPSGD`, :class:`PoissonSampler`.
-- Client-level DP (``dp_client``): :func:`clip_update`, :func:`add_gaussian_noise`,
+- Record-level DP-SGD (``sgd``): :class:`DPSGD`, :class:`PoissonSampler`.
+- Client-level DP (``client``): :func:`clip_update`, :func:`add_gaussian_noise`,
   :class:`LocalClientDP`, :class:`DistributedClientDP`, :func:`client_level_dp`.
-- Budgets (``dp_ledger``): :class:`PrivacyLedger`, :class:`BudgetDecision`.
+- Budgets (``ledger``, ``budget``): :class:`PrivacyLedger`, :class:`BudgetDecision`, :func:`decide_budget`.
+- Errors (``errors``): every DP failure is a :class:`PrivacyError` or a policy refusal.
 
 See docs/privacy.md for how to use them from a training loop and for the threat models.
 """
 
-from zenfed.privacy.dp_accountant import (
+from zenfed.privacy.dp.accountant import (
     DEFAULT_CLIENT_DELTA,
     PrivacyAccountant,
     RecordDPPlan,
@@ -20,7 +21,8 @@ from zenfed.privacy.dp_accountant import (
     sample_rate_for,
     solve_noise_multiplier,
 )
-from zenfed.privacy.dp_client import (
+from zenfed.privacy.dp.budget import decide_budget
+from zenfed.privacy.dp.client import (
     ClientDPResult,
     ClientLevelDP,
     DistributedClientDP,
@@ -30,7 +32,7 @@ from zenfed.privacy.dp_client import (
     clip_update,
     update_norm,
 )
-from zenfed.privacy.dp_errors import (
+from zenfed.privacy.dp.errors import (
     BudgetExhausted,
     DPRequiredError,
     LedgerError,
@@ -38,8 +40,8 @@ from zenfed.privacy.dp_errors import (
     PrivacyBudgetError,
     PrivacyError,
 )
-from zenfed.privacy.dp_ledger import BudgetDecision, PrivacyLedger, SpendRecord
-from zenfed.privacy.dp_sgd import DPSGD, DPStepStats, PoissonSampler, secure_generator
+from zenfed.privacy.dp.ledger import BudgetDecision, PrivacyLedger, SpendRecord
+from zenfed.privacy.dp.sgd import DPSGD, DPStepStats, PoissonSampler, secure_generator
 
 __all__ = [
     "DEFAULT_CLIENT_DELTA",
@@ -64,6 +66,7 @@ __all__ = [
     "add_gaussian_noise",
     "client_level_dp",
     "clip_update",
+    "decide_budget",
     "default_delta",
     "plan_record_dp",
     "planned_epsilon",

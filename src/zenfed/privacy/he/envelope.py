@@ -17,40 +17,25 @@ import json
 import struct
 from dataclasses import asdict, dataclass
 
-from zenfed.privacy.he_params import HEError
-from zenfed.privacy.he_wire import HEDecodeError
+from zenfed.privacy.he.errors import (
+    HashMismatchError,
+    LengthMismatchError,
+    ParameterMismatchError,
+    ReplayError,
+    SiteMismatchError,
+    UndecodableEnvelopeError,
+)
 
 _MAGIC = b"ZFEV1\n"
 _FORMAT = "zenfed-he-envelope/1"
 _MAX_HEADER = 64 * 1024
 
 
-class EnvelopeError(HEError):
-    """An encrypted update was refused; the message says why."""
 
 
-class UndecodableEnvelopeError(EnvelopeError, HEDecodeError):
-    """The envelope bytes cannot be parsed."""
 
 
-class ParameterMismatchError(EnvelopeError):
-    """The update was encrypted under other HE parameters or another key."""
 
-
-class LengthMismatchError(EnvelopeError):
-    """The update has another number of values, or ciphertext size, than the round expects."""
-
-
-class ReplayError(EnvelopeError):
-    """The update belongs to another job or round (a replay or a stale result)."""
-
-
-class SiteMismatchError(EnvelopeError):
-    """The update claims to come from another site than the one that sent it."""
-
-
-class HashMismatchError(EnvelopeError):
-    """The ciphertext bytes do not match the SHA-256 in the header."""
 
 
 @dataclass(frozen=True)

@@ -30,17 +30,18 @@ import numpy as np
 import tenseal as ts
 import torch
 
-from zenfed.privacy.he_context import HEContext, context_from_bytes, context_to_bytes
-from zenfed.privacy.he_pack import (
+from zenfed.privacy.he.context import HEContext, context_from_bytes, context_to_bytes
+from zenfed.privacy.he.errors import HEError, HEKeyError
+from zenfed.privacy.he.pack import (
     UpdateLayout,
     flatten_update,
     pack_values,
     unflatten_update,
     unpack_values,
 )
-from zenfed.privacy.he_params import HEError, HEKeyError, PackingConfig, SlotLayout, slot_layout
-from zenfed.privacy.he_seal import SealKit
-from zenfed.privacy.he_wire import (
+from zenfed.privacy.he.params import PackingConfig, SlotLayout, slot_layout
+from zenfed.privacy.he.seal import SealKit
+from zenfed.privacy.he.wire import (
     CHUNK_HEAD_BYTES,
     HEDecodeError,
     build_vector_proto,

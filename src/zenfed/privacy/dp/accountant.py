@@ -17,7 +17,7 @@ import dp_accounting
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from zenfed.privacy.dp_errors import PrivacyError
+from zenfed.privacy.dp.errors import PrivacyError
 
 ACCOUNTANT_FORMAT = "zenfed-dp-accountant/1"
 # PLD grid step: pessimistic estimates stay valid upper bounds; 1e-3 keeps solving fast.

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from zenfed.privacy.dp_errors import PrivacyBudgetError, PrivacyError
+from zenfed.privacy.dp.errors import PrivacyBudgetError, PrivacyError
 
 TOLERANCE = 1e-9
 

@@ -30,8 +30,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from zenfed.privacy.dp_budget import TOLERANCE, BudgetDecision, decide_budget
-from zenfed.privacy.dp_errors import LedgerError, LedgerTamperedError
+from zenfed.privacy.dp.budget import TOLERANCE, BudgetDecision, decide_budget
+from zenfed.privacy.dp.errors import LedgerError, LedgerTamperedError
 from zenfed.spec import canonical_json
 
 LEDGER_FORMAT = "zenfed-privacy-ledger/1"

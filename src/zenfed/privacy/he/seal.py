@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from tenseal import sealapi as sa
 
-from zenfed.privacy.he_context import HEContext
-from zenfed.privacy.he_params import HEKeyError
-from zenfed.privacy.he_wire import HEDecodeError, parse_fields
+from zenfed.privacy.he.context import HEContext
+from zenfed.privacy.he.errors import HEDecodeError, HEKeyError
+from zenfed.privacy.he.wire import parse_fields
 
 
 class SealKit:

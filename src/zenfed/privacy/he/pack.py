@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from zenfed.privacy.he_params import HEError, PackingConfig, SlotLayout
+from zenfed.privacy.he.errors import HEError
+from zenfed.privacy.he.params import PackingConfig, SlotLayout
 from zenfed.spec import canonical_json
 
 

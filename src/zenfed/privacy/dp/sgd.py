@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from zenfed.privacy.dp_accountant import PrivacyAccountant, _check_rate, _positive
-from zenfed.privacy.dp_errors import PrivacyError
+from zenfed.privacy.dp.accountant import PrivacyAccountant, _check_rate, _positive
+from zenfed.privacy.dp.errors import PrivacyError
 
 IGNORE_INDEX = -100
 # Scaling by C / (norm * (1 + _CLIP_SLACK)) keeps every clipped norm <= C despite rounding.

@@ -28,12 +28,7 @@ from functools import lru_cache
 import numpy as np
 import tenseal as ts
 
-from zenfed.privacy.he_params import HEError
-
-
-class HEDecodeError(HEError):
-    """Ciphertext bytes cannot be decoded."""
-
+from zenfed.privacy.he.errors import HEDecodeError
 
 _MAGIC = b"ZFC1"
 _HEAD = struct.Struct("<4sBBBBdIII")

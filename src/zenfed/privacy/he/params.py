@@ -18,20 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from zenfed.errors import ZenfedError
-
-
-class HEError(ZenfedError):
-    """Homomorphic encryption was misconfigured or misused."""
-
-
-class HESecurityError(HEError):
-    """A context's parameters give less than 128 bits of security."""
-
-
-class HEKeyError(HEError):
-    """A secret key is missing where it is needed, or present where it must not be."""
-
+from zenfed.privacy.he.errors import HEError, HESecurityError
 
 # HomomorphicEncryption.org security standard (2018), Table 1, classical, ternary secret:
 # ring size N -> {security bits: max total coefficient modulus bits}.
