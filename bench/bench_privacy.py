@@ -37,12 +37,12 @@ from pathlib import Path
 
 import torch
 
-from zenfed.controllers.aggregators import WeightedMean
 from zenfed.data.builtin import make_builtin
 from zenfed.data.jsonl import Example, Message, load_jsonl
 from zenfed.data.tokenize import collate, tokenize_all
 from zenfed.engines.peft import PeftEngine
 from zenfed.privacy.dp import PrivacyAccountant, plan_record_dp
+from zenfed.server.aggregation import WeightedMean
 from zenfed.spec import LoraSpec, TrainingSpec
 from zenfed.types import AdapterState, RecordDP
 

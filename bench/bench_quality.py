@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from zenfed.controllers.aggregators import WeightedMean
 from zenfed.data.builtin import make_builtin
 from zenfed.data.jsonl import Example, load_jsonl
 from zenfed.engines.peft import PeftEngine
+from zenfed.server.aggregation import WeightedMean
 from zenfed.spec import LoraSpec, TrainingSpec
 from zenfed.types import AdapterState
 

@@ -1,11 +1,17 @@
-"""The round protocol shared by the controller and the executor: task names and message keys.
+"""The round protocol shared by the server and the sites: task names, message keys, :class:`Message`.
 
 Both sides import this core module, so a header name is spelled in one place.
-Messages are FLARE Shareables holding plain data only: a header dict of
-strings and numbers, and the payload bytes (an encoded adapter).
+A :class:`Message` holds plain data only: a header dict of strings and
+numbers, and the payload bytes (an encoded adapter or a ciphertext). The FLARE
+adapters carry it as a Shareable (a dict) with :meth:`Message.to_dict` and
+:meth:`Message.from_mapping`; nothing else about FLARE reaches the core.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 TASK_TRAIN = "zenfed_train"
 TASK_EVALUATE = "zenfed_evaluate"
@@ -43,6 +49,59 @@ H_BASE_MODEL_SHA256 = "base_model_sha256"
 H_ENGINE = "engine"  # which engine trained this site's update
 H_WEIGHT = "weight"  # the weight a site applied before encrypting
 H_RELEASE_OK = "release_ok"  # the site's policy allows releasing the final adapter in the clear
-H_PRIVACY = "privacy"  # differential privacy spent so far (epsilon, delta, ...)
+H_DP_SPENT = "privacy"  # differential privacy spent so far (epsilon, delta, ...)
 
 UPDATE_KIND = "adapter_update"  # what leaves a site: LoRA adapter weights, never records
+
+# Outcome of a task at a site; the strings are FLARE's return codes, so the adapters pass them through.
+STATUS_OK = "OK"
+STATUS_ERROR = "EXECUTION_EXCEPTION"
+STATUS_ABORTED = "TASK_ABORTED"
+STATUS_UNKNOWN_TASK = "TASK_UNKNOWN"
+
+_FIELDS = (
+    ("header", KEY_HEADER), ("payload", KEY_PAYLOAD), ("refusal", KEY_REFUSAL), ("attest", KEY_ATTEST),
+    ("server_evidence", KEY_SERVER_EVIDENCE), ("audit_log", KEY_AUDIT_LOG),
+)
+
+
+@dataclass
+class Message:
+    """One task's data (server -> site) or one task's result (site -> server).
+
+    Attributes:
+        header: Plain fields (``H_*``): job, round, hashes, metrics.
+        payload: The adapter or ciphertext bytes, if the message carries one.
+        refusal: Why a site refused the task (a policy decision, not a crash).
+        attest: An attestation challenge (to a site) or answer (from a site).
+        server_evidence: The server's attestation evidence, per site nonce.
+        audit_log: A site's own signed audit log, carried to the job result.
+        status: ``STATUS_OK``, or why the task did not complete.
+    """
+
+    header: dict[str, Any] = field(default_factory=dict)
+    payload: bytes | None = None
+    refusal: str | None = None
+    attest: Any = None
+    server_evidence: Any = None
+    audit_log: bytes | None = None
+    status: str = STATUS_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the message's fields under their wire keys; empty fields are left out."""
+        out: dict[str, Any] = {}
+        for attribute, key in _FIELDS:
+            value = getattr(self, attribute)
+            if value is not None and value != {}:
+                out[key] = value
+        return out
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, status: str = STATUS_OK) -> Message:
+        """Read a message from its wire keys; a header that is not a dict is dropped (checked later)."""
+        header = data.get(KEY_HEADER)
+        return cls(
+            header=dict(header) if isinstance(header, dict) else {},
+            payload=data.get(KEY_PAYLOAD), refusal=data.get(KEY_REFUSAL), attest=data.get(KEY_ATTEST),
+            server_evidence=data.get(KEY_SERVER_EVIDENCE), audit_log=data.get(KEY_AUDIT_LOG), status=status,
+        )

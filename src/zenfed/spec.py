@@ -8,8 +8,6 @@ local paths. A ``ProjectSpec`` describes a federation for provisioning.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -17,6 +15,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from zenfed.digest import canonical_json, sha256_hex
 from zenfed.errors import SpecError
 
 DEFAULT_BASE_MODEL = "default"
@@ -107,6 +106,9 @@ class FederationSpec(_Strict):
     min_sites: int = Field(2, ge=1, description="sites that must answer each round")
     weighting: Literal["samples", "uniform"] = Field(
         "samples", description="'samples' (weight by training examples) or 'uniform'"
+    )
+    strategy: Literal["fedavg"] = Field(
+        "fedavg", description="the federated algorithm (one class per file in zenfed/strategies/)"
     )
     task_timeout_s: int = Field(
         3600, ge=10, description="seconds a round waits for sites before going on without them"
@@ -207,7 +209,7 @@ class JobSpec(_Strict):
 
     def spec_hash(self) -> str:
         """Return the SHA-256 of the canonical JSON form of this spec."""
-        return hashlib.sha256(canonical_json(self.model_dump(mode="json"))).hexdigest()
+        return sha256_hex(canonical_json(self.model_dump(mode="json")))
 
 
 class DatasetLocation(_Strict):
@@ -344,11 +346,6 @@ class ProjectSpec(_Strict):
         if self.server.fl_port == self.server.admin_port:
             raise ValueError("server.fl_port and server.admin_port must differ")
         return self
-
-
-def canonical_json(data: Any) -> bytes:
-    """Serialise ``data`` as canonical JSON bytes (sorted keys, no spaces)."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 _M = TypeVar("_M", bound=BaseModel)

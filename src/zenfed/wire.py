@@ -7,12 +7,11 @@ update that leaves a site, so both ends can prove they saw the same bytes.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from zenfed.digest import sha256_hex
 from zenfed.errors import AdapterError
 from zenfed.types import AdapterState
 
@@ -45,11 +44,6 @@ def decode_adapter(payload: bytes) -> AdapterState:
         if tensor.dtype != torch.float32:
             raise AdapterError(f"adapter tensor {name} is {tensor.dtype}, expected float32")
     return state
-
-
-def sha256_hex(payload: bytes) -> str:
-    """Return the SHA-256 hex digest of ``payload``."""
-    return hashlib.sha256(payload).hexdigest()
 
 
 def adapter_sha256(state: AdapterState) -> str:

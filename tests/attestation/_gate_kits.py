@@ -19,10 +19,10 @@ from _att_kits import make_package
 from zenfed.audit import events as E
 from zenfed.audit.log import AuditLog, read_records
 from zenfed.audit.sink import AuditSink
-from zenfed.controllers.attestation_gate import ServerAttestationGate
-from zenfed.executors.attestation_check import SiteAttestation
-from zenfed.executors.site_policy import POLICY_FILE, load_policy_for
 from zenfed.provisioning.project import provision
+from zenfed.server.attestation_gate import ServerAttestationGate
+from zenfed.site.attestation import SiteAttestation
+from zenfed.site.policy import POLICY_FILE, load_policy_for
 from zenfed.spec import AdminSpec, JobSpec, ProjectSpec, ServerSpec, SiteSpec
 
 SERVER = "localhost"

@@ -14,7 +14,7 @@ from _gate_kits import SERVER, SITES, Federation, provision_federation
 
 from zenfed.attestation import AttestationError
 from zenfed.audit.verify import verify_log
-from zenfed.controllers.attestation_gate import AttestationQuorumError, ServerAttestationGate
+from zenfed.server.attestation_gate import AttestationQuorumError, ServerAttestationGate
 from zenfed.spec import JobSpec
 
 

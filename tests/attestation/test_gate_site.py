@@ -13,7 +13,7 @@ import pytest
 from _gate_kits import SERVER, SITES, Federation, bad_package, provision_federation
 
 from zenfed.errors import PolicyError
-from zenfed.executors.attestation_check import ServerNotAttested, read_server_name
+from zenfed.site.attestation import ServerNotAttested, read_server_name
 
 
 @pytest.fixture(scope="module")

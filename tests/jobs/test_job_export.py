@@ -74,7 +74,7 @@ def test_every_named_class_is_zenfed_or_nvflare_and_importable(exported):
     paths = sorted({p for config in configs for p in class_paths(config)})
 
     # Execute / Assert
-    assert "zenfed.controllers.fedavg.FedLoRAController" in paths
+    assert "zenfed.controllers.round_controller.FedLoRAController" in paths
     assert "zenfed.executors.lora_executor.LoRAExecutor" in paths
     for path in paths:
         assert path.startswith(("zenfed.", "nvflare.")), path

@@ -16,8 +16,8 @@ from zenfed.privacy.he.ckks import (
     unpack_values,
 )
 from zenfed.privacy.he.context import make_public_context, make_secret_context
-from zenfed.privacy.he.params import HEError, HEKeyError, PackingConfig, slot_layout
-from zenfed.privacy.he.wire import HEDecodeError
+from zenfed.privacy.he.errors import HEDecodeError, HEError, HEKeyError
+from zenfed.privacy.he.params import PackingConfig, slot_layout
 
 QUANT = PackingConfig(quant_bits=16, max_sites=64, clip=0.05)
 REAL = PackingConfig(quant_bits=None, max_sites=64)

@@ -14,19 +14,18 @@ from zenfed.privacy.he.ckks import (
     fingerprint,
 )
 from zenfed.privacy.he.context import make_public_context, make_secret_context
-from zenfed.privacy.he.envelope import (
+from zenfed.privacy.he.envelope import open_envelope, seal_envelope
+from zenfed.privacy.he.errors import (
     EnvelopeError,
     HashMismatchError,
+    HEDecodeError,
     LengthMismatchError,
     ParameterMismatchError,
     ReplayError,
     SiteMismatchError,
     UndecodableEnvelopeError,
-    open_envelope,
-    seal_envelope,
 )
 from zenfed.privacy.he.params import PackingConfig
-from zenfed.privacy.he.wire import HEDecodeError
 
 PACKING = PackingConfig()
 UPDATE = {"a": torch.full((40, 8), 0.01), "b": torch.full((8, 40), -0.02)}

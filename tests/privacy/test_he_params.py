@@ -18,15 +18,8 @@ from zenfed.privacy.he.context import (
     make_secret_context,
     save_context,
 )
-from zenfed.privacy.he.params import (
-    HEError,
-    HEKeyError,
-    HEParams,
-    HESecurityError,
-    PackingConfig,
-    security_level,
-    slot_layout,
-)
+from zenfed.privacy.he.errors import HEError, HEKeyError, HESecurityError
+from zenfed.privacy.he.params import HEParams, PackingConfig, security_level, slot_layout
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,8 @@ from zenfed.privacy.he.context import (
     context_has_secret_key,
     load_context,
 )
-from zenfed.privacy.he.params import HEKeyError, PackingConfig
+from zenfed.privacy.he.errors import HEKeyError
+from zenfed.privacy.he.params import PackingConfig
 
 PROJECT = """\
 api_version: 3
@@ -104,7 +105,7 @@ def test_the_server_context_adds_but_cannot_decrypt(kits):
 
 
 def test_the_builder_refuses_parameters_below_128_bits():
-    from zenfed.privacy.he.params import HESecurityError
+    from zenfed.privacy.he.errors import HESecurityError
     from zenfed.provisioning.he_builder import HEContextBuilder
 
     with pytest.raises(HESecurityError):

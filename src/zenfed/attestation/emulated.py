@@ -24,7 +24,7 @@ from zenfed.attestation.base import Claims, TEEVerifier
 from zenfed.attestation.identity import AttestationIdentity, verify_participant_cert
 from zenfed.attestation.measure import Measurement
 from zenfed.attestation.records import AttestationUnavailable, Evidence, EvidenceRejected
-from zenfed.spec import canonical_json
+from zenfed.digest import canonical_json
 
 PAYLOAD_FORMAT = "zenfed-emulated-tee/1"
 EMULATOR_VERSION = 1

@@ -36,11 +36,8 @@ import torch
 from zenfed.data.jsonl import Example, exact_match
 from zenfed.data.tokenize import tokenize_all
 from zenfed.engines.base import (
-    AdapterState,
     EvalResult,
-    RecordDP,
     TrainResult,
-    check_compatible,
     site_optimizer,
 )
 from zenfed.engines.dp_training import train_dp
@@ -51,6 +48,7 @@ from zenfed.engines.nemo_keys import is_nemo_lora_name, nemo_to_peft_state, peft
 from zenfed.engines.nemo_runtime import NemoRuntime
 from zenfed.errors import DataError, ModelError
 from zenfed.spec import LoraSpec, TrainingSpec
+from zenfed.types import AdapterState, RecordDP, check_compatible
 
 # NeMo logs INFO to stdout by default; a site process's stdout may be machine-read (CLI --json),
 # so send NeMo's logs to stderr unless the site chose otherwise. Effective if set before NeMo loads.

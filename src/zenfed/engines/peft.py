@@ -18,11 +18,8 @@ from zenfed.data.tokenize import (
     tokenize_all,
 )
 from zenfed.engines.base import (
-    AdapterState,
     EvalResult,
-    RecordDP,
     TrainResult,
-    check_compatible,
     site_optimizer,
     to_wire,
 )
@@ -31,6 +28,7 @@ from zenfed.engines.generation import EVAL_BATCH, greedy_generate
 from zenfed.engines.lora_init import check_layers, deterministic_init
 from zenfed.errors import DataError, ModelError
 from zenfed.spec import LoraSpec, TrainingSpec
+from zenfed.types import AdapterState, RecordDP, check_compatible
 
 # Examples per forward and backward pass: larger batches are split and their gradients
 # accumulated, because 128 SmolLM2 examples at once took more than 24 GB.

@@ -19,7 +19,7 @@ from zenfed.spec import JobSpec
 # One app, deployed everywhere: its server config runs on the server and its
 # client config on every site. FLARE's "@ALL" cannot be mixed with named sites.
 APP = "app"
-CONTROLLER_CLASS = "zenfed.controllers.fedavg.FedLoRAController"
+CONTROLLER_CLASS = "zenfed.controllers.round_controller.FedLoRAController"
 EXECUTOR_CLASS = "zenfed.executors.lora_executor.LoRAExecutor"
 
 

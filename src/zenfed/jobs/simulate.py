@@ -14,6 +14,7 @@ import yaml
 from zenfed.errors import JobError
 from zenfed.jobs.allow_list import class_allow_list
 from zenfed.jobs.export import export_job
+from zenfed.kit_files import SHARED_SITE_DIR
 from zenfed.spec import DatasetLocation, JobSpec, SitePolicy
 
 SIMULATOR_JOB = "simulate_job"
@@ -41,13 +42,13 @@ def prepare_workspace(workspace: Path, policies: Mapping[str, SitePolicy], *, en
     provisioned kits are (see docs/he.md).
     """
     local = workspace / "local"
-    (local / "zenfed_sites").mkdir(parents=True, exist_ok=True)
+    (local / SHARED_SITE_DIR).mkdir(parents=True, exist_ok=True)
     (local / "resources.json").write_text(json.dumps({"class_allow_list": class_allow_list()}, indent=2))
     for site, policy in policies.items():
         text = yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False)
-        (local / "zenfed_sites" / f"{site}.yaml").write_text(text)
+        (local / SHARED_SITE_DIR / f"{site}.yaml").write_text(text)
     if encrypted:
-        from zenfed.privacy.he.context import (
+        from zenfed.privacy.he import (
             SERVER_CONTEXT_FILE,
             SITE_CONTEXT_FILE,
             make_public_context,
@@ -56,7 +57,7 @@ def prepare_workspace(workspace: Path, policies: Mapping[str, SitePolicy], *, en
         )
 
         secret = make_secret_context()
-        save_context(secret, local / "zenfed_sites" / SITE_CONTEXT_FILE)
+        save_context(secret, local / SHARED_SITE_DIR / SITE_CONTEXT_FILE)
         save_context(make_public_context(secret), local / SERVER_CONTEXT_FILE)
 
 

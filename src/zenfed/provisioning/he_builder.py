@@ -17,15 +17,16 @@ from collections.abc import Sequence
 
 from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
-from zenfed.privacy.he.context import (
+from zenfed.privacy.he import (
     SERVER_CONTEXT_FILE,
     SITE_CONTEXT_FILE,
     HEContext,
+    HEKeyError,
+    HEParams,
     make_public_context,
     make_secret_context,
     save_context,
 )
-from zenfed.privacy.he.params import HEKeyError, HEParams
 
 
 class HEContextBuilder(Builder):

@@ -20,8 +20,8 @@ from nvflare.lighter.ctx import ProvisionContext
 from nvflare.lighter.entity import Project
 from nvflare.lighter.spec import Builder
 
-from zenfed.executors.site_policy import POLICY_FILE
 from zenfed.jobs.allow_list import ZENFED_PREFIX
+from zenfed.site.policy import POLICY_FILE
 from zenfed.spec import SitePolicy, parse_model
 
 RESOURCES = "resources.json"

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from zenfed.errors import DeploymentError
-from zenfed.executors.site_policy import POLICY_FILE
+from zenfed.site.policy import POLICY_FILE
 from zenfed.spec import ProjectSpec
 
 LAYOUT_FILE = "zenfed-deployment.json"

@@ -30,9 +30,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from zenfed.digest import canonical_json
 from zenfed.privacy.dp.budget import TOLERANCE, BudgetDecision, decide_budget
 from zenfed.privacy.dp.errors import LedgerError, LedgerTamperedError
-from zenfed.spec import canonical_json
 
 LEDGER_FORMAT = "zenfed-privacy-ledger/1"
 _SIGNATURE_ALGORITHM = "RSA-PSS-SHA256"

@@ -30,6 +30,7 @@ import numpy as np
 import tenseal as ts
 import torch
 
+from zenfed.digest import canonical_json
 from zenfed.privacy.he.context import HEContext, context_from_bytes, context_to_bytes
 from zenfed.privacy.he.errors import HEError, HEKeyError
 from zenfed.privacy.he.pack import (
@@ -49,7 +50,6 @@ from zenfed.privacy.he.wire import (
     expand_ciphertexts,
     parse_vector_proto,
 )
-from zenfed.spec import canonical_json
 
 CHUNK_CIPHERTEXTS = 16
 # SEAL's saved PRNG info after a seeded ciphertext's c0 (header, PRNG type, 64-byte seed).

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from zenfed.digest import canonical_json
 from zenfed.privacy.he.errors import HEError
 from zenfed.privacy.he.params import PackingConfig, SlotLayout
-from zenfed.spec import canonical_json
 
 
 @dataclass(frozen=True)

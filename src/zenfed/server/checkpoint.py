@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from zenfed.atomic import atomic_write_bytes
-from zenfed.wire import sha256_hex
+from zenfed.digest import sha256_hex
 
 STATE_FILE = "state.json"
 GLOBAL_FILE = "global.bin"

@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from zenfed.errors import PolicyError, SpecError
-from zenfed.executors.site_policy import (
+from zenfed.kit_files import SHARED_SITE_DIR as SHARED_POLICY_DIR
+from zenfed.site.policy import (
     POLICY_FILE,
-    SHARED_POLICY_DIR,
     check_job_allowed,
     find_site_policy,
     load_policy_for,
@@ -52,7 +52,7 @@ def test_no_policy_is_a_policy_error_saying_where_it_looked(tmp_path):
 
     # Assert
     assert str(tmp_path / POLICY_FILE) in str(caught.value) and "zenfed provision" in str(caught.value)
-    with pytest.raises(PolicyError, match="no location configured"):
+    with pytest.raises(PolicyError, match="no kit folder is configured"):
         find_site_policy(site="site-9", site_config_dir=None)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zenfed.controllers.aggregators import WeightedMean
 from zenfed.errors import AdapterError
+from zenfed.server.aggregation import WeightedMean
 
 NAMES = ("m.layers.0.q_proj.lora_A.weight", "m.layers.0.q_proj.lora_B.weight")
 
@@ -108,16 +108,15 @@ def test_no_update_means_no_result():
 
 def test_plain_fedavg_weights_by_the_sample_count_in_each_header():
     # Prepare
-    from zenfed.controllers.aggregators import PlainFedAvg
     from zenfed.wire import encode_adapter
 
-    fedavg = PlainFedAvg()
+    fedavg = plain_fedavg("samples")
     fedavg.begin(round_index=1)
     a, b = site_adapter(1), site_adapter(2)
 
     # Execute
-    wa = fedavg.add(site="a", header={"num_examples": 300}, payload=encode_adapter(a), weighting="samples")
-    wb = fedavg.add(site="b", header={"num_examples": 100}, payload=encode_adapter(b), weighting="samples")
+    wa = fedavg.add(site="a", header={"num_examples": 300}, payload=encode_adapter(a))
+    wb = fedavg.add(site="b", header={"num_examples": 100}, payload=encode_adapter(b))
     mean = fedavg.result()
 
     # Assert
@@ -128,16 +127,15 @@ def test_plain_fedavg_weights_by_the_sample_count_in_each_header():
 
 def test_plain_fedavg_uniform_weighting_ignores_sample_counts():
     # Prepare
-    from zenfed.controllers.aggregators import PlainFedAvg
     from zenfed.wire import encode_adapter
 
-    fedavg = PlainFedAvg()
+    fedavg = plain_fedavg("uniform")
     fedavg.begin(round_index=1)
     a, b = site_adapter(1), site_adapter(2)
 
     # Execute
-    fedavg.add(site="a", header={"num_examples": 300}, payload=encode_adapter(a), weighting="uniform")
-    fedavg.add(site="b", header={"num_examples": 100}, payload=encode_adapter(b), weighting="uniform")
+    fedavg.add(site="a", header={"num_examples": 300}, payload=encode_adapter(a))
+    fedavg.add(site="b", header={"num_examples": 100}, payload=encode_adapter(b))
 
     # Assert
     for name in NAMES:
@@ -146,16 +144,14 @@ def test_plain_fedavg_uniform_weighting_ignores_sample_counts():
 
 def test_plain_fedavg_begin_starts_an_empty_round():
     # Prepare
-    from zenfed.controllers.aggregators import PlainFedAvg
     from zenfed.wire import encode_adapter
 
-    fedavg = PlainFedAvg()
+    fedavg = plain_fedavg("samples")
     fedavg.begin(round_index=1)
     fedavg.add(
         site="a",
         header={"num_examples": 3},
         payload=encode_adapter(site_adapter(1)),
-        weighting="samples",
     )
 
     # Execute
@@ -167,12 +163,20 @@ def test_plain_fedavg_begin_starts_an_empty_round():
 
 def test_plain_fedavg_refuses_a_garbage_payload():
     # Prepare
-    from zenfed.controllers.aggregators import PlainFedAvg
 
-    fedavg = PlainFedAvg()
+    fedavg = plain_fedavg("samples")
     fedavg.begin(round_index=1)
 
     # Execute / Assert
     with pytest.raises(AdapterError):
-        fedavg.add(site="a", header={"num_examples": 3}, payload=b"not an adapter", weighting="samples")
+        fedavg.add(site="a", header={"num_examples": 3}, payload=b"not an adapter")
     assert fedavg.count == 0
+
+
+def plain_fedavg(weighting: str):
+    """The server's plaintext FedAvg, as the job's strategy builds it."""
+    from zenfed.spec import JobSpec
+    from zenfed.strategies import make_strategy
+
+    spec = JobSpec(name="agg-test", federation={"weighting": weighting})
+    return make_strategy(spec).make_aggregation(job_id="job-1", server_context=None)

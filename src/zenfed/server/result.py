@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zenfed.controllers.aggregators import Aggregation
 from zenfed.engines.export import write_peft_adapter
+from zenfed.server.aggregation import Aggregation
 from zenfed.spec import JobSpec
 from zenfed.types import AdapterState
 from zenfed.wire import encode_adapter, sha256_hex

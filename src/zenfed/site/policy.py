@@ -1,4 +1,4 @@
-"""Finding and applying a site's own policy (FLARE side: it knows where kits keep files)."""
+"""Finding and applying a site's own policy: which jobs, models and datasets it admits."""
 
 from __future__ import annotations
 
@@ -6,15 +6,13 @@ import fnmatch
 from pathlib import Path
 
 from zenfed.errors import PolicyError
+from zenfed.kit_files import KitFolders, find_kit_file
 from zenfed.spec import JobSpec, SitePolicy, load_site_policy
 
 POLICY_FILE = "zenfed_site.yaml"
-# The simulator gives every site a copy of one shared local/ folder, so there
-# each site's policy is kept under its own name.
-SHARED_POLICY_DIR = "zenfed_sites"
 
 
-def find_site_policy(*, site: str, site_config_dir: str | None) -> Path:
+def find_site_policy(*, site: str, site_config_dir: str | Path | None) -> Path:
     """Return the path of a site's policy file.
 
     A provisioned site keeps it at ``local/zenfed_site.yaml`` in its kit. In the
@@ -24,21 +22,16 @@ def find_site_policy(*, site: str, site_config_dir: str | None) -> Path:
     Raises:
         PolicyError: If neither exists.
     """
-    candidates = []
-    if site_config_dir:
-        local = Path(site_config_dir)
-        candidates = [local / POLICY_FILE, local / SHARED_POLICY_DIR / f"{site}.yaml"]
-    for path in candidates:
-        if path.is_file():
-            return path
-    tried = ", ".join(str(p) for p in candidates) or "no location configured"
-    raise PolicyError(
-        f"site {site!r} has no zenfed site policy (tried: {tried}); provision the site with "
-        f"`zenfed provision` or write {POLICY_FILE} into the kit's local/ folder"
+    local = Path(site_config_dir) if site_config_dir else None
+    folders = KitFolders(startup=None, local=local, root=local or Path("."), run=Path("."))
+    return find_kit_file(
+        folders, local=[POLICY_FILE], shared=[f"{site}.yaml"], what=f"site {site!r}'s zenfed site policy",
+        hint=f"provision the site with `zenfed provision` or write {POLICY_FILE} into the kit's local/ folder",
+        error=PolicyError,
     )
 
 
-def load_policy_for(*, site: str, site_config_dir: str | None) -> SitePolicy:
+def load_policy_for(*, site: str, site_config_dir: str | Path | None) -> SitePolicy:
     """Load a site's policy and check it belongs to this site."""
     policy = load_site_policy(find_site_policy(site=site, site_config_dir=site_config_dir))
     if policy.site != site:

@@ -6,14 +6,16 @@ import json
 
 import torch
 
-from zenfed.controllers.aggregators import PlainFedAvg
-from zenfed.controllers.result import (
+from zenfed.server.aggregation import PlainAggregation
+from zenfed.server.result import (
     RESULT_FILE,
     build_result,
     round_record,
     round_summary,
     shift_evaluations,
 )
+
+PLAIN = PlainAggregation(method="fedavg", weight_of=lambda num_examples: 1.0)
 
 
 def site(train_loss, eval_loss, accuracy, examples=10):
@@ -139,7 +141,7 @@ def test_a_round_of_sites_under_dp_has_no_training_loss_and_its_summary_says_why
     sites["b"]["eval_examples"] = 30
 
     # Act
-    entry = round_record(2, 0.0, PlainFedAvg(), sites, new_global={"lora_B": torch.zeros(2, 2)})
+    entry = round_record(2, 0.0, PLAIN, sites, new_global={"lora_B": torch.zeros(2, 2)})
 
     # Assert: the evaluation is weighted by examples; the training loss is absent, not zero.
     assert entry["eval_loss"] == (1.0 * 10 + 3.0 * 30) / 40 and entry["train_loss"] is None

@@ -1,20 +1,13 @@
-"""The site's privacy stage: plan a job's epsilon, enforce the site's budget, privatize, record.
+"""A site's differential privacy for one job: plan the epsilon, enforce the budget, clip and noise, record.
 
-One :class:`SitePrivacy` per job at a site. It reads the job's ``privacy``
+One :class:`SiteDP` per job at a site. It reads the job's ``privacy``
 section and the site's own ``privacy`` policy, keeps the job's accountant,
 and writes every round's spend to the site's signed ledger before the update
-leaves the site. It needs no FLARE: the executor calls it.
-
-Order of calls in a job::
-
-    stage = SitePrivacy.from_kit(spec=..., policy=..., startup_dir=..., local_dir=...,
-                                 job_id=..., num_records=len(train), num_sites=k)
-    stage.admit()                                   # before round 1; raises if refused
-    for each round r:
-        dp = stage.for_round(r)                     # raises BudgetExhausted: stop contributing
-        local = engine.train(..., dp=dp)            # record level: DP-SGD steps the accountant
-        local = stage.privatize_update(global_adapter=g, local_adapter=local)  # client level
-        metrics = stage.after_round(r)              # ledger write, before the update leaves
+leaves the site. It needs no FLARE. The session calls :meth:`SiteDP.admit`
+before round 1 and :meth:`SiteDP.for_round` before training; the update
+chain's DP stages (``zenfed.site.stages``) call :meth:`SiteDP.clip`,
+:meth:`SiteDP.add_noise` and :meth:`SiteDP.after_round`, in the order the
+chain fixes.
 """
 
 from __future__ import annotations
@@ -36,13 +29,15 @@ from zenfed.privacy.dp import (
     PrivacyBudgetError,
     PrivacyError,
     PrivacyLedger,
+    add_gaussian_noise,
     client_level_dp,
+    clip_update,
+    decide_budget,
     default_delta,
     plan_record_dp,
     planned_epsilon,
     solve_noise_multiplier,
 )
-from zenfed.privacy.dp.budget import decide_budget
 from zenfed.spec import JobSpec, SitePolicy, SitePrivacyPolicy
 from zenfed.types import AdapterState, RecordDP
 
@@ -52,7 +47,7 @@ SIGNING_KEY = "client.key"
 CERTIFICATE = "client.crt"
 
 
-class SitePrivacy:
+class SiteDP:
     """A job's differential privacy at one site: plan, budget checks, noise and the ledger.
 
     Args:
@@ -136,7 +131,7 @@ class SitePrivacy:
         job_id: str,
         num_records: int,
         num_sites: int,
-    ) -> SitePrivacy:
+    ) -> SiteDP:
         """Build the stage from a FLARE kit: ledger in ``local/``, key and cert in ``startup/``.
 
         A kit without ``client.key`` (the simulator) gets no ledger: epsilon is still
@@ -299,27 +294,44 @@ class SitePrivacy:
             sample_rate=self.sample_rate, accountant=self.accountant,
         )
 
+    def clip(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Client level: return ``delta`` (local - global) scaled to an L2 norm of at most C."""
+        mechanism = self._require_client()
+        clipped, _ = clip_update(delta, clip_norm=mechanism.clip_norm)
+        return clipped
+
+    def add_noise(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Client level: add Gaussian noise to a clipped ``delta`` and compose one accountant step.
+
+        The noise std is sigma*C (local mode) or sigma*C/sqrt(k) (distributed mode).
+        """
+        mechanism = self._require_client()
+        noised = add_gaussian_noise(delta, std=mechanism.noise_std())
+        self.accountant.step(noise_multiplier=self._accounted_sigma(), sample_rate=1.0)
+        return noised
+
     def privatize_update(
         self, *, global_adapter: AdapterState, local_adapter: AdapterState
     ) -> AdapterState:
-        """Client level: return ``global + clip(local - global, C) + noise``; else ``local``.
+        """Client level: return ``global + noise(clip(local - global))``; else ``local``.
 
-        The noise std is sigma*C (local mode) or sigma*C/sqrt(k) (distributed mode).
-        One accountant step is composed per call.
+        The update chain runs the same two steps as stages; this is the one-call form.
         """
         if self.level != "client":
             return local_adapter
-        if self._client is None:
-            raise PrivacyError("call admit() before the first round")
         if set(global_adapter) != set(local_adapter):
             raise PrivacyError("the local and global adapters do not have the same tensors")
         delta = {k: local_adapter[k].double() - global_adapter[k].double() for k in local_adapter}
-        result = self._client.privatize(delta)
-        self.accountant.step(noise_multiplier=self._accounted_sigma(), sample_rate=1.0)
+        noised = self.add_noise(self.clip(delta))
         return {
-            k: (global_adapter[k].double() + result.update[k]).to(torch.float32).contiguous()
+            k: (global_adapter[k].double() + noised[k]).to(torch.float32).contiguous()
             for k in sorted(local_adapter)
         }
+
+    def _require_client(self) -> ClientLevelDP:
+        if self._client is None:
+            raise PrivacyError("call admit() before the first round (client-level DP only)")
+        return self._client
 
     def after_round(self, round: int) -> dict[str, float]:
         """Record the job's spend in the signed ledger; call it before the update leaves.

@@ -18,13 +18,13 @@ from dp_accounting.rdp import RdpAccountant
 from zenfed.data.jsonl import load_jsonl
 from zenfed.engines.peft import PeftEngine
 from zenfed.errors import PolicyError
-from zenfed.executors.privacy_stage import SitePrivacy
 from zenfed.privacy.dp import (
     BudgetExhausted,
     DPRequiredError,
     PrivacyBudgetError,
     PrivacyLedger,
 )
+from zenfed.site.dp import SiteDP
 from zenfed.spec import SitePolicy
 
 SIGMA = 1.2
@@ -77,7 +77,7 @@ def _policy(**privacy):
 
 
 def _stage(spec, policy, kit, local_dir, *, job_id="job-1", num_records=60, num_sites=2):
-    return SitePrivacy.from_kit(
+    return SiteDP.from_kit(
         spec=spec, policy=policy, startup_dir=kit / "startup", local_dir=local_dir,
         job_id=job_id, num_records=num_records, num_sites=num_sites,
     )
@@ -259,9 +259,9 @@ def test_a_kit_without_a_key_accounts_but_refuses_a_lifetime_budget(tiny_job_spe
             "job_id": "sim", "num_records": 60, "num_sites": 2}
 
     # Execute
-    plain = SitePrivacy.from_kit(spec=spec, policy=_policy(max_epsilon_per_job=50.0), **args)
+    plain = SiteDP.from_kit(spec=spec, policy=_policy(max_epsilon_per_job=50.0), **args)
     plain.admit()
-    limited = SitePrivacy.from_kit(spec=spec, policy=_policy(lifetime_epsilon=50.0), **args)
+    limited = SiteDP.from_kit(spec=spec, policy=_policy(lifetime_epsilon=50.0), **args)
 
     # Assert
     assert plain.ledger is None and plain.for_round(1) is not None

@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
-from zenfed.controllers.aggregators import PlainFedAvg
-from zenfed.controllers.checkpoint import GLOBAL_FILE, STATE_FILE, CheckpointStore, RunState
 from zenfed.errors import ZenfedError
+from zenfed.server.aggregation import PlainAggregation
+from zenfed.server.checkpoint import GLOBAL_FILE, STATE_FILE, CheckpointStore, RunState
+
+PLAIN = PlainAggregation(method="fedavg", weight_of=lambda num_examples: 1.0)
 
 
 def adapter(seed: int):
@@ -21,7 +23,7 @@ def adapter(seed: int):
 
 
 def state(round_no: int = 2) -> RunState:
-    payload, meta = PlainFedAvg().to_checkpoint(adapter(round_no))
+    payload, meta = PLAIN.to_checkpoint(adapter(round_no))
     return RunState(
         completed_round=round_no,
         history=[
@@ -43,7 +45,7 @@ def test_save_then_load_restores_the_state_and_the_adapter(tmp_path):
 
     # Assert
     assert loaded == saved
-    restored = PlainFedAvg().from_checkpoint(loaded.global_payload, loaded.global_meta)
+    restored = PLAIN.from_checkpoint(loaded.global_payload, loaded.global_meta)
     for name, tensor in adapter(2).items():
         assert torch.equal(restored[name], tensor)
 
@@ -109,4 +111,4 @@ def test_a_missing_global_file_or_bad_state_loads_as_none(tmp_path):
 def test_a_plain_job_refuses_an_encrypted_checkpoint():
     # Execute / Assert
     with pytest.raises(ZenfedError, match="encrypted"):
-        PlainFedAvg().from_checkpoint(b"whatever", {"kind": "ckks-sum"})
+        PLAIN.from_checkpoint(b"whatever", {"kind": "ckks-sum"})

@@ -1,0 +1,139 @@
+"""What the server accepts from the sites in one round: checks, metrics, the running sum, their logs.
+
+A result that fails a check is rejected with a logged and audited reason; it
+never aborts the round. Updates go straight into the aggregation's running
+sum, so nothing here holds one buffer per site.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from zenfed import protocol as P
+from zenfed.audit import events as E
+from zenfed.audit.sink import AuditSink
+from zenfed.digest import sha256_hex
+from zenfed.errors import ZenfedError
+from zenfed.protocol import Message
+from zenfed.server.aggregation import Aggregation
+from zenfed.spec import JobSpec
+from zenfed.types import AdapterState
+from zenfed.wire import decode_adapter
+
+_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_log = logging.getLogger(__name__)
+
+
+class RoundIntake:
+    """Accepts the sites' answers to one task at a time.
+
+    Args:
+        spec: The job spec.
+        job_id: The job's id (answers for another job are refused).
+        out_dir: The job's result folder (site logs are kept under ``audit/``).
+        audit: The server's audit log.
+        aggregation: The running sum training updates are folded into.
+    """
+
+    def __init__(self, *, spec: JobSpec, job_id: str, out_dir: Path, audit: AuditSink,
+                 aggregation: Aggregation) -> None:
+        self.spec = spec
+        self.job_id = job_id
+        self.out_dir = out_dir
+        self.audit = audit
+        self.aggregation = aggregation
+        self.task = ""
+        self.round = 0
+        self.sites: dict[str, dict[str, Any]] = {}
+        self.update_hashes: list[str] = []
+        self.released: AdapterState | None = None
+        self.base_model_sha256: str | None = None
+
+    def begin(self, *, task: str, round_index: int) -> None:
+        """Start taking answers to ``task`` in round ``round_index``."""
+        self.task, self.round = task, round_index
+        self.sites, self.update_hashes, self.released = {}, [], None
+        self.aggregation.begin(round_index=round_index)
+
+    @property
+    def answered(self) -> int:
+        """Answers that count towards ``min_sites`` for the current task."""
+        if self.task == P.TASK_TRAIN:
+            return self.aggregation.count
+        if self.task == P.TASK_RELEASE:
+            return int(self.released is not None)
+        return len(self.sites)
+
+    def accept(self, site: str, answer: Message) -> None:
+        """Validate one site's answer and fold it in; reject a bad one with a logged reason, never raise."""
+        self.keep_site_log(site, answer)
+        try:
+            self._accept(site, answer)
+        except (ZenfedError, ValueError, TypeError, KeyError) as err:
+            _log.error("round %d: rejected the result of %s: %s", self.round, site, err)
+            self.audit.record(E.ERROR, kind="result_rejected", site=site, round=self.round, message=str(err)[:500])
+
+    def _accept(self, site: str, answer: Message) -> None:
+        if answer.refusal:
+            raise ZenfedError(f"the site refused the task: {answer.refusal}")
+        if answer.status != P.STATUS_OK:
+            raise ZenfedError(f"the site returned {answer.status}")
+        header = answer.header
+        if not header:
+            raise ZenfedError("result has no zenfed header")
+        if header.get(P.H_ROUND) != self.round or header.get(P.H_JOB_ID) != self.job_id:
+            raise ZenfedError(
+                f"result is for job {header.get(P.H_JOB_ID)} round {header.get(P.H_ROUND)}, "
+                f"expected round {self.round} (a replay or a stale result)"
+            )
+        payload = answer.payload
+        if payload is not None and (not isinstance(payload, bytes) or sha256_hex(payload) != header.get(
+                P.H_PAYLOAD_SHA256) or len(payload) != header.get(P.H_PAYLOAD_BYTES)):
+            raise ZenfedError("payload does not match the SHA-256/size in its header")
+        if self.task == P.TASK_RELEASE:
+            if payload is None:
+                raise ZenfedError("release answer carries no adapter")
+            self.released = decode_adapter(payload)
+            return
+        metrics: dict[str, Any] = {
+            "eval_loss": float(header[P.H_EVAL_LOSS]), "accuracy": float(header[P.H_EVAL_ACCURACY]),
+            "eval_examples": int(header[P.H_EVAL_EXAMPLES]), "release_ok": header.get(P.H_RELEASE_OK) is True,
+            "engine": str(header.get(P.H_ENGINE, "unknown")),
+        }
+        if isinstance(header.get(P.H_DP_SPENT), dict):
+            metrics["privacy"] = dict(header[P.H_DP_SPENT])
+        if self.task == P.TASK_TRAIN:
+            if payload is None:
+                raise ZenfedError("training result carries no update payload")
+            weight = self.aggregation.add(site=site, header=header, payload=payload)
+            digest = sha256_hex(payload)
+            self.update_hashes.append(digest)
+            self.audit.record(E.UPDATE_RECEIVED, site=site, round=self.round, sha256=digest, size=len(payload),
+                              kind=P.UPDATE_KIND, encrypted=self.aggregation.encrypted)
+            metrics.update(num_examples=int(header[P.H_NUM_EXAMPLES]), weight=weight, update_sha256=digest,
+                           update_bytes=len(payload))
+            if header.get(P.H_TRAIN_LOSS) is not None:  # A site under DP withholds it.
+                metrics["train_loss"] = float(header[P.H_TRAIN_LOSS])
+        if header.get(P.H_BASE_MODEL_SHA256):
+            self.base_model_sha256 = str(header[P.H_BASE_MODEL_SHA256])
+        self.sites[site] = metrics
+
+    def keep_site_log(self, site: str, answer: Message) -> None:
+        """Keep the signed log a site attached to its answer (the latest copy wins)."""
+        data = answer.audit_log
+        if not isinstance(data, bytes):
+            return
+        try:
+            if not _SITE_NAME.fullmatch(site):
+                raise ZenfedError(f"cannot store the audit log of site {site!r}")
+            last = data.rstrip(b"\n").split(b"\n")[-1]
+            (self.out_dir / "audit" / f"{site}.jsonl").write_bytes(data)
+            # Pin the head of the site's log in the server's own log.
+            self.audit.record(E.LOG_ANCHORED, participant=site, seq=int(json.loads(last)["seq"]),
+                              sha256=sha256_hex(last))
+        except (ZenfedError, ValueError, KeyError, OSError) as err:
+            _log.error("could not keep the audit log of %s: %s", site, err)

@@ -1,0 +1,266 @@
+"""The server's part of one job, without FLARE: rounds, attestation gate, aggregation, checkpoints, result.
+
+Each round sends ``zenfed_train`` with the current global state (none in
+round 1: every site starts from the same deterministic initialisation). A
+site first evaluates the adapter it received on its validation split, then
+trains, and answers with its update and both sets of metrics. Updates are
+folded into one running sum as they arrive: in the clear or as CKKS
+ciphertexts the server cannot read (``zenfed.server.aggregation``, chosen by
+the job's strategy). After the last round ``zenfed_evaluate`` scores the
+final adapter; under encryption it is released in the clear only if every
+site's policy allows it.
+
+The FLARE controller (``zenfed.controllers.round_controller``) only carries
+tasks: it implements :class:`~zenfed.server.transport.Transport`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from zenfed import protocol as P
+from zenfed.audit import events as E
+from zenfed.audit.sink import AuditSink
+from zenfed.digest import sha256_hex
+from zenfed.errors import ZenfedError
+from zenfed.kit_files import KitFolders, find_kit_file
+from zenfed.privacy.he import SERVER_CONTEXT_FILE
+from zenfed.protocol import Message
+from zenfed.server.aggregation import Aggregation
+from zenfed.server.attestation_gate import AttestationQuorumError, ServerAttestationGate
+from zenfed.server.checkpoint import CheckpointStore, RunState
+from zenfed.server.intake import RoundIntake
+from zenfed.server.result import build_result, round_record, round_summary, weighted_eval
+from zenfed.server.transport import Transport
+from zenfed.spec import JobSpec, parse_model
+from zenfed.strategies import make_strategy
+
+_log = logging.getLogger(__name__)
+
+
+def find_server_context(folders: KitFolders) -> Path:
+    """The server's public context: in its kit's startup/, or local/ in the simulator.
+
+    Raises:
+        ZenfedError: If there is none (the project was provisioned without encryption).
+    """
+    return find_kit_file(folders, startup=[SERVER_CONTEXT_FILE], local=[SERVER_CONTEXT_FILE],
+                         what=f"the server's {SERVER_CONTEXT_FILE}",
+                         hint="encryption is on; provision the project with encryption (ProjectSpec.encryption: true)")
+
+
+class ServerSession:
+    """The server's state for one job: started once, then :meth:`run` drives every round.
+
+    Args:
+        spec_data: The job spec as a dict (``JobSpec.model_dump(mode="json")``).
+        job_id: The job's id.
+        identity: The server's provisioned name (its audit log is named after it).
+        folders: The server's kit folders and this job's run folder (the job result goes there).
+        submitter: Who submitted the job, for the audit log.
+    """
+
+    def __init__(self, *, spec_data: dict[str, Any], job_id: str, identity: str, folders: KitFolders,
+                 submitter: str = "unknown") -> None:
+        self.spec: JobSpec = parse_model(JobSpec, spec_data, kind="job spec", source="the job's server config")
+        self.job_id = job_id
+        self.folders = folders
+        self._identity = identity
+        self._submitter = submitter
+        self._round = 0
+        self._phase = "init"
+        self._last_eval: dict[str, float] = {}
+        self._audit = AuditSink(None)
+        self._intake: RoundIntake | None = None
+        self._server_evidence: dict[str, str] = {}
+        self._attest_answers: dict[str, Any] = {}
+        key = f"{self.spec.name}-{self.spec.spec_hash()[:16]}"
+        self._checkpoints = CheckpointStore(folders.root / "zenfed-checkpoints" / key)
+        self._strategy = make_strategy(self.spec)
+        context = find_server_context(folders) if self.spec.encryption.enabled else None
+        self.aggregation: Aggregation = self._strategy.make_aggregation(job_id=job_id, server_context=context)
+        self._gate: ServerAttestationGate | None = None
+
+    def start(self, *, sites: list[str]) -> None:
+        """Open the audit log and the attestation gate; record the job's start."""
+        out_dir = self.folders.run
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._audit = AuditSink.for_participant(
+            startup_dir=self.folders.startup, participant=self._identity,
+            log_path=out_dir / "audit" / f"{self._identity}.jsonl",
+        )
+        self._gate = ServerAttestationGate(spec=self.spec, workspace_root=self.folders.root, audit=self._audit)
+        self._intake = RoundIntake(spec=self.spec, job_id=self.job_id, out_dir=out_dir, audit=self._audit,
+                                   aggregation=self.aggregation)
+        self._audit.record(E.JOB_SUBMITTED, job=self.spec.name, job_id=self.job_id, submitter=self._submitter,
+                           spec_sha256=self.spec.spec_hash())
+        self._audit.record(E.JOB_DEPLOYED, job_id=self.job_id, sites=sorted(sites), aggregation=self.aggregation.method)
+        self._audit.record(E.JOB_STARTED, job_id=self.job_id)
+
+    def close(self) -> None:
+        """Mark the workflow finished and close the audit log."""
+        self._phase = "finished"
+        self._audit.close()
+
+    def progress(self) -> dict[str, Any]:
+        """Return the job's progress as plain data (``zenfed submit`` draws its progress bar from it)."""
+        answered = len(self._intake.sites) if self._intake else 0
+        return {
+            "phase": self._phase, "round": self._round, "rounds": self.spec.federation.rounds,
+            "sites_answered": answered, "eval_loss": self._last_eval.get("eval_loss"),
+            "accuracy": self._last_eval.get("accuracy"),
+        }
+
+    # -- the workflow --------------------------------------------------------------------------
+    def run(self, transport: Transport) -> None:
+        """Run the rounds, resuming from a checkpoint if one exists, then evaluate, release, write the result."""
+        spec, store = self.spec, self._checkpoints
+        state = store.load() or RunState()
+        if state.finished:
+            state = RunState()  # A finished run of the same spec starts afresh.
+        elif state.completed_round:
+            _log.info("resuming %s after round %d", spec.name, state.completed_round)
+        global_state = (
+            self.aggregation.from_checkpoint(state.global_payload, state.global_meta)
+            if state.global_payload is not None else None
+        )
+        for rnd in range(state.completed_round + 1, spec.federation.rounds + 1):
+            self._round, self._phase = rnd, "train"
+            started = time.time()
+            if not self._attest(rnd, transport):
+                return
+            new_global = self._run_round(P.TASK_TRAIN, global_state, transport)
+            if new_global is None:
+                return
+            intake = self._require_intake()
+            state.history.append(round_record(rnd, started, self.aggregation, intake.sites, new_global))
+            global_state = new_global
+            state.global_payload, state.global_meta = self.aggregation.to_checkpoint(new_global)
+            state.completed_round = rnd
+            store.save(state)
+            _log.info("round %d/%d done: %s", rnd, spec.federation.rounds, round_summary(state.history[-1]))
+        self._round, self._phase = spec.federation.rounds, "evaluate"
+        if self._run_round(P.TASK_EVALUATE, global_state, transport) is None:
+            return
+        intake = self._require_intake()
+        final_eval, final_sites = weighted_eval(intake.sites), dict(intake.sites)
+        released = self._release(global_state, final_sites, transport)
+        state.finished = True
+        store.save(state)
+        self._write_result(state, global_state, released, final_eval, final_sites)
+        self._phase = "done"
+
+    def _attest(self, rnd: int, transport: Transport) -> bool:
+        """Collect fresh evidence from every site when the gate asks for it; False if the job must stop."""
+        gate = self._gate
+        if gate is None or not gate.needed(rnd):
+            return True
+        self._phase = "attest"
+        sites = sorted(transport.sites())
+        self._attest_answers = {}
+        challenge = Message(attest=gate.challenge(sites=sites, round=rnd))
+        if not transport.broadcast(task=P.TASK_ATTEST, message=challenge, targets=sites, min_responses=len(sites),
+                                   timeout_s=gate.timeout_s, wait_after_min_s=0, on_result=self._on_attest):
+            return False
+        admitted, _ = gate.verify(dict(self._attest_answers))
+        try:
+            gate.enforce_quorum(admitted)
+        except AttestationQuorumError as err:
+            transport.stop(f"attestation: {err}")
+            return False
+        self._server_evidence = gate.server_evidence()
+        excluded = sorted(set(sites) - set(admitted))
+        if excluded:
+            _log.warning("round %d: excluded by attestation: %s", rnd, ", ".join(excluded))
+        self._phase = "train"
+        return True
+
+    def _on_attest(self, site: str, answer: Message) -> None:
+        """Keep a site's attestation answer (or its refusal) for the gate to verify."""
+        if answer.status != P.STATUS_OK:
+            self._attest_answers[site] = f"returned {answer.status}"
+            return
+        self._attest_answers[site] = answer.attest or answer.refusal
+        self._require_intake().keep_site_log(site, answer)
+
+    def _run_round(self, task: str, global_state: Any, transport: Transport, targets: list[str] | None = None,
+                   min_sites: int | None = None) -> Any:
+        """Send one task; return the new global state (train), True (others), or None if the job stops."""
+        spec, intake = self.spec, self._require_intake()
+        header, payload = self.aggregation.task_payload(global_state)
+        header.update({P.H_JOB_ID: self.job_id, P.H_ROUND: self._round, P.H_SPEC_HASH: spec.spec_hash(),
+                       P.H_HAS_GLOBAL: global_state is not None})
+        if payload is not None:
+            header[P.H_PAYLOAD_SHA256], header[P.H_PAYLOAD_BYTES] = sha256_hex(payload), len(payload)
+        message = Message(header=header, payload=payload, server_evidence=self._server_evidence or None)
+        intake.begin(task=task, round_index=self._round)
+        everyone = sorted(transport.sites())
+        targets = targets or (self._gate.eligible(everyone) if self._gate else everyone)
+        needed = spec.federation.min_sites if min_sites is None else min_sites
+        self._audit.record(E.ROUND_STARTED, round=self._round, task=task, sites=targets)
+        if not transport.broadcast(task=task, message=message, targets=targets,
+                                   min_responses=min(needed, len(targets)), timeout_s=spec.federation.task_timeout_s,
+                                   wait_after_min_s=spec.federation.task_timeout_s, on_result=intake.accept):
+            return None
+        if intake.answered < needed:
+            text = f"round {self._round}: only {intake.answered} site(s) answered {task}, fewer than {needed}"
+            self._audit.record(E.ERROR, kind="too_few_sites", round=self._round, message=text)
+            transport.stop(f"{text}; stopping the job")
+            return None
+        if task == P.TASK_RELEASE:
+            return True
+        self._last_eval = weighted_eval(intake.sites)
+        self._audit.record(E.EVALUATED, round=self._round - 1 if task == P.TASK_TRAIN else self._round,
+                           scope="federated", metrics={k: float(v) for k, v in self._last_eval.items()})
+        if task == P.TASK_EVALUATE:
+            self._audit.record(E.ROUND_ENDED, round=self._round, task=task)
+            return True
+        new_global = self.aggregation.result()
+        self._audit.record(
+            E.AGGREGATED, round=self._round, inputs=sorted(intake.update_hashes),
+            output=self.aggregation.digest(new_global), method=self.aggregation.method,
+            total_weight=self.aggregation.total_weight,
+        )
+        self._audit.record(E.ROUND_ENDED, round=self._round, task=task,
+                           contributors=sorted(self.aggregation.contributors))
+        return new_global
+
+    def _release(self, global_state: Any, final_sites: dict[str, dict[str, Any]], transport: Transport) -> Any:
+        """Return the final adapter in the clear, if allowed; under encryption ask one site to decrypt it."""
+        if not self.aggregation.encrypted:
+            return global_state
+        refusing = sorted(s for s, m in final_sites.items() if not m.get("release_ok"))
+        if refusing or not final_sites:
+            self._audit.record(E.POLICY_DECISION, decision="refused", subject="plaintext release",
+                               reason=f"site policies of {', '.join(refusing) or 'no site'} do not allow it")
+            return None
+        self._phase, chosen = "release", sorted(final_sites)[0]
+        self._run_round(P.TASK_RELEASE, global_state, transport, targets=[chosen], min_sites=1)
+        released = self._require_intake().released
+        if released is not None:
+            self._audit.record(E.POLICY_DECISION, decision="accepted", subject="plaintext release",
+                               reason=f"all {len(final_sites)} site policies allow it; decrypted by {chosen}")
+        return released
+
+    def _write_result(self, state: RunState, global_state: Any, released: Any, final_eval: dict[str, float],
+                      final_sites: dict[str, dict[str, Any]]) -> None:
+        """Write ``zenfed_result.json`` and, if released, the final adapter as a PEFT folder."""
+        result = build_result(
+            spec=self.spec, job_id=self.job_id, out_dir=self.folders.run, history=state.history,
+            final_eval=final_eval, final_sites=final_sites, released=released,
+            global_sha256=self.aggregation.digest(global_state), aggregation=self.aggregation.method,
+            base_model_sha256=self._require_intake().base_model_sha256,
+        )
+        if released is not None:
+            self._audit.record(
+                E.MODEL_RELEASED, adapter_sha256=result["final"]["adapter_sha256"], released_to="job result (adapter/)",
+                decided_by="site policies (all allow)" if self.aggregation.encrypted else "job spec: plaintext FedAvg",
+            )
+
+    def _require_intake(self) -> RoundIntake:
+        if self._intake is None:
+            raise ZenfedError("the server session was used before start()")
+        return self._intake

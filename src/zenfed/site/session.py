@@ -1,0 +1,318 @@
+"""A site's part of one job, without FLARE: policy, attestation, engine, DP, encryption, release, audit.
+
+The FLARE executor (``zenfed.executors.lora_executor``) only translates: it
+turns each task into a :class:`~zenfed.protocol.Message`, calls
+:meth:`SiteSession.handle`, and sends the answer back. Everything a site
+decides happens here, and a test can drive it in one process.
+
+A task's path at a site::
+
+    open (once)   policy allows the job? attestation and audit opened
+    check         server attested (where required), spec hash matches
+    load (once)   data, privacy budget admitted, base model and engine
+    incoming      global bytes -> update chain, reversed -> strategy.after_decrypt
+    evaluate      the received adapter on the local validation split
+    train         budget for this round -> strategy.prepare_global -> engine.train
+    outgoing      local - global -> update chain -> payload bytes, audited
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import zlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from zenfed import protocol as P
+from zenfed.audit import events as E
+from zenfed.audit.sink import AuditSink
+from zenfed.data.jsonl import Example, load_jsonl
+from zenfed.digest import sha256_hex
+from zenfed.engines import make_engine
+from zenfed.engines.base import Engine
+from zenfed.engines.base_model import model_fingerprint, resolve_base_model
+from zenfed.errors import PolicyError, ZenfedError
+from zenfed.kit_files import KitFolders
+from zenfed.protocol import Message
+from zenfed.site.attestation import SiteAttestation
+from zenfed.site.chain import IncomingGlobal, OutgoingUpdate, RoundInfo, UpdateChain
+from zenfed.site.dp import SiteDP
+from zenfed.site.encryption import SiteEncryption, find_site_context
+from zenfed.site.policy import check_job_allowed, load_policy_for
+from zenfed.site.stages import build_update_chain
+from zenfed.spec import JobSpec, SitePolicy, parse_model
+from zenfed.strategies import Strategy, make_strategy
+from zenfed.types import AdapterState
+from zenfed.wire import encode_adapter
+
+TASKS = (P.TASK_ATTEST, P.TASK_TRAIN, P.TASK_EVALUATE, P.TASK_RELEASE)
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+def round_seed(*, job_seed: int, round_index: int, site: str) -> int:
+    """Return the seed of one site's batches in one round: reproducible, and different per site and round."""
+    return job_seed * 1_000_003 + round_index * 7919 + zlib.crc32(site.encode())
+
+
+class SiteSession:
+    """One site's state for one job, across all its tasks.
+
+    Args:
+        spec_data: The job spec as a dict (``JobSpec.model_dump(mode="json")``).
+        site: This site's provisioned name.
+        job_id: The job's id.
+        folders: The site's kit folders and this job's run folder.
+    """
+
+    def __init__(self, *, spec_data: dict[str, Any], site: str, job_id: str, folders: KitFolders) -> None:
+        self.site = site
+        self.job_id = job_id
+        self.folders = folders
+        self._spec_data = spec_data
+        self._spec: JobSpec | None = None
+        self._policy: SitePolicy | None = None
+        self._audit: AuditSink | None = None
+        self._attestation: SiteAttestation | None = None
+        self._encryption: SiteEncryption | None = None
+        self._strategy: Strategy | None = None
+        self._engine: Engine | None = None
+        self._dp: SiteDP | None = None
+        self._chain: UpdateChain | None = None
+        self._train: list[Example] = []
+        self._valid: list[Example] = []
+        self._base_model_sha256: str | None = None
+        self._optimizer_state: Any = None
+        self._final_global_sha256: str | None = None
+        self._released = False
+
+    # -- the one entry point ------------------------------------------------------------------
+    def handle(self, task: str, message: Message, *, should_abort: Callable[[], bool] = lambda: False) -> Message:
+        """Run one task; a policy refusal is answered (and audited), an error reported, never raised."""
+        if task not in TASKS:
+            return Message(status=P.STATUS_UNKNOWN_TASK)
+        try:
+            spec, policy = self._open()
+            if task == P.TASK_ATTEST:
+                return self._answer_attestation(message)
+            # No model data moves until the server has proven its TEE, where this site requires it.
+            self._require(self._attestation).check_server(message.server_evidence)
+            self._load(spec, policy)
+            if message.header.get(P.H_SPEC_HASH) != spec.spec_hash():
+                raise PolicyError("the task does not carry this job's spec hash; refusing it")
+            if task == P.TASK_RELEASE:
+                return self._release(message)
+            adapter = self._incoming_adapter(message)
+            return self._run(task, spec, message.header, adapter, should_abort)
+        except PolicyError as err:
+            _log.warning("%s refused %s: %s", self.site, task, err)
+            self._record(E.POLICY_DECISION, decision="refused", reason=str(err)[:500], task=task)
+            # The refusal and its reason reach the job result, with this site's log.
+            return Message(refusal=str(err), audit_log=self._log_bytes())
+        except ZenfedError as err:
+            _log.error("%s failed %s: %s", self.site, task, err)
+            self._record(E.ERROR, kind=type(err).__name__, message=str(err)[:500], task=task)
+            return Message(status=P.STATUS_ERROR)
+
+    # -- once per job ---------------------------------------------------------------------------
+    def _open(self) -> tuple[JobSpec, SitePolicy]:
+        """Open the audit log, read the spec and the site policy, decide: cheap, once per job."""
+        if self._spec is not None and self._policy is not None:
+            return self._spec, self._policy
+        if self._audit is None:
+            self._audit = AuditSink.for_participant(
+                startup_dir=self.folders.startup, participant=self.site,
+                log_path=self.folders.run / "audit" / f"{self.site}.jsonl",
+            )
+            self._audit.record(E.JOB_STARTED, job_id=self.job_id)
+        spec = parse_model(JobSpec, self._spec_data, kind="job spec", source="the job's site config")
+        policy = load_policy_for(site=self.site, site_config_dir=self.folders.local)
+        check_job_allowed(policy, spec)
+        self._attestation = SiteAttestation(
+            workspace_root=self.folders.root, site=self.site, policy=policy, audit=self._audit,
+            mode=spec.attestation.mode,
+        )
+        if spec.encryption.enabled:
+            self._encryption = SiteEncryption(spec=spec, context_path=find_site_context(self.folders))
+        self._strategy = make_strategy(spec)
+        self._spec, self._policy = spec, policy
+        return spec, policy
+
+    def _load(self, spec: JobSpec, policy: SitePolicy) -> None:
+        """Load the data and the engine: slow, once per job, only after the checks passed."""
+        if self._engine is not None:
+            return
+        location = policy.dataset(spec.data.dataset)
+        self._train = load_jsonl(location.path / location.train)
+        valid = load_jsonl(location.path / location.valid)
+        # A fixed, seeded subset keeps per-round evaluation cheap and comparable across rounds.
+        random.Random(spec.training.seed).shuffle(valid)
+        self._valid = valid[: spec.evaluation.max_examples]
+        # The privacy budget is decided before any model is loaded: a refused job costs nothing.
+        dp = SiteDP.from_kit(
+            spec=spec, policy=policy, startup_dir=self.folders.startup, local_dir=self.folders.local,
+            job_id=self.job_id, num_records=len(self._train), num_sites=spec.federation.min_sites,
+        )
+        plan = dp.admit()
+        self._record(E.POLICY_DECISION, decision="accepted", subject="privacy budget",
+                     reason="the job's planned epsilon fits this site's limits", plan=plan)
+        self._dp = dp
+        self._chain = build_update_chain(dp=dp, encryption=self._encryption, strategy=self._require(self._strategy),
+                                         audit=self._require(self._audit))
+        model_dir = resolve_base_model(spec.model.base)
+        self._base_model_sha256 = model_fingerprint(model_dir)
+        self._engine = make_engine(spec, model_dir=model_dir, threads=policy.torch_threads, engine=policy.engine)
+        self._record(
+            E.POLICY_DECISION, decision="accepted", job=spec.name, spec_sha256=spec.spec_hash(),
+            dataset=spec.data.dataset, base_model_sha256=self._base_model_sha256,
+            engine=policy.engine or spec.model.engine, encrypted=spec.encryption.enabled,
+            reason="job, base model and dataset allowed by the site policy",
+        )
+
+    # -- tasks ----------------------------------------------------------------------------------
+    def _answer_attestation(self, message: Message) -> Message:
+        """Answer the server's challenge with fresh evidence and a nonce for the server."""
+        reply = Message()
+        try:
+            reply.attest = self._require(self._attestation).answer(message.attest)
+        except ZenfedError as err:
+            reply.refusal = str(err)  # The server records why this site cannot attest.
+        reply.audit_log = self._log_bytes()  # An excluded site's log still reaches the job result.
+        return reply
+
+    def _incoming_adapter(self, message: Message) -> AdapterState:
+        """The global adapter: the shared initialisation in round 1, else through the chain, reversed."""
+        engine, header = self._require(self._engine), message.header
+        if not header.get(P.H_HAS_GLOBAL):
+            return engine.initial_adapter()
+        payload = message.payload
+        if not isinstance(payload, bytes) or sha256_hex(payload) != header.get(P.H_PAYLOAD_SHA256):
+            raise PolicyError("the global adapter does not match the SHA-256 in its header; refusing it")
+        if bool(header.get(P.H_ENCRYPTED)) != (self._encryption is not None):
+            raise PolicyError("the task's encryption does not match the job spec; refusing it")
+        incoming = IncomingGlobal(payload=payload, header=header, template=engine.initial_adapter())
+        mean = self._require(self._chain).incoming(incoming, self._round_info(header))
+        return self._require(self._strategy).after_decrypt(mean)
+
+    def _run(self, task: str, spec: JobSpec, header: dict[str, Any], adapter: AdapterState,
+             should_abort: Callable[[], bool]) -> Message:
+        engine, policy = self._require(self._engine), self._require(self._policy)
+        rnd = int(header[P.H_ROUND])
+        evaluation = engine.evaluate(adapter=adapter, examples=self._valid,
+                                     max_new_tokens=spec.evaluation.max_new_tokens)
+        out: dict[str, Any] = {
+            P.H_JOB_ID: header[P.H_JOB_ID], P.H_ROUND: rnd, P.H_SITE: self.site,
+            P.H_EVAL_LOSS: evaluation.loss, P.H_EVAL_ACCURACY: evaluation.accuracy,
+            P.H_EVAL_EXAMPLES: evaluation.num_examples, P.H_BASE_MODEL_SHA256: self._base_model_sha256,
+            P.H_RELEASE_OK: policy.allow_plaintext_release, P.H_ENGINE: policy.engine or spec.model.engine,
+        }
+        self._record(
+            E.EVALUATED, round=rnd - 1 if task == P.TASK_TRAIN else rnd, scope="local validation",
+            metrics={"eval_loss": evaluation.loss, "accuracy": evaluation.accuracy,
+                     "examples": evaluation.num_examples},
+        )
+        if task != P.TASK_TRAIN:
+            # The final evaluation names the one adapter this site may later release.
+            self._final_global_sha256 = header.get(P.H_PAYLOAD_SHA256)
+            self._record(E.ROUND_ENDED, round=rnd, task=task)
+            return Message(header=out, audit_log=self._log_bytes())
+        if should_abort():
+            return Message(status=P.STATUS_ABORTED)
+        payload = self._train_and_send(spec, header, adapter, out)
+        return Message(header=out, payload=payload)
+
+    def _train_and_send(self, spec: JobSpec, header: dict[str, Any], adapter: AdapterState,
+                        out: dict[str, Any]) -> bytes:
+        """Train one round from ``adapter``, run the update chain, return the bytes that leave the site."""
+        engine, dp, strategy = self._require(self._engine), self._require(self._dp), self._require(self._strategy)
+        info = self._round_info(header)
+        self._reload_budget(dp)
+        record_dp = dp.for_round(info.round)  # Raises BudgetExhausted: this site stops contributing, and says so.
+        start = strategy.prepare_global(adapter)
+        if strategy.loss_term(global_adapter=start) is not None:
+            raise ZenfedError(f"strategy {strategy.name!r} adds a loss term, which the engines do not take yet")
+        trained = engine.train(adapter=start, examples=self._train, steps=spec.training.local_steps,
+                               seed=round_seed(job_seed=spec.training.seed, round_index=info.round, site=self.site),
+                               dp=record_dp, optimizer_state=self._optimizer_state)
+        self._optimizer_state = trained.optimizer_state  # Stays at the site for its next round.
+        update = OutgoingUpdate.from_training(
+            global_adapter=start, num_examples=trained.num_examples,
+            local_adapter=strategy.update_to_send(global_adapter=start, local_adapter=trained.adapter))
+        update.header[P.H_TRAIN_LOSS] = trained.train_loss
+        update = self._require(self._chain).outgoing(update, info)
+        payload = update.payload
+        if payload is None:
+            raise ZenfedError("the update chain wrote no payload")
+        out.update(update.header)
+        digest = sha256_hex(payload)
+        out.update({P.H_NUM_EXAMPLES: trained.num_examples, P.H_STEPS: trained.steps,
+                    P.H_PAYLOAD_SHA256: digest, P.H_PAYLOAD_BYTES: len(payload)})
+        self._keep_sent(info.round, payload)
+        self._record(E.UPDATE_SENT, round=info.round, sha256=digest, size=len(payload), kind=P.UPDATE_KIND,
+                     encrypted=self._encryption is not None, stages=self._require(self._chain).names)
+        return payload
+
+    def _release(self, message: Message) -> Message:
+        """Return the decrypted final adapter, if this site's policy allows a plaintext release.
+
+        Only the adapter this site just scored in the final evaluation, and only once: a server
+        cannot use release to have a site decrypt anything else (say, one site's update).
+        """
+        header = message.header
+        if not self._require(self._policy).allow_plaintext_release:
+            raise PolicyError("this site's policy does not allow releasing the adapter in the clear")
+        if self._released or self._final_global_sha256 is None:
+            raise PolicyError("release refused: it comes only once, after this site's final evaluation")
+        if header.get(P.H_PAYLOAD_SHA256) != self._final_global_sha256:
+            raise PolicyError("release refused: the payload is not the final adapter this site evaluated")
+        self._released = True
+        payload = encode_adapter(self._incoming_adapter(message))
+        self._record(E.MODEL_RELEASED, adapter_sha256=sha256_hex(payload), released_to="server (job result)",
+                     decided_by="site policy allow_plaintext_release")
+        return Message(
+            header={P.H_JOB_ID: header[P.H_JOB_ID], P.H_ROUND: header[P.H_ROUND],
+                    P.H_PAYLOAD_SHA256: sha256_hex(payload), P.H_PAYLOAD_BYTES: len(payload)},
+            payload=payload, audit_log=self._log_bytes(),
+        )
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _round_info(self, header: dict[str, Any]) -> RoundInfo:
+        return RoundInfo(job_id=str(header[P.H_JOB_ID]), round=int(header[P.H_ROUND]), site=self.site)
+
+    def _reload_budget(self, dp: SiteDP) -> None:
+        """Budgets site IT edits in the site policy take effect from the next round."""
+        try:
+            current = load_policy_for(site=self.site, site_config_dir=self.folders.local)
+        except ZenfedError as err:
+            self._record(E.ERROR, kind="policy_reload", message=f"kept the budget in force: {err}"[:500])
+            return
+        if dp.update_limits(current.privacy):
+            self._record(E.POLICY_DECISION, decision="accepted", subject="privacy budget",
+                         reason="site IT changed the budget; the new limits apply from this round",
+                         max_epsilon_per_job=current.privacy.max_epsilon_per_job,
+                         lifetime_epsilon=current.privacy.lifetime_epsilon)
+
+    def _keep_sent(self, rnd: int, payload: bytes) -> None:
+        """Keep the site's own copy of what left it, named by round (the site's record, not the server's)."""
+        if not self._require(self._policy).keep_sent_updates:
+            return
+        sent_dir = self.folders.run / "sent"
+        sent_dir.mkdir(parents=True, exist_ok=True)
+        (sent_dir / f"round-{rnd:04d}.bin").write_bytes(payload)
+
+    def _record(self, event: str, **fields: Any) -> None:
+        if self._audit is not None:
+            self._audit.record(event, **fields)
+
+    def _log_bytes(self) -> bytes | None:
+        """This site's own signed log, which the server keeps in the job result."""
+        if self._audit is not None and self._audit.path is not None:
+            return self._audit.path.read_bytes()
+        return None
+
+    @staticmethod
+    def _require(value: _T | None) -> _T:
+        if value is None:
+            raise ZenfedError("the site session was used before the job was opened")
+        return value
