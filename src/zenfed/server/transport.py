@@ -1,13 +1,14 @@
 """What the server's round logic needs from whatever carries its tasks to the sites.
 
 FLARE's controller implements :class:`Transport` with ``broadcast_and_wait``
-(``zenfed.controllers.round_controller``); a test implements it by calling
+(``zenfed.controllers.round_controller``); :class:`InProcessTransport` calls
 each site's :class:`~zenfed.site.session.SiteSession` in the same process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from zenfed.protocol import Message
@@ -44,3 +45,47 @@ class Transport(Protocol):
     def stop(self, reason: str) -> None:
         """Stop the job: it cannot go on (too few sites, attestation quorum missed)."""
         ...
+
+
+# A site as the in-process transport sees it: (task name, task data) -> answer.
+SiteHandler = Callable[[str, Message], Message]
+
+
+class InProcessTransport:
+    """Carries tasks to site handlers in this process, one after another: a job without FLARE.
+
+    Used to run a whole job in one process (tests, development). Each site gets
+    its own copy of the task, as it would over a network, so no site can change
+    what another receives.
+
+    Args:
+        handlers: Site name -> its handler (``SiteSession.handle``).
+        unreachable: Sites that are connected but never answer (a crashed site).
+    """
+
+    def __init__(self, handlers: Mapping[str, SiteHandler], *, unreachable: Sequence[str] = ()) -> None:
+        self.handlers = dict(handlers)
+        self.unreachable = set(unreachable)
+        self.stopped: str | None = None
+        self.answers: list[tuple[str, str, Message]] = []  # (task, site, answer), in arrival order
+
+    def sites(self) -> list[str]:
+        """Every site with a handler."""
+        return sorted(self.handlers)
+
+    def broadcast(self, *, task: str, message: Message, targets: Sequence[str], min_responses: int,
+                  timeout_s: float, wait_after_min_s: float, on_result: ResultCallback) -> bool:
+        """Hand a copy of the task to each target site and pass its answer on; False once stopped."""
+        for site in targets:
+            if self.stopped is not None:
+                break
+            if site in self.unreachable:
+                continue
+            answer = self.handlers[site](task, copy.deepcopy(message))
+            self.answers.append((task, site, answer))
+            on_result(site, answer)
+        return self.stopped is None
+
+    def stop(self, reason: str) -> None:
+        """Remember why the job stopped; later broadcasts send nothing."""
+        self.stopped = reason

@@ -1,0 +1,199 @@
+"""A whole job without FLARE: three SiteSessions and the ServerSession in one process.
+
+Real CKKS (a fresh secret context at the sites, the public one at the server),
+real DP-SGD on the tiny model, and the server's encrypted sum checked against
+plaintext FedAvg of what the sites sent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from zenfed import protocol as P
+from zenfed.data import make_builtin
+from zenfed.jobs.simulate import builtin_policies, prepare_workspace
+from zenfed.kit_files import SHARED_SITE_DIR, KitFolders
+from zenfed.privacy.he import (
+    SITE_CONTEXT_FILE,
+    UpdateLayout,
+    decrypt_sum,
+    load_context,
+    packing_for,
+    read_envelope,
+)
+from zenfed.server.aggregation import EncryptedGlobal
+from zenfed.server.result import RESULT_FILE
+from zenfed.server.session import ServerSession
+from zenfed.server.transport import InProcessTransport
+from zenfed.site.session import SiteSession
+from zenfed.spec import JobSpec
+from zenfed.wire import decode_adapter
+
+SITES = ("site-1", "site-2", "site-3")
+
+
+@pytest.fixture(scope="module")
+def three_site_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data3")
+    make_builtin(out, sites=3, train_per_site=40, valid_per_site=8, test_per_task=4, seed=0)
+    return out
+
+
+def run_job(spec: JobSpec, data: Path, root: Path, *, encrypted: bool, release: bool = True,
+            unreachable: tuple[str, ...] = (), refusing: tuple[str, ...] = ()):
+    """Run ``spec`` on three in-process sites sharing one simulator-style local/ folder."""
+    policies = builtin_policies(data, sites=3, dataset="builtin", allow_any_model=True)
+    policies = {
+        name: policy.model_copy(update={"allow_plaintext_release": release,
+                                        "allowed_jobs": ("none-*",) if name in refusing else ("*",)})
+        for name, policy in policies.items()
+    }
+    prepare_workspace(root, policies, encrypted=encrypted)
+    local = root / "local"
+    spec_data = spec.model_dump(mode="json")
+    sessions = {
+        site: SiteSession(spec_data=spec_data, site=site, job_id="job-1",
+                          folders=KitFolders(startup=None, local=local, root=root / site, run=root / site / "run"))
+        for site in SITES
+    }
+    server = ServerSession(spec_data=spec_data, job_id="job-1", identity="server",
+                           folders=KitFolders(startup=None, local=local, root=root / "server",
+                                              run=root / "server" / "run"))
+    transport = InProcessTransport({site: s.handle for site, s in sessions.items()}, unreachable=unreachable)
+    server.start(sites=list(SITES))
+    server.run(transport)
+    server.close()
+    return server, transport
+
+
+def train_answers(transport: InProcessTransport, round_index: int) -> dict[str, P.Message]:
+    return {site: answer for task, site, answer in transport.answers
+            if task == P.TASK_TRAIN and answer.header.get(P.H_ROUND) == round_index and answer.payload}
+
+
+def test_encrypted_dp_job_sums_to_plaintext_fedavg_of_what_sites_sent(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare
+    spec = tiny_job_spec(
+        "in-process", encryption={"enabled": True},
+        privacy={"level": "record", "noise_multiplier": 0.8, "clip_norm": 1.0},
+        federation={"rounds": 2, "min_sites": 3},
+    )
+
+    # Execute
+    server, transport = run_job(spec, three_site_data, tmp_path, encrypted=True)
+
+    # Assert: every site sent an encrypted, DP-accounted update in both rounds
+    assert transport.stopped is None
+    for rnd in (1, 2):
+        answers = train_answers(transport, rnd)
+        assert sorted(answers) == list(SITES)
+        for answer in answers.values():
+            assert answer.header[P.H_DP_SPENT]["epsilon"] > 0
+            assert P.H_TRAIN_LOSS not in answer.header  # withheld under DP
+            assert read_envelope(answer.payload)[0].round == rnd
+
+    # Assert: decrypting the server's sum gives plaintext FedAvg of the sites' own updates
+    secret = load_context(tmp_path / "local" / SHARED_SITE_DIR / SITE_CONTEXT_FILE, require_secret=True)
+    packing = packing_for(spec.encryption)
+    answers = train_answers(transport, 2)
+    first = next(iter(answers.values()))
+    template = decode_adapter(json_adapter_template(server))
+    layout = UpdateLayout.from_update(template)
+    weighted_sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in template.items()}
+    total = 0.0
+    for answer in answers.values():
+        weight = float(answer.header[P.H_WEIGHT])
+        _, ciphertext = read_envelope(answer.payload)
+        own = decrypt_sum(ciphertext, context=secret, packing=packing, layout=layout, total_weight=weight)
+        for name, tensor in own.items():
+            weighted_sum[name] += weight * tensor.double()
+        total += weight
+    assert first is not None
+    final = server.aggregation.from_checkpoint(*server_checkpoint(server))
+    assert isinstance(final, EncryptedGlobal) and final.total_weight == pytest.approx(total)
+    decrypted = decrypt_sum(final.ciphertext, context=secret, packing=packing, layout=layout,
+                            total_weight=final.total_weight)
+    step = 2 * spec.encryption.clip / (2 ** spec.encryption.quant_bits)  # one quantisation step
+    for name, tensor in decrypted.items():
+        expected = (weighted_sum[name] / total).float()
+        assert torch.allclose(tensor, expected, atol=3 * step), name
+
+    # Assert: the released adapter is that same mean, and the result file names every site
+    result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
+    assert sorted(result["final"]["sites"]) == list(SITES)
+    assert [r["contributors"] for r in result["rounds"]] == [list(SITES), list(SITES)]
+    released = decode_adapter(adapter_bytes(tmp_path / "server" / "run" / result["final"]["adapter_dir"]))
+    for name, tensor in decrypted.items():
+        assert torch.allclose(released[name], tensor, atol=1e-6), name
+
+
+def test_plaintext_job_equals_weighted_mean_of_decoded_updates(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare
+    spec = tiny_job_spec("in-process-plain", federation={"rounds": 1, "min_sites": 3})
+
+    # Execute
+    server, transport = run_job(spec, three_site_data, tmp_path, encrypted=False)
+
+    # Assert
+    answers = train_answers(transport, 1)
+    total = sum(float(a.header[P.H_NUM_EXAMPLES]) for a in answers.values())
+    adapters = {site: decode_adapter(a.payload) for site, a in answers.items()}
+    final = server.aggregation.from_checkpoint(*server_checkpoint(server))
+    for name, tensor in final.items():
+        expected = sum(float(answers[s].header[P.H_NUM_EXAMPLES]) * adapters[s][name].double() for s in answers)
+        assert torch.allclose(tensor, (expected / total).float(), atol=1e-6), name
+    assert all(P.H_TRAIN_LOSS in a.header for a in answers.values())  # no DP: the loss is shown
+
+
+def test_a_refusing_and_a_silent_site_leave_the_round_to_the_others(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare: site-2 refuses the job by policy, site-3 never answers; min_sites 1 still holds
+    spec = tiny_job_spec("in-process-faults", federation={"rounds": 1, "min_sites": 1})
+
+    # Execute
+    server, transport = run_job(spec, three_site_data, tmp_path, encrypted=False,
+                                refusing=("site-2",), unreachable=("site-3",))
+
+    # Assert
+    refusals = [a.refusal for task, site, a in transport.answers if site == "site-2"]
+    assert refusals and all("not in this site's allowed_jobs" in r for r in refusals)
+    result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
+    assert result["rounds"][0]["contributors"] == ["site-1"]
+
+
+def test_too_few_sites_stops_the_job_with_the_reason(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare
+    spec = tiny_job_spec("in-process-quorum", federation={"rounds": 1, "min_sites": 3})
+
+    # Execute
+    server, transport = run_job(spec, three_site_data, tmp_path, encrypted=False, unreachable=("site-3",))
+
+    # Assert
+    assert transport.stopped is not None and "fewer than 3" in transport.stopped
+    assert not (tmp_path / "server" / "run" / RESULT_FILE).exists()
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def server_checkpoint(server: ServerSession) -> tuple[bytes, dict]:
+    state = server._checkpoints.load()
+    assert state is not None and state.global_payload is not None
+    return state.global_payload, state.global_meta
+
+
+def json_adapter_template(server: ServerSession) -> bytes:
+    """The job's initial adapter, as the sites build it (names and shapes of every update)."""
+    from zenfed.engines import make_engine
+    from zenfed.engines.base_model import resolve_base_model
+    from zenfed.wire import encode_adapter
+
+    engine = make_engine(server.spec, model_dir=resolve_base_model(server.spec.model.base), threads=1)
+    return encode_adapter(engine.initial_adapter())
+
+
+def adapter_bytes(folder: Path) -> bytes:
+    from safetensors.torch import load_file, save
+
+    return bytes(save(load_file(str(folder / "adapter_model.safetensors"))))
