@@ -175,8 +175,9 @@ def test_plain_fedavg_refuses_a_garbage_payload():
 
 def plain_fedavg(weighting: str):
     """The server's plaintext FedAvg, as the job's strategy builds it."""
+    from zenfed.server.aggregation import make_aggregation
     from zenfed.spec import JobSpec
     from zenfed.strategies import make_strategy
 
     spec = JobSpec(name="agg-test", federation={"weighting": weighting})
-    return make_strategy(spec).make_aggregation(job_id="job-1", server_context=None)
+    return make_aggregation(make_strategy(spec), job_id="job-1", server_context=None)

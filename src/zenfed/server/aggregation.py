@@ -4,7 +4,8 @@ Results are folded in as they arrive, so the server holds one adapter-sized
 sum however many sites answer. :class:`Aggregation` is what the round logic
 needs from a sum; :class:`PlainAggregation` and :class:`EncryptedAggregation`
 implement it side by side. Which weights go in is the strategy's decision
-(``zenfed.strategies``); these classes only add.
+(``zenfed.strategies``); these classes only add. :func:`make_aggregation`
+picks the sum a job needs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from zenfed.privacy.he import (
     read_envelope,
 )
 from zenfed.spec import EncryptionSpec
+from zenfed.strategies import Strategy
 from zenfed.types import AdapterState, check_compatible
 from zenfed.wire import decode_adapter, encode_adapter
 
@@ -310,3 +312,22 @@ class EncryptedAggregation:
             raise ZenfedError("the checkpoint does not hold a ciphertext sum under this job's HE parameters")
         self.n_values = meta.get("n_values")
         return EncryptedGlobal(ciphertext=payload, total_weight=float(meta["total_weight"]))
+
+
+def make_aggregation(strategy: Strategy, *, job_id: str, server_context: Path | None) -> Aggregation:
+    """Return the running sum the server folds a job's updates into.
+
+    Args:
+        strategy: The job's algorithm (its name and its weights).
+        job_id: The job's id (encrypted updates are bound to it).
+        server_context: The server's public CKKS context file; None for a job in the clear.
+
+    Raises:
+        ZenfedError: If the job is encrypted and there is no server context.
+    """
+    if strategy.spec.encryption.enabled:
+        if server_context is None:
+            raise ZenfedError("an encrypted job needs the server's public CKKS context")
+        return EncryptedAggregation(method=f"{strategy.name}-ckks", context_path=server_context,
+                                    encryption=strategy.spec.encryption, job_id=job_id)
+    return PlainAggregation(method=strategy.name, weight_of=strategy.server_weight)

@@ -29,7 +29,7 @@ from zenfed.errors import ZenfedError
 from zenfed.kit_files import KitFolders, find_kit_file
 from zenfed.privacy.he import SERVER_CONTEXT_FILE
 from zenfed.protocol import Message
-from zenfed.server.aggregation import Aggregation
+from zenfed.server.aggregation import Aggregation, make_aggregation
 from zenfed.server.attestation_gate import AttestationQuorumError, ServerAttestationGate
 from zenfed.server.checkpoint import CheckpointStore, RunState
 from zenfed.server.intake import RoundIntake
@@ -81,7 +81,7 @@ class ServerSession:
         self._checkpoints = CheckpointStore(folders.root / "zenfed-checkpoints" / key)
         self._strategy = make_strategy(self.spec)
         context = find_server_context(folders) if self.spec.encryption.enabled else None
-        self.aggregation: Aggregation = self._strategy.make_aggregation(job_id=job_id, server_context=context)
+        self.aggregation: Aggregation = make_aggregation(self._strategy, job_id=job_id, server_context=context)
         self._gate: ServerAttestationGate | None = None
 
     def start(self, *, sites: list[str]) -> None:
@@ -219,6 +219,8 @@ class ServerSession:
             self._audit.record(E.ROUND_ENDED, round=self._round, task=task)
             return True
         new_global = self.aggregation.result()
+        if not self.aggregation.encrypted:
+            new_global = self._strategy.combine(new_global)
         self._audit.record(
             E.AGGREGATED, round=self._round, inputs=sorted(intake.update_hashes),
             output=self.aggregation.digest(new_global), method=self.aggregation.method,

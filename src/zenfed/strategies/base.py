@@ -10,19 +10,18 @@ algorithm overrides only what it changes, in one file of its own under
 - site, during training: :meth:`Strategy.loss_term`
 - site, what it sends and with which weight: :meth:`Strategy.update_to_send`,
   :meth:`Strategy.site_weight`
-- server, how it combines: :meth:`Strategy.make_aggregation` (with :meth:`Strategy.server_weight`)
+- server, how it combines: :meth:`Strategy.server_weight` and :meth:`Strategy.combine`
+  (the running sums themselves are ``zenfed.server.aggregation``)
 - site, after decrypting the sum: :meth:`Strategy.after_decrypt`
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from zenfed.server.aggregation import Aggregation, EncryptedAggregation, PlainAggregation
 from zenfed.spec import JobSpec
 from zenfed.types import AdapterState
 
@@ -68,18 +67,10 @@ class Strategy:
         """Return the weight the server gives an update it receives in the clear."""
         raise NotImplementedError
 
-    def make_aggregation(self, *, job_id: str, server_context: Path | None) -> Aggregation:
-        """Return the running sum the server folds this job's updates into.
+    def combine(self, mean: AdapterState) -> AdapterState:
+        """Return the next global from the weighted mean, where the server can read it (jobs in the clear).
 
-        Args:
-            job_id: The job's id (encrypted updates are bound to it).
-            server_context: The server's public CKKS context file; None for a job in the clear.
+        Under encryption the server only adds; a strategy that changes the mean does it in
+        :meth:`after_decrypt`, identically at every site.
         """
-        if self.spec.encryption.enabled:
-            if server_context is None:
-                raise ValueError("an encrypted job needs the server's public context")
-            return EncryptedAggregation(
-                method=f"{self.name}-ckks", context_path=server_context, encryption=self.spec.encryption,
-                job_id=job_id,
-            )
-        return PlainAggregation(method=self.name, weight_of=self.server_weight)
+        return mean
