@@ -279,3 +279,17 @@ def test_the_packaged_provisioning_templates_parse():
         except SpecError as err:
             if "api_version" not in path.read_text():
                 raise AssertionError(f"{path.name}: {err}") from None
+
+
+def test_attestation_mode_off_unquoted_in_yaml_means_off(tmp_path):
+    # Prepare: YAML 1.1 reads `off` as False
+    path = tmp_path / "job.yaml"
+    path.write_text("name: off-job\nattestation:\n  mode: off\n")
+
+    # Execute
+    from zenfed.spec import load_job_spec
+
+    spec = load_job_spec(path)
+
+    # Assert
+    assert spec.attestation.mode == "off"

@@ -177,6 +177,12 @@ class AttestationSpec(_Strict):
     )
     reattest_every_rounds: int = Field(0, ge=0, description="re-attest every R rounds (0: before round 1 only)")
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `off` as False: take it as the string the user wrote.
+        return "off" if value is False else value
+
 
 class OutputSpec(_Strict):
     """What the job leaves behind."""
