@@ -1,9 +1,12 @@
 """``zenfed up`` / ``zenfed down``: run a provisioned deployment on this machine.
 
-Every process is started in its own session and tracked by PID in
-``WS/.zenfed/processes.json``. ``down`` ends those process groups and then
-any stray process still running from one of the workspace's kits (FLARE's
-per-job processes), so it also cleans up after a crash.
+Every process is started in its own session and tracked by PID and start
+time in ``WS/.zenfed/processes.json``. ``down`` ends exactly what ``up``
+started: each tracked process (if its PID still names the process that was
+started), its descendants, and what is left in the session it leads (FLARE's
+per-job processes, orphaned when their parent crashed). It never picks
+processes by name, command line or folder. ``up`` on a partly running
+deployment starts only what is missing.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import psutil
 
+from zenfed.atomic import atomic_write_bytes
 from zenfed.errors import DeploymentError
 from zenfed.provisioning.project import Deployment
 
@@ -59,20 +63,6 @@ def _start(kit: str, log: Path) -> int:
     return proc.pid
 
 
-def _kit_processes(dep: Deployment) -> list[psutil.Process]:
-    """Processes whose command line or working folder is inside one of this workspace's kits."""
-    kits = [dep.server_kit, *dep.site_kits.values()]
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
-        try:
-            text = " ".join(proc.info.get("cmdline") or []) + " " + (proc.info.get("cwd") or "")
-        except (psutil.Error, TypeError):
-            continue
-        if proc.pid != os.getpid() and any(kit in text for kit in kits):
-            found.append(proc)
-    return found
-
-
 def _tracked(dep: Deployment) -> dict[str, dict[str, Any]]:
     """The processes ``up`` recorded: name -> {"pid", "create_time"} (a bare PID from older files)."""
     path = _state_dir(dep) / PROCESSES
@@ -87,22 +77,41 @@ def _tracked(dep: Deployment) -> dict[str, dict[str, Any]]:
     }
 
 
-def _ours(entry: dict[str, Any], dep: Deployment) -> psutil.Process | None:
+def _ours(entry: dict[str, Any]) -> psutil.Process | None:
     """The tracked process if it is still the one ``up`` started, else None (its PID may be reused)."""
     try:
         proc = psutil.Process(int(entry["pid"]))
-        if entry.get("create_time") is not None:
-            return proc if abs(proc.create_time() - float(entry["create_time"])) < 0.01 else None
-        text = " ".join(proc.cmdline()) + " " + proc.cwd()
+        started = float(entry["create_time"])
+        return proc if abs(proc.create_time() - started) < 0.01 else None
     except (psutil.Error, KeyError, TypeError, ValueError):
-        return None
-    kits = [dep.server_kit, *dep.site_kits.values()]
-    return proc if any(kit in text for kit in kits) else None
+        return None  # Gone, or an entry without a start time: never trusted with a kill.
+
+
+def _session_members(entry: dict[str, Any]) -> list[psutil.Process]:
+    """Processes left in the session a tracked process led, started after it (its orphaned descendants).
+
+    Only when the PID was not reused since: if a process with that PID runs and is not
+    the one ``up`` started, the session id may now belong to someone else.
+    """
+    try:
+        leader, started = int(entry["pid"]), float(entry["create_time"])
+    except (KeyError, TypeError, ValueError):
+        return []
+    if psutil.pid_exists(leader) and _ours(entry) is None:
+        return []
+    members = []
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if proc.pid != os.getpid() and os.getsid(proc.pid) == leader and proc.create_time() >= started - 0.01:
+                members.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return members
 
 
 def status(dep: Deployment) -> dict[str, bool]:
     """Return participant -> whether the process ``up`` started for it is alive."""
-    return {name: _ours(entry, dep) is not None for name, entry in _tracked(dep).items()}
+    return {name: _ours(entry) is not None for name, entry in _tracked(dep).items()}
 
 
 def up(dep: Deployment, *, timeout_s: float = 90.0, progress: bool = True) -> dict[str, int]:
@@ -115,41 +124,48 @@ def up(dep: Deployment, *, timeout_s: float = 90.0, progress: bool = True) -> di
         DeploymentError: If a port is taken or the server does not come up in time
             (everything started so far is stopped again).
     """
-    if any(status(dep).values()):
+    running = {name for name, alive in status(dep).items() if alive}
+    wanted = {dep.server, *dep.site_kits}
+    if wanted <= running:
         raise DeploymentError(f"{dep.workspace} is already up; run `zenfed down {dep.workspace}` first")
-    for port in (dep.fl_port, dep.admin_port):
-        if _port_open(port):
-            raise DeploymentError(f"port {port} on localhost is in use; free it or provision other ports")
+    if dep.server not in running:
+        for port in (dep.fl_port, dep.admin_port):
+            if _port_open(port):
+                raise DeploymentError(f"port {port} on localhost is in use; free it or provision other ports")
     logs = _state_dir(dep) / "logs"
     logs.mkdir(exist_ok=True)
-    pids: dict[str, int] = {}
+    tracked = {name: entry for name, entry in _tracked(dep).items() if name in running}
+    pids: dict[str, int] = {name: int(entry["pid"]) for name, entry in tracked.items()}
     state_file = _state_dir(dep) / PROCESSES
 
-    def record() -> None:
-        entries = {}
-        for name, pid in pids.items():
-            try:
-                entries[name] = {"pid": pid, "create_time": psutil.Process(pid).create_time()}
-            except psutil.Error:
-                entries[name] = {"pid": pid, "create_time": None}
-        state_file.write_text(json.dumps(entries, indent=2))
+    def record(name: str, pid: int) -> None:
+        pids[name] = pid
+        try:
+            tracked[name] = {"pid": pid, "create_time": psutil.Process(pid).create_time()}
+        except psutil.Error:
+            tracked[name] = {"pid": pid, "create_time": None}
+        atomic_write_bytes(state_file, json.dumps(tracked, indent=2).encode())
 
+    started: list[str] = []
     try:
-        pids[dep.server] = _start(dep.server_kit, logs / f"{dep.server}.log")
-        record()
         deadline = time.time() + timeout_s
-        while not (_port_open(dep.fl_port) and _port_open(dep.admin_port)):
-            if time.time() > deadline or not psutil.pid_exists(pids[dep.server]):
-                raise DeploymentError(f"the server did not start; see {logs / (dep.server + '.log')}")
-            time.sleep(0.5)
+        if dep.server not in running:
+            record(dep.server, _start(dep.server_kit, logs / f"{dep.server}.log"))
+            started.append(dep.server)
+            while not (_port_open(dep.fl_port) and _port_open(dep.admin_port)):
+                if time.time() > deadline or not psutil.pid_exists(pids[dep.server]):
+                    raise DeploymentError(f"the server did not start; see {logs / (dep.server + '.log')}")
+                time.sleep(0.5)
         for site, kit in sorted(dep.site_kits.items()):
-            pids[site] = _start(kit, logs / f"{site}.log")
-            record()
+            if site not in running:
+                record(site, _start(kit, logs / f"{site}.log"))
+                started.append(site)
         _wait_for_sites(dep, deadline=time.time() + timeout_s, logs=logs)
         if progress:
-            print(f"zenfed: {len(pids)} processes up (logs in {logs})", flush=True)
+            kept = f"; already running: {', '.join(sorted(running))}" if running else ""
+            print(f"zenfed: started {', '.join(started)} (logs in {logs}){kept}", flush=True)
     except BaseException:
-        down(dep, progress=False)
+        down(dep, progress=False, only=set(started))  # What was already running stays up.
         raise
     return pids
 
@@ -176,38 +192,67 @@ def _wait_for_sites(dep: Deployment, *, deadline: float, logs: Path) -> None:
         session.close()
 
 
-def down(dep: Deployment, *, grace_s: float = 10.0, progress: bool = True) -> int:
-    """Stop every process of the deployment; return how many were stopped."""
+def down(dep: Deployment, *, grace_s: float = 10.0, progress: bool = True,
+         only: set[str] | None = None) -> int:
+    """Stop every process ``up`` started, and their descendants; return how many were stopped.
+
+    Processes are chosen by the PIDs and start times ``up`` recorded, never by name or
+    folder: an operator's shell in a kit, or a ``tail -f`` of a kit's log, is left alone.
+
+    Args:
+        dep: The deployment.
+        grace_s: Seconds between SIGTERM and SIGKILL.
+        progress: Print what was stopped.
+        only: Stop only these participants (the others stay tracked); all if None.
+    """
     state_file = _state_dir(dep) / PROCESSES
-    ours = [proc for entry in _tracked(dep).values() if (proc := _ours(entry, dep)) is not None]
-    victims: dict[int, psutil.Process] = {}
-    for proc in ours:
-        victims[proc.pid] = proc
-        try:
-            for child in proc.children(recursive=True):
-                victims[child.pid] = child
-        except psutil.Error:
-            continue
-    for proc in _kit_processes(dep):
-        victims[proc.pid] = proc
-    for proc in ours:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # Each was started as its own session leader.
-        except (ProcessLookupError, PermissionError):
-            pass
-    for proc in victims.values():
+    tracked = _tracked(dep)
+    chosen = {name: entry for name, entry in tracked.items() if only is None or name in only}
+    victims: dict[int, tuple[str, psutil.Process]] = {}
+    for name, entry in chosen.items():
+        leader = _ours(entry)
+        family = [leader, *_descendants(leader)] if leader is not None else []
+        for proc in [*family, *_session_members(entry)]:
+            victims.setdefault(proc.pid, (name, proc))
+        if leader is not None:
+            try:
+                os.killpg(leader.pid, signal.SIGTERM)  # Each was started as its own session leader.
+            except (ProcessLookupError, PermissionError):
+                pass
+    described = [f"{name} (pid {proc.pid}: {_command(proc)})" for name, proc in victims.values()]
+    procs = [proc for _, proc in victims.values()]
+    for proc in procs:
         try:
             proc.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(list(victims.values()), timeout=grace_s)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
     for proc in alive:
         try:
             proc.kill()
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=5)
-    state_file.unlink(missing_ok=True)
+    remaining = {name: entry for name, entry in tracked.items() if name not in chosen}
+    if remaining:
+        atomic_write_bytes(state_file, json.dumps(remaining, indent=2).encode())
+    else:
+        state_file.unlink(missing_ok=True)
     if progress:
-        print(f"zenfed: stopped {len(victims)} process(es)", flush=True)
+        ended = "".join(f"\n  {line}" for line in described)
+        print(f"zenfed: stopped {len(victims)} process(es){ended}", flush=True)
     return len(victims)
+
+
+def _descendants(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return list(proc.children(recursive=True))
+    except psutil.Error:
+        return []
+
+
+def _command(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())[:120] or proc.name()
+    except psutil.Error:
+        return "already gone"
