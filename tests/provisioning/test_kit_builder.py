@@ -161,3 +161,21 @@ def test_asking_for_an_unknown_admin_is_refused(deployment):
     # Execute / Assert
     with pytest.raises(DeploymentError, match="no admin named"):
         deployment.admin_kit("nobody@x.org")
+
+
+def test_every_file_holding_a_key_is_0600_in_a_0700_folder(deployment):
+    # Prepare: what holds a secret, found independently of the code under test
+    ws = Path(deployment.workspace)
+    secret_files = [
+        p for p in ws.rglob("*")
+        if p.is_file() and (p.suffix == ".key" or p.name == "cert.json" or b"PRIVATE KEY" in p.read_bytes())
+    ]
+
+    # Assert: the root CA's state and every kit's keys are among them, each locked down
+    names = {p.relative_to(ws).as_posix() for p in secret_files}
+    assert any(n.endswith("state/cert.json") for n in names)
+    assert any(n.endswith("hospital-a/startup/client.key") for n in names)
+    assert any(n.endswith("localhost/startup/server.key") for n in names)
+    for path in secret_files:
+        assert path.stat().st_mode & 0o777 == 0o600, path
+        assert path.parent.stat().st_mode & 0o777 == 0o700, path.parent

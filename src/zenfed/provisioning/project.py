@@ -8,6 +8,7 @@ builders; zenfed's builders add site policies and resources.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from zenfed.errors import DeploymentError
+from zenfed.privacy.he import SITE_CONTEXT_FILE
 from zenfed.site.policy import POLICY_FILE
 from zenfed.spec import ProjectSpec
 
@@ -142,4 +144,29 @@ def provision(spec: ProjectSpec, *, out: str | Path, extra_builders: list[dict[s
         admin_kits={a.name: str(prod / a.name) for a in spec.admins},
     )
     (ws / LAYOUT_FILE).write_text(json.dumps(asdict(deployment), indent=2) + "\n")
+    restrict_secret_files(ws)
     return deployment
+
+
+def holds_secret(path: Path) -> bool:
+    """Whether a provisioned file holds a private key (PEM, or in FLARE's state/cert.json) or a secret context."""
+    if path.suffix == ".key" or path.name == SITE_CONTEXT_FILE:
+        return True
+    try:
+        with path.open("rb") as handle:
+            return b"PRIVATE KEY" in handle.read(1 << 20)
+    except OSError:
+        return False
+
+
+def restrict_secret_files(workspace: Path) -> list[Path]:
+    """Make every file that holds a key 0600 and its folder 0700; return those files.
+
+    ``nvflare provision`` writes the root CA's and every participant's private key
+    (``state/cert.json``, each kit's ``startup/*.key``) with the process umask.
+    """
+    secrets = [path for path in sorted(workspace.rglob("*")) if path.is_file() and holds_secret(path)]
+    for path in secrets:
+        os.chmod(path, 0o600)
+        os.chmod(path.parent, 0o700)
+    return secrets

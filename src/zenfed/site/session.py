@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from zenfed import protocol as P
+from zenfed.atomic import atomic_write_bytes
 from zenfed.audit import events as E
 from zenfed.audit.sink import AuditSink
 from zenfed.data.jsonl import Example, load_jsonl
@@ -298,8 +299,8 @@ class SiteSession:
         if not self._require(self._policy).keep_sent_updates:
             return
         sent_dir = self.folders.run / "sent"
-        sent_dir.mkdir(parents=True, exist_ok=True)
-        (sent_dir / f"round-{rnd:04d}.bin").write_bytes(payload)
+        sent_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write_bytes(sent_dir / f"round-{rnd:04d}.bin", payload)  # 0600: the site's own record
 
     def _record(self, event: str, **fields: Any) -> None:
         if self._audit is not None:
