@@ -181,3 +181,34 @@ def plain_fedavg(weighting: str):
 
     spec = JobSpec(name="agg-test", federation={"weighting": weighting})
     return make_aggregation(make_strategy(spec), job_id="job-1", server_context=None)
+
+
+def test_a_second_answer_from_the_same_site_in_a_round_is_rejected(tmp_path):
+    # Prepare
+    from zenfed import protocol as P
+    from zenfed.audit.sink import AuditSink
+    from zenfed.protocol import Message
+    from zenfed.server.intake import RoundIntake
+    from zenfed.spec import JobSpec
+    from zenfed.wire import encode_adapter
+
+    spec = JobSpec(name="dup")
+    intake = RoundIntake(spec=spec, job_id="job-1", out_dir=tmp_path, audit=AuditSink(None),
+                         aggregation=plain_fedavg("samples"))
+    intake.begin(task=P.TASK_TRAIN, round_index=1)
+
+    def answer(seed: int) -> Message:
+        payload = encode_adapter(site_adapter(seed))
+        from zenfed.digest import sha256_hex
+
+        return Message(header={P.H_JOB_ID: "job-1", P.H_ROUND: 1, P.H_EVAL_LOSS: 1.0, P.H_EVAL_ACCURACY: 0.0,
+                               P.H_EVAL_EXAMPLES: 1, P.H_NUM_EXAMPLES: 10, P.H_PAYLOAD_SHA256: sha256_hex(payload),
+                               P.H_PAYLOAD_BYTES: len(payload)}, payload=payload)
+
+    # Execute
+    intake.accept("a", answer(1))
+    intake.accept("a", answer(2))
+
+    # Assert: only the first counts
+    assert intake.answered == 1 and intake.aggregation.contributors == ["a"]
+    assert torch.allclose(intake.aggregation.result()[NAMES[0]], site_adapter(1)[NAMES[0]])

@@ -7,7 +7,7 @@ import torch
 
 from zenfed import protocol as P
 from zenfed.audit.sink import AuditSink
-from zenfed.errors import ZenfedError
+from zenfed.errors import PolicyError, ZenfedError
 from zenfed.privacy.he import make_secret_context, save_context
 from zenfed.site.chain import IncomingGlobal, OutgoingUpdate, RoundInfo, Stage, UpdateChain
 from zenfed.site.dp import SiteDP
@@ -158,3 +158,20 @@ def test_fedavg_weights_at_the_site_and_at_the_server():
     assert samples.site_weight(num_examples=400) == 1.0  # capped: the packing's headroom is per unit
     assert samples.server_weight(num_examples=40) == 40.0
     assert uniform.site_weight(num_examples=40) == uniform.server_weight(num_examples=40) == 1.0
+
+
+def test_a_decrypted_global_beyond_the_clip_bound_is_refused(tmp_path):
+    # Prepare: one site's encrypted update, as the server would send it back as the "sum"
+    spec = JobSpec(name="bound", encryption={"enabled": True})
+    save_context(make_secret_context(), tmp_path / "site.context")
+    encryption = SiteEncryption(spec=spec, context_path=tmp_path / "site.context")
+    adapter = {"w": torch.linspace(-0.4, 0.4, 64)}
+    ciphertext, _ = encryption.encrypt(adapter, weight=0.5)
+
+    # Execute: the honest total weight decrypts; an understated one (a deviating server) is refused
+    mean = encryption.decrypt_global(ciphertext, template=adapter, total_weight=0.5)
+    with pytest.raises(PolicyError, match="beyond the"):
+        encryption.decrypt_global(ciphertext, template=adapter, total_weight=0.5 / 100)
+
+    # Assert
+    assert torch.allclose(mean["w"], adapter["w"], atol=2 * encryption.packing.step)

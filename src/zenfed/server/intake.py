@@ -85,6 +85,8 @@ class RoundIntake:
         header = answer.header
         if not header:
             raise ZenfedError("result has no zenfed header")
+        if site in self.sites:
+            raise ZenfedError(f"a second answer from {site} in round {self.round}; the first one stands")
         if header.get(P.H_ROUND) != self.round or header.get(P.H_JOB_ID) != self.job_id:
             raise ZenfedError(
                 f"result is for job {header.get(P.H_JOB_ID)} round {header.get(P.H_ROUND)}, "

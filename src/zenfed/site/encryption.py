@@ -43,10 +43,28 @@ class SiteEncryption:
         self.fingerprint = fingerprint(self.context, self.packing)
 
     def decrypt_global(self, payload: bytes, *, template: AdapterState, total_weight: float) -> AdapterState:
-        """Decrypt the summed global and divide by the total weight: the weighted mean adapter."""
+        """Decrypt the summed global and divide by the total weight: the weighted mean adapter.
+
+        Raises:
+            PolicyError: If a value lies beyond the clip bound every packed update obeys: the
+                sum was tampered with, or mixes in something that is not a weighted update.
+        """
         layout = UpdateLayout.from_update(template)
-        return decrypt_sum(payload, context=self.context, packing=self.packing, layout=layout,
+        mean = decrypt_sum(payload, context=self.context, packing=self.packing, layout=layout,
                            total_weight=total_weight)
+        step = self.packing.step
+        if step is not None:
+            # Each site clips its values to [-clip, clip] and weights them by w <= 1, so the
+            # weighted mean stays within the clip, up to the quantisation steps of the sum.
+            bound = self.packing.clip + 2 * step
+            worst = max((float(t.abs().max()) for t in mean.values() if t.numel()), default=0.0)
+            if not worst <= bound:
+                raise PolicyError(
+                    f"the decrypted global holds a value of {worst:.4g}, beyond the +/-{self.packing.clip} "
+                    "every update is clipped to: the encrypted sum was tampered with or mixes in foreign "
+                    "data; refusing it (check the server and the other sites' updates)"
+                )
+        return mean
 
     def encrypt(self, adapter: AdapterState, *, weight: float) -> tuple[bytes, int]:
         """Weight, pack and encrypt the adapter; return the ciphertext and its number of values."""
