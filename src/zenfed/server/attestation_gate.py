@@ -1,6 +1,6 @@
 """Server side of the per-job attestation gate: challenge sites, verify, admit, prove itself.
 
-The controller drives it around its rounds (no FLARE types cross this API)::
+The server session drives it around its rounds (no FLARE types cross this API)::
 
     gate = ServerAttestationGate(spec=spec, workspace_root=kit, audit=audit)
     if gate.needed(rnd):

@@ -1,6 +1,6 @@
 """Site side of the per-job attestation gate: answer the server, and check it before any task.
 
-The executor drives it (no FLARE types cross this API)::
+The site session drives it (no FLARE types cross this API)::
 
     check = SiteAttestation(workspace_root=kit, site=site, policy=policy, audit=audit,
                             mode=spec.attestation.mode)
