@@ -20,7 +20,7 @@ GLOBAL_FILE = "global.bin"
 
 @dataclass
 class RunState:
-    """What the controller must remember between rounds."""
+    """What the server session must remember between rounds."""
 
     completed_round: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)

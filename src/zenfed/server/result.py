@@ -1,4 +1,4 @@
-"""The job result the controller leaves in its run folder: ``zenfed_result.json`` and the adapter."""
+"""The job result the server session leaves in its run folder: ``zenfed_result.json`` and the adapter."""
 
 from __future__ import annotations
 
