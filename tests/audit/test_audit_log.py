@@ -14,6 +14,7 @@ from cryptography.x509.oid import NameOID
 
 from zenfed.audit import AuditError, AuditLog, crypto, events
 from zenfed.audit.verify import verify_log
+from zenfed.digest import sha256_hex
 
 
 def _lines(path: Path) -> list[dict]:
@@ -36,7 +37,7 @@ def test_new_log_starts_with_identity_and_chains(project, tmp_path):
     cert = crypto.load_cert(project.cert("site-1"))
     assert first["cert_sha256"] == crypto.cert_fingerprint(cert) == log.cert_sha256
     raw_first = path.read_bytes().split(b"\n")[0]
-    assert second == rec and rec["seq"] == 1 and rec["prev"] == crypto.sha256_hex(raw_first)
+    assert second == rec and rec["seq"] == 1 and rec["prev"] == sha256_hex(raw_first)
     assert rec["fields"] == {"round": 1}
     assert crypto.RSA_PSS == rec["sig_alg"]
     assert verify_log(path, root_ca_path=project.root_ca).ok
@@ -97,7 +98,7 @@ def test_crash_mid_write_tail_is_moved_aside_not_deleted(project, tmp_path):
     assert [r["event"] for r in records] == [events.KIT_IDENTITY, events.ROUND_STARTED,
                                              events.LOG_RECOVERED, events.ROUND_ENDED]
     assert records[2]["fields"]["moved_to"] == corrupt[0].name
-    assert records[2]["fields"]["sha256"] == crypto.sha256_hex(partial)
+    assert records[2]["fields"]["sha256"] == sha256_hex(partial)
     assert verify_log(path, root_ca_path=project.root_ca).ok
 
 

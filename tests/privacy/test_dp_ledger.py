@@ -294,3 +294,36 @@ def test_concurrent_writers_lose_no_spend(keys, ledger_path):
     reopened = PrivacyLedger(ledger_path, signing_key_path=keys[0])
     assert len(reopened.records()) == 16
     assert reopened.spent(dataset="notes") == pytest.approx(8.0)
+
+
+def test_a_non_finite_number_edited_in_is_a_tamper_error(keys, ledger_path):
+    # Prepare: an edit that JSON can read but canonical JSON cannot encode.
+    ledger = PrivacyLedger(ledger_path, signing_key_path=keys[0])
+    ledger.record_spend(dataset="notes", job="j", round=0, epsilon=3.0, delta=1e-5)
+    data = json.loads(ledger_path.read_text())
+    data["entries"][0]["epsilon"] = float("nan")
+    ledger_path.write_text(json.dumps(data))
+
+    # Execute / Assert
+    with pytest.raises(LedgerTamperedError, match="does not match its signature"):
+        PrivacyLedger(ledger_path, signing_key_path=keys[0])
+
+
+def test_a_key_that_is_not_rsa_is_a_ledger_error(tmp_path, ledger_path):
+    # Prepare
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key_path = tmp_path / "ed.key"
+    key_path.write_bytes(
+        ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+    # Execute / Assert
+    with pytest.raises(LedgerError, match="needs the kit's RSA startup/client.key"):
+        PrivacyLedger(ledger_path, signing_key_path=key_path)
+    with pytest.raises(LedgerError, match="does not exist"):
+        PrivacyLedger(ledger_path, signing_key_path=tmp_path / "missing.key")

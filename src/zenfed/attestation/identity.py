@@ -9,7 +9,6 @@ refused even when the participant name matches.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
+from zenfed import signing
+from zenfed.atomic import atomic_write_bytes
 from zenfed.attestation.records import AttestationError, EvidenceRejected
 
 KEY_FILE = "attestation_key.pem"
@@ -26,16 +27,6 @@ CERT_FILE = "attestation_cert.pem"
 ROOT_CERT_FILE = "attestation_root.pem"
 _ROOT_OU = "zenfed attestation root"
 _LEAF_OU = "zenfed attestation"
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` readable by the owner only (0600), even if it existed."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def _name(common_name: str, unit: str) -> x509.Name:
@@ -55,12 +46,9 @@ def _private_pem(key: Ed25519PrivateKey) -> bytes:
 
 def _load_key(data: bytes, source: str) -> Ed25519PrivateKey:
     try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except ValueError as err:
-        raise AttestationError(f"{source} is not a PEM private key: {err}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise AttestationError(f"{source} is not an Ed25519 key; re-provision the kit")
-    return key
+        return signing.private_key_from_pem(data, source=source, kinds=(Ed25519PrivateKey,))
+    except signing.SigningKeyError as err:
+        raise AttestationError(f"{err}; re-provision the kit") from None
 
 
 @dataclass(frozen=True)
@@ -77,7 +65,7 @@ class AttestationIdentity:
 
     def save(self, *, startup_dir: Path) -> None:
         """Write the key (0600) and certificate into a kit's ``startup/``."""
-        write_private(Path(startup_dir) / KEY_FILE, _private_pem(self.key))
+        atomic_write_bytes(Path(startup_dir) / KEY_FILE, _private_pem(self.key), mode=0o600)
         (Path(startup_dir) / CERT_FILE).write_bytes(self.cert_pem())
 
 
@@ -130,7 +118,7 @@ class AttestationRoot:
 
     def save(self, *, key_path: Path, cert_path: Path) -> None:
         """Write the root key (0600) and certificate, e.g. into the provisioning state."""
-        write_private(Path(key_path), _private_pem(self.key))
+        atomic_write_bytes(Path(key_path), _private_pem(self.key), mode=0o600)
         Path(cert_path).write_bytes(self.cert_pem())
 
     @classmethod

@@ -32,6 +32,7 @@ from cryptography import x509
 
 from zenfed.audit import crypto, events
 from zenfed.audit.errors import AuditError
+from zenfed.digest import sha256_hex
 
 _RECORD_KEYS = frozenset(
     {"v", "seq", "time", "participant", "event", "fields", "prev", "cert_sha256", "sig_alg", "sig"}
@@ -218,7 +219,7 @@ class _Walk:
             record = cast(dict[str, Any], self.records[i])  # 'valid' implies it parsed
             seq = record["seq"]
             if seq == expected and record["prev"] == prev:
-                prev = crypto.sha256_hex(line)
+                prev = sha256_hex(line)
                 self.hashes.append(prev)
                 seen[seq] = i
                 expected += 1

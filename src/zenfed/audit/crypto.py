@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,36 +17,32 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from zenfed import signing
 from zenfed.audit.errors import AuditError
+from zenfed.digest import CanonicalJSONError, canonical_json
 
 GENESIS = "0" * 64
 """The ``prev`` of a log's first record."""
 
-RSA_PSS = "rsa-pss-sha256"
-RSA_PKCS1V15 = "rsa-pkcs1v15-sha256"
-ECDSA = "ecdsa-sha256"
-ED25519 = "ed25519"
+RSA_PSS = signing.RSA_PSS
+RSA_PKCS1V15 = signing.RSA_PKCS1V15
+ECDSA = signing.ECDSA
+ED25519 = signing.ED25519
 SIGNATURE_SCHEMES = (RSA_PSS, RSA_PKCS1V15, ECDSA, ED25519)
+"""The schemes an audit record may be signed with."""
 
 
 def canonical(obj: Any) -> bytes:
-    """Return the canonical JSON bytes of ``obj`` (sorted keys, compact, UTF-8, finite numbers)."""
+    """Return the canonical JSON bytes of ``obj``; AuditError if it has none (NaN, a non-JSON type)."""
     try:
-        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        return canonical_json(obj)
+    except CanonicalJSONError as exc:
         raise AuditError(
-            f"cannot encode an audit record as JSON ({exc}); pass only str, int, float, bool, "
-            "None, lists and dicts, with finite numbers"
+            f"cannot encode an audit record as JSON ({exc.__cause__}); pass only str, int, float, "
+            "bool, None, lists and dicts, with finite numbers"
         ) from exc
-    return text.encode("utf-8")
-
-
-def sha256_hex(data: bytes) -> str:
-    """Return the SHA-256 hex digest of ``data``."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def utc_now() -> str:
@@ -90,20 +85,11 @@ def common_name(name: x509.Name) -> str:
 
 
 def load_private_key(path: Path) -> Any:
-    """Load an unencrypted PEM private key (RSA, EC or Ed25519)."""
+    """Load an unencrypted PEM private key (RSA, EC or Ed25519) from a startup kit."""
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except FileNotFoundError as exc:
-        raise AuditError(f"private key {path} does not exist; pass the kit's .key file") from exc
-    except (ValueError, TypeError) as exc:
-        raise AuditError(
-            f"{path} is not an unencrypted PEM private key ({exc}); use the key from the "
-            "provisioned startup kit"
-        ) from exc
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-                      | ed25519.Ed25519PrivateKey):
-        raise AuditError(f"{path} holds a {type(key).__name__}; use an RSA, EC or Ed25519 key")
-    return key
+        return signing.load_private_key(Path(path), kinds=signing.PRIVATE_KEY_TYPES)
+    except signing.SigningKeyError as exc:
+        raise AuditError(f"{exc}; pass the .key file of the provisioned startup kit") from exc
 
 
 def default_scheme(key: Any) -> str:
@@ -117,52 +103,26 @@ def default_scheme(key: Any) -> str:
 
 def check_scheme(key: Any, scheme: str) -> None:
     """Raise AuditError if ``scheme`` cannot be used with ``key``."""
-    ok = {
-        RSA_PSS: rsa.RSAPrivateKey,
-        RSA_PKCS1V15: rsa.RSAPrivateKey,
-        ECDSA: ec.EllipticCurvePrivateKey,
-        ED25519: ed25519.Ed25519PrivateKey,
-    }.get(scheme)
-    if ok is None:
+    if scheme not in SIGNATURE_SCHEMES:
         raise AuditError(f"unknown signature scheme {scheme!r}; use one of {SIGNATURE_SCHEMES}")
-    if not isinstance(key, ok):
+    if not signing.scheme_fits(key, scheme):
         raise AuditError(f"scheme {scheme!r} does not fit a {type(key).__name__}")
-
-
-def _pss() -> padding.PSS:
-    return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
 
 
 def sign(key: Any, scheme: str, data: bytes) -> str:
     """Sign ``data`` and return the base64 signature."""
-    if scheme == RSA_PSS:
-        sig = key.sign(data, _pss(), hashes.SHA256())
-    elif scheme == RSA_PKCS1V15:
-        sig = key.sign(data, padding.PKCS1v15(), hashes.SHA256())
-    elif scheme == ECDSA:
-        sig = key.sign(data, ec.ECDSA(hashes.SHA256()))
-    else:
-        sig = key.sign(data)
-    return base64.b64encode(sig).decode("ascii")
+    return base64.b64encode(signing.sign(key, scheme, data)).decode("ascii")
 
 
 def verify_signature(public_key: Any, scheme: str, data: bytes, sig_b64: str) -> bool:
     """Return True if ``sig_b64`` is a valid signature of ``data`` under ``public_key``."""
+    if scheme not in SIGNATURE_SCHEMES:
+        return False
     try:
         sig = base64.b64decode(sig_b64, validate=True)
-        if scheme == RSA_PSS and isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(sig, data, _pss(), hashes.SHA256())
-        elif scheme == RSA_PKCS1V15 and isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(sig, data, padding.PKCS1v15(), hashes.SHA256())
-        elif scheme == ECDSA and isinstance(public_key, ec.EllipticCurvePublicKey):
-            public_key.verify(sig, data, ec.ECDSA(hashes.SHA256()))
-        elif scheme == ED25519 and isinstance(public_key, ed25519.Ed25519PublicKey):
-            public_key.verify(sig, data)
-        else:
-            return False
-    except (InvalidSignature, ValueError, TypeError):
+    except ValueError:
         return False
-    return True
+    return signing.verify(public_key, scheme, data, sig)
 
 
 def made_by_key(public_key: Any, scheme: str, sig_b64: str) -> bool | None:
@@ -250,12 +210,3 @@ def check_issued_by(cert: x509.Certificate, root: x509.Certificate) -> ChainChec
     except (ValueError, TypeError, InvalidSignature) as exc:
         return ChainCheck(False, f"its signature does not verify with the root CA ({exc or 'bad'})")
     return ChainCheck(True, "signed by the project root CA")
-
-
-def keys_match(private_key: Any, cert: x509.Certificate) -> bool:
-    """Return True if the private key belongs to the certificate."""
-    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
-    enc = serialization.Encoding.DER
-    return bool(
-        private_key.public_key().public_bytes(enc, fmt) == cert.public_key().public_bytes(enc, fmt)
-    )

@@ -27,9 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import zenfed
+from zenfed import signing
+from zenfed.atomic import fsync_dir
 from zenfed.audit import crypto, events
 from zenfed.audit.errors import AuditError
 from zenfed.audit.fields import clean_fields
+from zenfed.digest import sha256_hex
 
 RECORD_VERSION = 1
 _PARTICIPANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9@._-]{0,127}$")
@@ -105,7 +108,7 @@ class AuditLog:
             )
         key = crypto.load_private_key(key_path)
         cert = crypto.load_cert(cert_path)
-        if not crypto.keys_match(key, cert):
+        if not signing.keys_match(key, cert):
             raise AuditError(
                 f"private key {key_path} does not belong to certificate {cert_path}; use the "
                 "pair from the same startup kit"
@@ -162,7 +165,7 @@ class AuditLog:
         new = not self._path.exists()
         self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
         if new:
-            _fsync_dir(self._path.parent)
+            fsync_dir(self._path.parent)
         with self._lock, _Flock(self._fd):
             self._sync_head()
 
@@ -239,7 +242,7 @@ class AuditLog:
         os.fsync(fd)
         self._size += len(line) + 1
         self._next_seq += 1
-        self._prev = crypto.sha256_hex(line)
+        self._prev = sha256_hex(line)
         return dict(record)
 
     def _identity_fields(self) -> dict[str, Any]:
@@ -306,7 +309,7 @@ class AuditLog:
                 f"{self._path} was signed with certificate {cert_sha[:16]}..., not with "
                 f"{self._cert_sha256[:16]}...; a new kit starts a new log file"
             )
-        self._next_seq, self._prev = seq + 1, crypto.sha256_hex(line)
+        self._next_seq, self._prev = seq + 1, sha256_hex(line)
 
     def _move_aside(self, tail: bytes, keep: int) -> dict[str, Any]:
         fd = self._require_fd()
@@ -316,10 +319,10 @@ class AuditLog:
             out.write(tail)
             out.flush()
             os.fsync(out.fileno())
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         os.ftruncate(fd, keep)
         os.fsync(fd)
-        return {"moved_to": target.name, "bytes": len(tail), "sha256": crypto.sha256_hex(tail),
+        return {"moved_to": target.name, "bytes": len(tail), "sha256": sha256_hex(tail),
                 "reason": "partial last line (a crash during a write)"}
 
     def _require_fd(self) -> int:
@@ -360,14 +363,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -2,8 +2,8 @@
 
     paths = build_report(result_dir, out_dir=Path("report"))
 
-``report.json`` is validated against ``report.schema.json`` (shipped in this
-package and in the repository's ``schemas/``). The HTML is self-contained (styles
+``report.json`` is validated against ``report.schema.json``, shipped in this
+package (``src/zenfed/audit/report.schema.json``). The HTML is self-contained (styles
 and plots inline) and the PDF holds the same sections, in the same order, under
 the same titles.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -23,25 +22,14 @@ import jinja2
 import jsonschema
 
 import zenfed
+from zenfed.atomic import atomic_write_bytes
 from zenfed.audit import evidence
 from zenfed.audit.controls import controls_table
 from zenfed.audit.errors import AuditError
+from zenfed.audit.formatting import SECTIONS, format_number, human_bytes
 from zenfed.audit.plots import curve_plots
 
 SCHEMA_VERSION = 1
-
-SECTIONS: tuple[tuple[str, str], ...] = (
-    ("summary", "Summary"),
-    ("participants", "Participants and certificates"),
-    ("privacy", "Privacy mechanisms in force"),
-    ("data_residency", "Data residency"),
-    ("curves", "Training and evaluation curves"),
-    ("lineage", "Model lineage"),
-    ("audit", "Audit-chain verdict"),
-    ("controls", "Controls mapping"),
-)
-"""(key in report.json, title) of each section, in report order."""
-
 
 @dataclass(frozen=True)
 class ReportPaths:
@@ -110,27 +98,6 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
                                                      plots=images)
 
 
-def human_bytes(n: Any) -> str:
-    """Format a byte count for people: ``1,234,567 bytes (1.2 MB)``."""
-    if not isinstance(n, int):
-        return "unknown"
-    size, unit = float(n), "B"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            break
-        size /= 1000
-    return f"{n:,} bytes" if unit == "B" else f"{n:,} bytes ({size:.1f} {unit})"
-
-
-def format_number(value: Any, digits: int = 4) -> str:
-    """Format a number for people (4 significant digits); None becomes n/a."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
 def build_report(result_dir: Path, *, out_dir: Path) -> ReportPaths:
     """Write report.json, report.html and report.pdf for a job result.
 
@@ -157,16 +124,15 @@ def build_report(result_dir: Path, *, out_dir: Path) -> ReportPaths:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = ReportPaths(json=out / "report.json", html=out / "report.html", pdf=out / "report.pdf")
-    _write_atomic(paths.json, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
-    _write_atomic(paths.html, render_html(report, plots).encode("utf-8"))
-    _write_atomic(paths.pdf, render_pdf(report, plots))
+    _write(paths.json, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
+    _write(paths.html, render_html(report, plots).encode("utf-8"))
+    _write(paths.pdf, render_pdf(report, plots))
     return paths
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def _write(path: Path, data: bytes) -> None:
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        # 0644: a report is for people to read and pass on, unlike keys and ledgers.
+        atomic_write_bytes(path, data, mode=0o644)
     except OSError as exc:
         raise AuditError(f"cannot write {path} ({exc}); check the output folder") from exc

@@ -15,22 +15,20 @@ import base64
 import contextlib
 import datetime
 import fcntl
-import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-from zenfed.digest import canonical_json
+from zenfed import signing
+from zenfed.atomic import atomic_write_bytes
+from zenfed.digest import CanonicalJSONError, canonical_json, sha256_hex
 from zenfed.privacy.dp.budget import TOLERANCE, BudgetDecision, decide_budget
 from zenfed.privacy.dp.errors import LedgerError, LedgerTamperedError
 
@@ -54,18 +52,12 @@ class SpendRecord:
 
 def _load_private_key(path: Path) -> rsa.RSAPrivateKey:
     try:
-        data = path.read_bytes()
-    except OSError as err:
+        return signing.load_private_key(path, kinds=(rsa.RSAPrivateKey,))
+    except signing.SigningKeyError as err:
         raise LedgerError(
-            f"cannot read the site's signing key {path}: {err}; pass the kit's startup/client.key"
+            f"cannot use the site's signing key: {err}; the ledger needs the kit's RSA "
+            "startup/client.key"
         ) from None
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as err:
-        raise LedgerError(f"{path} is not an unencrypted PEM private key: {err}") from None
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise LedgerError(f"{path} holds a {type(key).__name__}; the ledger needs an RSA key")
-    return key
 
 
 class PrivacyLedger:
@@ -91,16 +83,10 @@ class PrivacyLedger:
     ) -> None:
         self.path = Path(path)
         self._key = _load_private_key(Path(signing_key_path))
-        public_der = self._key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        self.key_id = hashlib.sha256(public_der).hexdigest()
+        self.key_id = sha256_hex(signing.public_der(self._key))
         if certificate_path is not None:
             cert = x509.load_pem_x509_certificate(Path(certificate_path).read_bytes())
-            cert_der = cert.public_key().public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-            if cert_der != public_der:
+            if not signing.keys_match(self._key, cert):
                 raise LedgerError(
                     f"the key {signing_key_path} does not match the certificate "
                     f"{certificate_path}; use the client.key and client.crt of the same kit"
@@ -122,11 +108,7 @@ class PrivacyLedger:
             os.close(fd)
 
     def _sign(self, body: dict[str, Any]) -> str:
-        signature = self._key.sign(
-            canonical_json(body),
-            padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH),
-            hashes.SHA256(),
-        )
+        signature = signing.sign(self._key, signing.RSA_PSS_MAX_SALT, canonical_json(body))
         return base64.b64encode(signature).decode("ascii")
 
     def _read(self) -> dict[str, Any]:
@@ -148,13 +130,12 @@ class PrivacyLedger:
                 "open it with the key of the site that owns it"
             )
         try:
-            self._key.public_key().verify(
-                value,
-                canonical_json(data),
-                padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH),
-                hashes.SHA256(),
+            genuine = signing.verify(
+                self._key.public_key(), signing.RSA_PSS_MAX_SALT, canonical_json(data), value
             )
-        except InvalidSignature:
+        except CanonicalJSONError:
+            genuine = False  # NaN or infinity: never in a body this class signed
+        if not genuine:
             raise LedgerTamperedError(
                 f"privacy ledger {self.path} does not match its signature: it was edited. "
                 "Restore it from a backup and investigate; never reset it"
@@ -175,25 +156,7 @@ class PrivacyLedger:
             },
         )
         text = json.dumps(signed, indent=1, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write_bytes(self.path, text.encode("utf-8"), mode=0o600)
 
     # -- queries -------------------------------------------------------------------------
 
@@ -230,7 +193,7 @@ class PrivacyLedger:
 
     def head_hash(self) -> str:
         """Return the SHA-256 of the signed ledger body, for the audit log to anchor."""
-        return hashlib.sha256(canonical_json(self._read())).hexdigest()
+        return sha256_hex(canonical_json(self._read()))
 
     # -- spending ------------------------------------------------------------------------
 
