@@ -10,6 +10,7 @@ from _att_kits import FakeClock, make_package
 
 from zenfed.attestation import (
     AttestationError,
+    AttestationResult,
     AttestationRoot,
     EmulatedTEE,
     EvidenceRejected,
@@ -129,3 +130,20 @@ def test_policy_rejects_unknown_kind_and_missing_rules(tmp_path: Path) -> None:
         load_policy(bad)
     with pytest.raises(AttestationError, match="does not exist"):
         load_policy(tmp_path / "none.json")
+
+
+def test_a_failure_before_any_evidence_names_the_required_kinds() -> None:
+    # Execute
+    several = AttestationResult.failed(
+        participant="site-1", kinds=("emulated", "tdx"), reason="no answer", nonce="n", at=0.0,
+        verifier="server",
+    )
+    none = AttestationResult.failed(participant="site-1", kinds=(), reason="r", nonce="", at=0.0)
+
+    # Assert
+    assert several.verdict is Verdict.FAIL and not several.passed
+    assert (several.kind, several.reason, several.nonce, several.verifier) == (
+        "emulated+tdx", "no answer", "n", "server"
+    )
+    assert several.time.startswith("1970-01-01T00:00:00")
+    assert none.kind == "unknown" and none.verifier == "" and none.measurement == ""

@@ -10,6 +10,7 @@ the measurement allow-list and the minimum TCB versions.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import time
@@ -184,3 +185,53 @@ class TEEVerifier(ABC):
     @abstractmethod
     def _claims(self, *, evidence: Evidence, nonce: str) -> Claims:
         """Verify signatures and the nonce binding; return the claims or raise EvidenceRejected."""
+
+
+class HardwareReportTEE(TEEVerifier):
+    """A kind whose evidence is one base64 hardware report binding :func:`report_data`.
+
+    SEV-SNP reports and TDX quotes are checked the same way: decode the report,
+    read its fields, check that it carries this nonce and participant, then have
+    the vendor's tooling check its signature. Subclasses name the report and
+    implement ``_parse`` and ``_verify_report``.
+    """
+
+    label: ClassVar[str]
+    """The kind as people write it, e.g. "SEV-SNP"."""
+    report_field: ClassVar[str]
+    """The evidence body's key of the base64 report, and what the report is called."""
+    report_data_field: ClassVar[str]
+    """The vendor's name of the 64-byte field that carries :func:`report_data`."""
+
+    def _claims(self, *, evidence: Evidence, nonce: str) -> Claims:
+        encoded = evidence.body.get(self.report_field)
+        if not isinstance(encoded, str):
+            raise EvidenceRejected(f"{self.label} evidence has no base64 '{self.report_field}'")
+        try:
+            raw = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            raise EvidenceRejected(
+                f"{self.label} evidence '{self.report_field}' is not base64"
+            ) from None
+        fields = self._parse(raw)
+        expected = report_data(kind=self.kind, participant=evidence.participant, nonce=nonce)
+        if not hmac.compare_digest(fields["report_data"], expected):
+            raise EvidenceRejected(
+                f"the {self.label} {self.report_field} does not carry this nonce and participant "
+                f"in {self.report_data_field} (a replayed or foreign {self.report_field})"
+            )
+        self._verify_report(raw, fields)
+        return Claims(
+            measurement=fields["measurement"],
+            issued_at=evidence.issued_at,
+            debug=fields["debug"],
+            tcb=fields["tcb"],
+        )
+
+    @abstractmethod
+    def _parse(self, raw: bytes) -> dict[str, Any]:
+        """Read report_data, measurement, debug and tcb from the raw report; EvidenceRejected if malformed."""
+
+    @abstractmethod
+    def _verify_report(self, raw: bytes, fields: dict[str, Any]) -> None:
+        """Check the report's signature with the vendor's tooling; EvidenceRejected if it fails."""

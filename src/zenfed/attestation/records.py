@@ -8,7 +8,7 @@ the audit log stores.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -91,6 +91,38 @@ class AttestationResult:
         if self.parts:
             out["parts"] = [p.to_dict() for p in self.parts]
         return out
+
+    @classmethod
+    def failed(
+        cls,
+        *,
+        participant: str,
+        kinds: Sequence[str],
+        reason: str,
+        nonce: str,
+        at: float,
+        verifier: str = "",
+    ) -> AttestationResult:
+        """Return a FAIL record for a check that failed before any evidence was verified.
+
+        Args:
+            participant: Who was to be attested.
+            kinds: The TEE kinds required of it; none gives the kind "unknown".
+            reason: What was wrong and what to do.
+            nonce: The nonce the evidence had to carry, "" if none.
+            at: When, in seconds since the epoch.
+            verifier: Who verified, "" if unknown.
+
+        """
+        return cls(
+            participant=participant,
+            kind="+".join(kinds) or "unknown",
+            verdict=Verdict.FAIL,
+            reason=reason,
+            nonce=nonce,
+            time=utc_iso(at),
+            verifier=verifier,
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AttestationResult:

@@ -265,19 +265,17 @@ class AttestationService:
             return verifier.verify(
                 evidence=item, nonce=bundle.nonce, policy=policy.for_kind(kind), participant=peer
             )
-        return AttestationResult(
-            peer, kind, Verdict.FAIL, reason, nonce=bundle.nonce, time=utc_iso(self._clock())
+        return AttestationResult.failed(
+            participant=peer, kinds=(kind,), reason=reason, nonce=bundle.nonce, at=self._clock()
         )
 
     def _fail(self, peer: str, nonce: str, reason: str) -> AttestationResult:
-        kinds = "+".join(self.required_kinds(peer)) or "unknown"
-        return AttestationResult(
+        return AttestationResult.failed(
             participant=peer or "unknown",
-            kind=kinds,
-            verdict=Verdict.FAIL,
+            kinds=self.required_kinds(peer),
             reason=reason,
             nonce=nonce,
-            time=utc_iso(self._clock()),
+            at=self._clock(),
             verifier=self.participant,
         )
 

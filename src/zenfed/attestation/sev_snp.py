@@ -9,7 +9,6 @@ Where any of it is missing the adapter fails closed and says what is missing.
 from __future__ import annotations
 
 import base64
-import hmac
 import shutil
 import tempfile
 import time
@@ -18,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from zenfed.attestation._tools import run_tool
-from zenfed.attestation.base import Claims, TEEVerifier, report_data
-from zenfed.attestation.records import AttestationUnavailable, Evidence, EvidenceRejected
+from zenfed.attestation.base import HardwareReportTEE, report_data
+from zenfed.attestation.records import AttestationUnavailable, EvidenceRejected
 
 REPORT_SIZE = 0x4A0
 _REPORT_DATA = slice(0x50, 0x90)
@@ -45,7 +44,7 @@ def parse_report(report: bytes) -> dict[str, Any]:
     }
 
 
-class SevSnpTEE(TEEVerifier):
+class SevSnpTEE(HardwareReportTEE):
     """AMD SEV-SNP guest attestation.
 
     Args:
@@ -61,6 +60,9 @@ class SevSnpTEE(TEEVerifier):
     """
 
     kind = "sev-snp"
+    label = "SEV-SNP"
+    report_field = "report"
+    report_data_field = "REPORT_DATA"
 
     def __init__(
         self,
@@ -109,30 +111,10 @@ class SevSnpTEE(TEEVerifier):
             raw = report.read_bytes()
         return {"report": base64.b64encode(raw).decode()}
 
-    def _claims(self, *, evidence: Evidence, nonce: str) -> Claims:
-        encoded = evidence.body.get("report")
-        if not isinstance(encoded, str):
-            raise EvidenceRejected("SEV-SNP evidence has no base64 'report'")
-        try:
-            raw = base64.b64decode(encoded, validate=True)
-        except ValueError:
-            raise EvidenceRejected("SEV-SNP evidence 'report' is not base64") from None
-        fields = parse_report(raw)
-        expected = report_data(kind=self.kind, participant=evidence.participant, nonce=nonce)
-        if not hmac.compare_digest(fields["report_data"], expected):
-            raise EvidenceRejected(
-                "the SEV-SNP report does not carry this nonce and participant in REPORT_DATA "
-                "(a replayed or foreign report)"
-            )
-        self._verify_signature(raw, fields)
-        return Claims(
-            measurement=fields["measurement"],
-            issued_at=evidence.issued_at,
-            debug=fields["debug"],
-            tcb=fields["tcb"],
-        )
+    def _parse(self, raw: bytes) -> dict[str, Any]:
+        return parse_report(raw)
 
-    def _verify_signature(self, raw: bytes, fields: dict[str, Any]) -> None:
+    def _verify_report(self, raw: bytes, fields: dict[str, Any]) -> None:
         tool = shutil.which(self._tool)
         if tool is None:
             raise EvidenceRejected(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import os
 import secrets
 import tempfile
@@ -22,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from zenfed.attestation._tools import run_tool
-from zenfed.attestation.base import Claims, TEEVerifier, report_data
-from zenfed.attestation.records import AttestationUnavailable, Evidence, EvidenceRejected
+from zenfed.attestation.base import HardwareReportTEE, report_data
+from zenfed.attestation.records import AttestationUnavailable, EvidenceRejected
 
 HEADER_SIZE = 48
 BODY_SIZE = 584
@@ -56,7 +55,7 @@ def parse_quote(quote: bytes) -> dict[str, Any]:
     }
 
 
-class TdxTEE(TEEVerifier):
+class TdxTEE(HardwareReportTEE):
     """Intel TDX guest attestation.
 
     Args:
@@ -71,6 +70,9 @@ class TdxTEE(TEEVerifier):
     """
 
     kind = "tdx"
+    label = "TDX"
+    report_field = "quote"
+    report_data_field = "REPORTDATA"
 
     def __init__(
         self,
@@ -114,21 +116,10 @@ class TdxTEE(TEEVerifier):
             raise AttestationUnavailable(f"configfs-tsm provider is {provider!r}, not 'tdx_guest'")
         return {"quote": base64.b64encode(quote).decode()}
 
-    def _claims(self, *, evidence: Evidence, nonce: str) -> Claims:
-        encoded = evidence.body.get("quote")
-        if not isinstance(encoded, str):
-            raise EvidenceRejected("TDX evidence has no base64 'quote'")
-        try:
-            quote = base64.b64decode(encoded, validate=True)
-        except ValueError:
-            raise EvidenceRejected("TDX evidence 'quote' is not base64") from None
-        fields = parse_quote(quote)
-        expected = report_data(kind=self.kind, participant=evidence.participant, nonce=nonce)
-        if not hmac.compare_digest(fields["report_data"], expected):
-            raise EvidenceRejected(
-                "the TDX quote does not carry this nonce and participant in REPORTDATA "
-                "(a replayed or foreign quote)"
-            )
+    def _parse(self, raw: bytes) -> dict[str, Any]:
+        return parse_quote(raw)
+
+    def _verify_report(self, raw: bytes, fields: dict[str, Any]) -> None:
         if self._verifier is None:
             raise EvidenceRejected(
                 "cannot verify TDX evidence here: no quote verifier is configured; set "
@@ -136,12 +127,6 @@ class TdxTEE(TEEVerifier):
             )
         with tempfile.TemporaryDirectory(prefix="zenfed-tdx-") as tmp:
             path = Path(tmp, "quote.bin")
-            path.write_bytes(quote)
+            path.write_bytes(raw)
             cmd = [part.replace("{quote}", str(path)) for part in self._verifier]
             run_tool(cmd, what="verifying the TDX quote", timeout_s=self._timeout)
-        return Claims(
-            measurement=fields["measurement"],
-            issued_at=evidence.issued_at,
-            debug=fields["debug"],
-            tcb=fields["tcb"],
-        )
