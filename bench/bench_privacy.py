@@ -22,9 +22,7 @@ Run: ``python bench/bench_privacy.py [--tiny]`` or ``zenfed bench privacy --json
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import random
 import statistics
@@ -37,16 +35,15 @@ from pathlib import Path
 
 import torch
 
-from zenfed.data.builtin import make_builtin
-from zenfed.data.jsonl import Example, Message, load_jsonl
+from zenfed.data.jsonl import Example, Message
 from zenfed.data.tokenize import collate, tokenize_all
 from zenfed.engines.peft import PeftEngine
 from zenfed.privacy.dp import PrivacyAccountant, plan_record_dp
-from zenfed.server.aggregation import WeightedMean
-from zenfed.spec import LoraSpec, TrainingSpec
 from zenfed.types import AdapterState, RecordDP
 
-THREADS = 2
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _arms sits beside this file, however it is loaded
+import _arms as arms  # noqa: E402
+
 EPSILONS: tuple[float | None, ...] = (None, 8.0, 3.0, 1.0)
 CANARY_DIGITS = 6
 _FIRST = ["Ada", "Bram", "Cleo", "Dov", "Edda", "Finn", "Gia", "Hugo", "Iris", "Jonas"]
@@ -83,12 +80,9 @@ class PrivacyBenchConfig:
     tiny_embed_scale: float = 25.0
 
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-ALL_LINEAR = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
-
 TINY = PrivacyBenchConfig(
     rounds=5, local_steps=4, batch_size=16, learning_rate=2e-2, dp_learning_rate=2e-2, rank=8,
-    alpha=16.0, target_modules=ALL_LINEAR, clip_norm=1.0, train_per_site=400, test_per_task=20,
+    alpha=16.0, target_modules=arms.ALL_LINEAR, clip_norm=1.0, train_per_site=400, test_per_task=20,
     canaries=6, canary_repeats=16, canary_candidates=500,
 )
 # SmolLM2-135M-Instruct: 3 rounds x 8 steps of 96 expected examples a site, over 1200 records
@@ -105,8 +99,7 @@ FULL = PrivacyBenchConfig(
 )
 
 
-def _log(message: str) -> None:
-    print(f"[bench privacy] {message}", file=sys.stderr, flush=True)
+_log = arms.logger("privacy")
 
 
 # -- canaries ---------------------------------------------------------------------------------
@@ -187,25 +180,16 @@ def _federated(engine: PeftEngine, start: AdapterState, site_data: dict[str, lis
                 rounds=config.rounds, local_steps=config.local_steps,
                 batch_size=config.batch_size, num_records=len(examples), target_epsilon=epsilon)
             accountants[site] = PrivacyAccountant()
-    global_adapter = start
-    optimizer_states: dict[str, object] = {}  # Each site keeps its own optimizer, as the executor does.
-    for round_index in range(config.rounds):
-        mean = WeightedMean()
-        for site_index, (site, examples) in enumerate(site_data.items()):
-            dp = None
-            if epsilon is not None:
-                plan = plans[site]
-                dp = RecordDP(noise_multiplier=plan.noise_multiplier, clip_norm=config.clip_norm,
-                              sample_rate=plan.sample_rate, accountant=accountants[site])
-            result = engine.train(
-                adapter=global_adapter, examples=examples, steps=config.local_steps,
-                seed=seed * 100_003 + round_index * len(site_data) + site_index, dp=dp,
-                optimizer_state=optimizer_states.get(site),
-            )
-            optimizer_states[site] = result.optimizer_state
-            mean.add(site, result.adapter, weight=float(result.num_examples))
-        global_adapter = mean.result()
-        _log(f"epsilon={epsilon}: round {round_index + 1}/{config.rounds} done")
+
+    def dp(site: str) -> RecordDP | None:
+        if epsilon is None:
+            return None
+        plan = plans[site]
+        return RecordDP(noise_multiplier=plan.noise_multiplier, clip_norm=config.clip_norm,
+                        sample_rate=plan.sample_rate, accountant=accountants[site])
+
+    global_adapter = arms.fedavg(engine, start, site_data, config=config, seed=seed, log=_log,
+                                 label=f"epsilon={epsilon}:", dp=dp)
     spent = {site: {"noise_multiplier": round(plans[site].noise_multiplier, 4),
                     "epsilon": round(accountants[site].get_epsilon(plans[site].delta), 4),
                     "delta": plans[site].delta}
@@ -213,28 +197,14 @@ def _federated(engine: PeftEngine, start: AdapterState, site_data: dict[str, lis
     return global_adapter, spent
 
 
-def _model_dir(*, tiny: bool, config: PrivacyBenchConfig, scratch: Path,
-               seed: int) -> tuple[Path, str]:
-    if tiny:
-        from zenfed.engines.tiny import build_tiny_model
-
-        path = build_tiny_model(scratch / "tiny-model", hidden_size=config.tiny_hidden,
-                                layers=config.tiny_layers, vocab_size=config.tiny_vocab, seed=seed)
-        _scale_embeddings(path, config.tiny_embed_scale)
-        return path, (f"tiny-random-llama(hidden={config.tiny_hidden}, layers={config.tiny_layers}"
-                      f", embeddings x{config.tiny_embed_scale:g})")
-    from zenfed.engines.base_model import DEFAULT_MODEL_NAME, prepare_default_model
-
-    return prepare_default_model(progress=False), DEFAULT_MODEL_NAME
-
-
-def _scale_embeddings(path: Path, scale: float) -> None:
+def _scale_embeddings(path: Path, scale: float) -> str:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path)
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(scale)
     model.save_pretrained(path, safe_serialization=True)
+    return f"embeddings x{scale:g}"
 
 
 def run(*, tiny: bool, sites: int = 3, seed: int = 0,
@@ -249,38 +219,25 @@ def run(*, tiny: bool, sites: int = 3, seed: int = 0,
     """
     started = time.perf_counter()
     config = config or (TINY if tiny else FULL)
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(seed)
+    arms.seed_torch(seed)
     canaries = make_canaries(count=config.canaries, seed=seed)
     with tempfile.TemporaryDirectory(prefix="zenfed-bench-privacy-") as tmp:
         scratch = Path(tmp)
-        make_builtin(scratch / "data", sites=sites, train_per_site=config.train_per_site,
-                     test_per_task=config.test_per_task, skew=config.skew, seed=seed)
-        site_data = {f"site-{k}": load_jsonl(scratch / "data" / f"site-{k}" / "train.jsonl")
-                     for k in range(1, sites + 1)}
+        train, test = arms.load_sites(scratch, sites=sites, config=config, seed=seed)
         # The canaries go into site-1's data, in every arm, shuffled among its records.
-        site_data["site-1"] = site_data["site-1"] + canaries * config.canary_repeats
-        random.Random(seed).shuffle(site_data["site-1"])
-        test = load_jsonl(scratch / "data" / "test.jsonl")
-        model_dir, model_name = _model_dir(tiny=tiny, config=config, scratch=scratch, seed=seed)
-        engine = PeftEngine(
-            model_dir=model_dir,
-            lora=LoraSpec(rank=config.rank, alpha=config.alpha,
-                          target_modules=config.target_modules, layers=config.layers),
-            training=TrainingSpec(local_steps=config.local_steps, batch_size=config.batch_size,
-                                  seq_len=config.seq_len, learning_rate=config.learning_rate,
-                                  seed=seed),
-            threads=THREADS,
+        train["site-1"] = train["site-1"] + canaries * config.canary_repeats
+        random.Random(seed).shuffle(train["site-1"])
+        model_path, model_name = arms.model_dir(
+            tiny=tiny, config=config, scratch=scratch, seed=seed,
+            adjust=lambda path: _scale_embeddings(path, config.tiny_embed_scale),
         )
+        engine = arms.make_engine(model_path, config=config, seed=seed, layers=config.layers)
         start = engine.initial_adapter()
         utility, exposures, budgets = [], {}, {}
         for epsilon in EPSILONS:
-            adapter, spent = _federated(engine, start, site_data, config=config,
+            adapter, spent = _federated(engine, start, train, config=config,
                                         epsilon=epsilon, seed=seed)
-            scores = engine.evaluate(adapter=adapter, examples=test,
-                                     max_new_tokens=config.max_new_tokens)
-            utility.append({"epsilon": epsilon, "eval_loss": round(scores.loss, 4),
-                            "accuracy": round(scores.accuracy, 4)})
+            utility.append({"epsilon": epsilon, **arms.scores(engine, adapter, test, config=config)})
             budgets[str(epsilon)] = spent
             if epsilon is None or epsilon == 8.0:
                 exposures[epsilon] = exposure(engine, adapter, canaries,
@@ -318,24 +275,17 @@ def run(*, tiny: bool, sites: int = 3, seed: int = 0,
         "config": {
             "model": model_name, "engine": "peft", "sites": sites, "seed": seed,
             "test_examples": len(test), "canary_site": "site-1",
-            "train_examples_per_site": {site: len(data) for site, data in site_data.items()},
-            **{k: v for k, v in dataclasses.asdict(config).items()
-               if not (k.startswith("tiny_") and not tiny)},
-            "target_modules": list(config.target_modules),
-            "accounting": "pld", "threads": THREADS,
+            "train_examples_per_site": {site: len(data) for site, data in train.items()},
+            **arms.config_fields(config, tiny=tiny),
+            "accounting": "pld", "threads": arms.THREADS,
         },
         "seconds": round(time.perf_counter() - started, 1),
     }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny random Llama instead of SmolLM2-135M (a few minutes)")
-    parser.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    args = parser.parse_args(argv)
-    print(json.dumps(run(tiny=args.tiny, sites=args.sites, seed=args.seed), indent=2))
+    arms.main(run, description=__doc__.splitlines()[0], argv=argv,
+              tiny_help="tiny random Llama instead of SmolLM2-135M (a few minutes)")
 
 
 if __name__ == "__main__":

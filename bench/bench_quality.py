@@ -18,9 +18,6 @@ Run: ``python bench/bench_quality.py [--tiny]`` or ``zenfed bench quality --json
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -28,16 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from zenfed.data.builtin import make_builtin
-from zenfed.data.jsonl import Example, load_jsonl
-from zenfed.engines.peft import PeftEngine
-from zenfed.server.aggregation import WeightedMean
-from zenfed.spec import LoraSpec, TrainingSpec
-from zenfed.types import AdapterState
-
-THREADS = 2
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _arms sits beside this file, however it is loaded
+import _arms as arms  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -69,14 +58,11 @@ class QualityConfig:
         return self.rounds * self.local_steps * sites
 
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-ALL_LINEAR = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
-
 # The tiny random model learns the answer formats within ~50 steps; learning rates of 1e-2
 # and above diverge on it (measured), so 5e-3 with LoRA on every linear layer.
 TINY = QualityConfig(
     rounds=10, local_steps=5, batch_size=8, learning_rate=5e-3, rank=16, alpha=32.0,
-    target_modules=ALL_LINEAR, test_per_task=40, tiny_hidden=64, tiny_layers=2,
+    target_modules=arms.ALL_LINEAR, test_per_task=40, tiny_hidden=64, tiny_layers=2,
 )
 # SmolLM2-135M-Instruct: 1-2 s a step on 2 idle cores, so 16 * 4 * 3 = 192 steps an arm
 # (960 steps in all, about half an hour). Measured on seed 0: at 96 steps an arm FedAvg
@@ -85,41 +71,14 @@ TINY = QualityConfig(
 # Many short rounds keep the non-IID sites from drifting apart.
 FULL = QualityConfig(
     rounds=16, local_steps=4, batch_size=4, learning_rate=3e-3, rank=8, alpha=16.0,
-    target_modules=ATTENTION, test_per_task=20,
+    target_modules=arms.ATTENTION, test_per_task=20,
 )
 
 
-def _log(message: str) -> None:
-    print(f"[bench quality] {message}", file=sys.stderr, flush=True)
+_log = arms.logger("quality")
 
 
-def _scores(engine: PeftEngine, adapter: AdapterState, test: Sequence[Example], *,
-            config: QualityConfig) -> dict[str, float]:
-    result = engine.evaluate(adapter=adapter, examples=test, max_new_tokens=config.max_new_tokens)
-    return {"eval_loss": round(result.loss, 4), "accuracy": round(result.accuracy, 4)}
-
-
-def _federated(engine: PeftEngine, start: AdapterState, site_data: dict[str, list[Example]], *,
-               config: QualityConfig, seed: int) -> AdapterState:
-    """FedAvg over the sites, in-process, with the controller's aggregator."""
-    global_adapter = start
-    optimizer_states: dict[str, object] = {}  # Each site keeps its own optimizer, as the executor does.
-    for round_index in range(config.rounds):
-        mean = WeightedMean()
-        for site_index, (site, examples) in enumerate(site_data.items()):
-            result = engine.train(
-                adapter=global_adapter, examples=examples, steps=config.local_steps,
-                seed=seed * 100_003 + round_index * len(site_data) + site_index,
-                optimizer_state=optimizer_states.get(site),
-            )
-            optimizer_states[site] = result.optimizer_state
-            mean.add(site, result.adapter, weight=float(result.num_examples))
-        global_adapter = mean.result()
-        _log(f"federated round {round_index + 1}/{config.rounds} done")
-    return global_adapter
-
-
-def _scale_output(model_dir: Path, *, factor: float) -> None:
+def _scale_output(model_dir: Path, *, factor: float) -> str:
     """Multiply the tiny model's final norm weight by ``factor``.
 
     A random Llama's tied embeddings (std 0.02) cap every logit near 0.02 * hidden_size
@@ -136,22 +95,7 @@ def _scale_output(model_dir: Path, *, factor: float) -> None:
     weights["model.norm.weight"] = weights["model.norm.weight"] * factor
     save_file(weights, weights_path, metadata={"format": "pt"})
     write_manifest(model_dir, source=f"tiny-random-llama(output_scale={factor:g})")
-
-
-def _model_dir(*, tiny: bool, config: QualityConfig, scratch: Path, seed: int) -> tuple[Path, str]:
-    if tiny:
-        from zenfed.engines.tiny import build_tiny_model
-
-        path = build_tiny_model(
-            scratch / "tiny-model", hidden_size=config.tiny_hidden, layers=config.tiny_layers,
-            vocab_size=config.tiny_vocab, seed=seed,
-        )
-        _scale_output(path, factor=config.tiny_output_scale)
-        return path, (f"tiny-random-llama(hidden={config.tiny_hidden}, layers={config.tiny_layers},"
-                      f" output_scale={config.tiny_output_scale:g})")
-    from zenfed.engines.base_model import DEFAULT_MODEL_NAME, prepare_default_model
-
-    return prepare_default_model(progress=False), DEFAULT_MODEL_NAME
+    return f"output_scale={factor:g}"
 
 
 def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: QualityConfig | None = None) -> dict:
@@ -165,47 +109,36 @@ def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: QualityConfig | No
     """
     started = time.perf_counter()
     config = config or (TINY if tiny else FULL)
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(seed)
+    arms.seed_torch(seed)
     total_steps = config.total_steps(sites)
     with tempfile.TemporaryDirectory(prefix="zenfed-bench-quality-") as tmp:
         scratch = Path(tmp)
-        make_builtin(
-            scratch / "data", sites=sites, train_per_site=config.train_per_site,
-            test_per_task=config.test_per_task, skew=config.skew, seed=seed,
+        train, test = arms.load_sites(scratch, sites=sites, config=config, seed=seed)
+        model_path, model_name = arms.model_dir(
+            tiny=tiny, config=config, scratch=scratch, seed=seed,
+            adjust=lambda path: _scale_output(path, factor=config.tiny_output_scale),
         )
-        site_data = {f"site-{k}": load_jsonl(scratch / "data" / f"site-{k}" / "train.jsonl")
-                     for k in range(1, sites + 1)}
-        test = load_jsonl(scratch / "data" / "test.jsonl")
-        model_dir, model_name = _model_dir(tiny=tiny, config=config, scratch=scratch, seed=seed)
-        engine = PeftEngine(
-            model_dir=model_dir,
-            lora=LoraSpec(rank=config.rank, alpha=config.alpha, target_modules=config.target_modules),
-            training=TrainingSpec(
-                local_steps=config.local_steps, batch_size=config.batch_size,
-                seq_len=config.seq_len, learning_rate=config.learning_rate, seed=seed,
-            ),
-            threads=THREADS,
-        )
+        engine = arms.make_engine(model_path, config=config, seed=seed)
         start = engine.initial_adapter()
-        base = _scores(engine, start, test, config=config)
+        base = arms.scores(engine, start, test, config=config)
         _log(f"base {base}")
 
-        pooled = [example for examples in site_data.values() for example in examples]
+        pooled = [example for examples in train.values() for example in examples]
         central_adapter = engine.train(adapter=start, examples=pooled, steps=total_steps,
                                        seed=seed).adapter
-        central = _scores(engine, central_adapter, test, config=config)
+        central = arms.scores(engine, central_adapter, test, config=config)
         _log(f"central {central}")
 
-        fed_adapter = _federated(engine, start, site_data, config=config, seed=seed)
-        federated = _scores(engine, fed_adapter, test, config=config)
+        fed_adapter = arms.fedavg(engine, start, train, config=config, seed=seed, log=_log,
+                                  label="federated")
+        federated = arms.scores(engine, fed_adapter, test, config=config)
         _log(f"federated {federated}")
 
         alone = []
-        for site, examples in site_data.items():
+        for site, examples in train.items():
             adapter = engine.train(adapter=start, examples=examples, steps=total_steps,
                                    seed=seed).adapter
-            alone.append({"site": site, **_scores(engine, adapter, test, config=config)})
+            alone.append({"site": site, **arms.scores(engine, adapter, test, config=config)})
             _log(f"{site} alone {alone[-1]}")
 
     central_gain = base["eval_loss"] - central["eval_loss"]
@@ -231,23 +164,16 @@ def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: QualityConfig | No
             "seed": seed,
             "test_examples": len(test),
             "steps_per_arm": total_steps,
-            **{k: v for k, v in dataclasses.asdict(config).items()
-               if not (k.startswith("tiny_") and not tiny)},
-            "target_modules": list(config.target_modules),
-            "threads": THREADS,
+            **arms.config_fields(config, tiny=tiny),
+            "threads": arms.THREADS,
         },
         "seconds": round(time.perf_counter() - started, 1),
     }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny random Llama instead of SmolLM2-135M (under 3 minutes)")
-    parser.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    args = parser.parse_args(argv)
-    print(json.dumps(run(tiny=args.tiny, sites=args.sites, seed=args.seed), indent=2))
+    arms.main(run, description=__doc__.splitlines()[0], argv=argv,
+              tiny_help="tiny random Llama instead of SmolLM2-135M (under 3 minutes)")
 
 
 if __name__ == "__main__":
