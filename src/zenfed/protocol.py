@@ -50,6 +50,8 @@ H_ENGINE = "engine"  # which engine trained this site's update
 H_WEIGHT = "weight"  # the weight a site applied before encrypting
 H_RELEASE_OK = "release_ok"  # the site's policy allows releasing the final adapter in the clear
 H_DP_SPENT = "privacy"  # differential privacy spent so far (epsilon, delta, ...)
+H_SIGNATURE = "signature"  # the site's signature over the update statement (base64)
+H_SITE_CERT = "site_cert"  # the site's provisioned certificate (PEM)
 
 UPDATE_KIND = "adapter_update"  # what leaves a site: LoRA adapter weights, never records
 

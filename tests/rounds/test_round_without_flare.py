@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from _pki import make_ca, make_kit
 from zenfed import protocol as P
 from zenfed.data import make_builtin
+from zenfed.digest import sha256_hex
 from zenfed.jobs.simulate import builtin_policies, prepare_workspace
 from zenfed.kit_files import SHARED_SITE_DIR, KitFolders
 from zenfed.privacy.he import (
@@ -197,3 +200,59 @@ def adapter_bytes(folder: Path) -> bytes:
     from safetensors.torch import load_file, save
 
     return bytes(save(load_file(str(folder / "adapter_model.safetensors"))))
+
+
+class TamperingTransport(InProcessTransport):
+    """A network attacker without keys: flips a bit of site-2's update and recomputes every hash."""
+
+    def broadcast(self, *, on_result, **kwargs) -> bool:
+        def tamper(site: str, answer: P.Message) -> None:
+            if site == "site-2" and answer.payload and P.H_SIGNATURE in answer.header:
+                forged = bytearray(answer.payload)
+                forged[len(forged) // 2] ^= 0x01
+                answer.payload = bytes(forged)
+                answer.header[P.H_PAYLOAD_SHA256] = sha256_hex(answer.payload)
+            on_result(site, answer)
+
+        return super().broadcast(on_result=tamper, **kwargs)
+
+
+def test_a_tampered_rehashed_update_is_rejected_and_the_round_goes_on(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare: provisioned-style kits (site keys issued by one root CA; the server holds the CA)
+    spec = tiny_job_spec("in-process-signed", federation={"rounds": 1, "min_sites": 2})
+    ca = make_ca()
+    policies = builtin_policies(three_site_data, sites=3, dataset="builtin", allow_any_model=True)
+    sessions = {}
+    for site in SITES:
+        startup = make_kit(tmp_path, site, ca)
+        local = startup.parent / "local"
+        local.mkdir()
+        (local / "zenfed_site.yaml").write_text(yaml.safe_dump(policies[site].model_dump(mode="json")))
+        sessions[site] = SiteSession(spec_data=spec.model_dump(mode="json"), site=site, job_id="job-1",
+                                     folders=KitFolders(startup=startup, local=local, root=startup.parent,
+                                                        run=startup.parent / "run"))
+    server_startup = tmp_path / "server" / "startup"
+    server_startup.mkdir(parents=True)
+    (server_startup / "rootCA.pem").write_bytes((tmp_path / "site-1" / "startup" / "rootCA.pem").read_bytes())
+    server = ServerSession(spec_data=spec.model_dump(mode="json"), job_id="job-1", identity="server",
+                           folders=KitFolders(startup=server_startup, local=None, root=tmp_path / "server",
+                                              run=tmp_path / "server" / "run"))
+    transport = TamperingTransport({site: s.handle for site, s in sessions.items()})
+
+    # Execute
+    server.start(sites=list(SITES))
+    server.run(transport)
+
+    # Assert: site-2's forged update was rejected; the sum holds exactly the two honest updates
+    result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
+    assert result["rounds"][0]["contributors"] == ["site-1", "site-3"]
+    honest = {site: decode_adapter(a.payload) for site, a in train_answers(transport, 1).items() if site != "site-2"}
+    weights = {site: float(transport_header(transport, site)[P.H_NUM_EXAMPLES]) for site in honest}
+    final = server.aggregation.from_checkpoint(*server_checkpoint(server))
+    for name, tensor in final.items():
+        expected = sum(weights[s] * honest[s][name].double() for s in honest) / sum(weights.values())
+        assert torch.allclose(tensor, expected.float(), atol=1e-6), name
+
+
+def transport_header(transport: InProcessTransport, site: str) -> dict:
+    return next(a.header for task, s, a in transport.answers if s == site and task == P.TASK_TRAIN)

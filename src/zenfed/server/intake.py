@@ -22,6 +22,7 @@ from zenfed.protocol import Message
 from zenfed.server.aggregation import Aggregation
 from zenfed.spec import JobSpec
 from zenfed.types import AdapterState
+from zenfed.update_auth import UpdateVerifier
 from zenfed.wire import decode_adapter
 
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -37,15 +38,18 @@ class RoundIntake:
         out_dir: The job's result folder (site logs are kept under ``audit/``).
         audit: The server's audit log.
         aggregation: The running sum training updates are folded into.
+        verifier: Checks each update's site signature; None where the server kit has no root CA
+            (the simulator).
     """
 
     def __init__(self, *, spec: JobSpec, job_id: str, out_dir: Path, audit: AuditSink,
-                 aggregation: Aggregation) -> None:
+                 aggregation: Aggregation, verifier: UpdateVerifier | None = None) -> None:
         self.spec = spec
         self.job_id = job_id
         self.out_dir = out_dir
         self.audit = audit
         self.aggregation = aggregation
+        self.verifier = verifier
         self.task = ""
         self.round = 0
         self.sites: dict[str, dict[str, Any]] = {}
@@ -111,6 +115,9 @@ class RoundIntake:
         if self.task == P.TASK_TRAIN:
             if payload is None:
                 raise ZenfedError("training result carries no update payload")
+            if self.verifier is not None:
+                self.verifier.check(site=site, job_id=self.job_id, round_index=self.round, header=header,
+                                    payload=payload)
             weight = self.aggregation.add(site=site, header=header, payload=payload)
             digest = sha256_hex(payload)
             self.update_hashes.append(digest)

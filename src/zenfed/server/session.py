@@ -37,6 +37,7 @@ from zenfed.server.result import build_result, round_record, round_summary, weig
 from zenfed.server.transport import Transport
 from zenfed.spec import JobSpec, parse_model
 from zenfed.strategies import make_strategy
+from zenfed.update_auth import ROOT_CA, UpdateVerifier
 
 _log = logging.getLogger(__name__)
 
@@ -93,8 +94,11 @@ class ServerSession:
             log_path=out_dir / "audit" / f"{self._identity}.jsonl",
         )
         self._gate = ServerAttestationGate(spec=self.spec, workspace_root=self.folders.root, audit=self._audit)
+        verifier = UpdateVerifier.from_kit(self.folders.startup)
+        if verifier is None:
+            _log.warning("no %s in the server kit (simulator?): site signatures are not checked", ROOT_CA)
         self._intake = RoundIntake(spec=self.spec, job_id=self.job_id, out_dir=out_dir, audit=self._audit,
-                                   aggregation=self.aggregation)
+                                   aggregation=self.aggregation, verifier=verifier)
         self._audit.record(E.JOB_SUBMITTED, job=self.spec.name, job_id=self.job_id, submitter=self._submitter,
                            spec_sha256=self.spec.spec_hash())
         self._audit.record(E.JOB_DEPLOYED, job_id=self.job_id, sites=sorted(sites), aggregation=self.aggregation.method)

@@ -45,6 +45,7 @@ from zenfed.site.stages import build_update_chain
 from zenfed.spec import JobSpec, SitePolicy, parse_model
 from zenfed.strategies import Strategy, make_strategy
 from zenfed.types import AdapterState
+from zenfed.update_auth import UpdateSigner
 from zenfed.wire import encode_adapter
 
 TASKS = (P.TASK_ATTEST, P.TASK_TRAIN, P.TASK_EVALUATE, P.TASK_RELEASE)
@@ -160,7 +161,8 @@ class SiteSession:
                      reason="the job's planned epsilon fits this site's limits", plan=plan)
         self._dp = dp
         self._chain = build_update_chain(dp=dp, encryption=self._encryption, strategy=self._require(self._strategy),
-                                         audit=self._require(self._audit))
+                                         audit=self._require(self._audit),
+                                         signer=UpdateSigner.from_kit(self.folders.startup))
         model_dir = resolve_base_model(spec.model.base)
         self._base_model_sha256 = model_fingerprint(model_dir)
         self._engine = make_engine(spec, model_dir=model_dir, threads=policy.torch_threads, engine=policy.engine)

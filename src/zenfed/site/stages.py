@@ -14,6 +14,7 @@ from zenfed.site.chain import IncomingGlobal, OutgoingUpdate, RoundInfo, Stage, 
 from zenfed.site.dp import SiteDP
 from zenfed.site.encryption import SiteEncryption
 from zenfed.strategies import Strategy
+from zenfed.update_auth import UpdateSigner, update_statement
 from zenfed.wire import decode_adapter, encode_adapter
 
 
@@ -120,6 +121,25 @@ class EnvelopeStage(Stage):
         return update
 
 
+class SignStage(Stage):
+    """Sign what leaves the site with its provisioned key: the server checks it against the site's certificate."""
+
+    name = "sign"
+
+    def __init__(self, signer: UpdateSigner) -> None:
+        self.signer = signer
+
+    def outgoing(self, update: OutgoingUpdate, info: RoundInfo) -> OutgoingUpdate:
+        """Sign the statement over the payload, its weight and the round."""
+        if update.payload is None:
+            raise ValueError("the sign stage needs the payload written before it")
+        update.header[P.H_NUM_EXAMPLES] = update.num_examples
+        statement = update_statement(job_id=info.job_id, round_index=info.round, site=info.site,
+                                     payload=update.payload, header=update.header)
+        update.header.update(self.signer.sign(statement))
+        return update
+
+
 class EncodeStage(Stage):
     """A job in the clear: the adapter as safetensors bytes, both ways."""
 
@@ -137,7 +157,7 @@ class EncodeStage(Stage):
 
 
 def build_update_chain(*, dp: SiteDP, encryption: SiteEncryption | None, strategy: Strategy,
-                       audit: AuditSink) -> UpdateChain:
+                       audit: AuditSink, signer: UpdateSigner | None = None) -> UpdateChain:
     """Return the stages a job runs at a site, in outgoing order.
 
     Args:
@@ -145,6 +165,7 @@ def build_update_chain(*, dp: SiteDP, encryption: SiteEncryption | None, strateg
         encryption: The site's HE state, or None for a job in the clear.
         strategy: The job's algorithm (it decides the site's weight).
         audit: Where the DP spend is recorded.
+        signer: The site's provisioned key; None where the kit has none (the simulator).
     """
     stages: list[Stage] = []
     if dp.level == "client":
@@ -155,4 +176,6 @@ def build_update_chain(*, dp: SiteDP, encryption: SiteEncryption | None, strateg
         stages += [WeightStage(strategy), EncryptStage(encryption), EnvelopeStage(encryption)]
     else:
         stages.append(EncodeStage())
+    if signer is not None:
+        stages.append(SignStage(signer))
     return UpdateChain(stages)

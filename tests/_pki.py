@@ -1,0 +1,43 @@
+"""A small project PKI for tests: a root CA and site kits whose keys it certifies, as provisioning writes them."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+NOW = dt.datetime.now(dt.UTC)
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def make_ca(common: str = "project-ca") -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = (x509.CertificateBuilder().subject_name(_name(common)).issuer_name(_name(common))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW + dt.timedelta(days=30))
+            .sign(key, hashes.SHA256()))
+    return key, cert
+
+
+def make_kit(folder: Path, site: str, ca: tuple[rsa.RSAPrivateKey, x509.Certificate]) -> Path:
+    """A kit's startup/ as provisioning writes it: client.key, client.crt (issued by the CA), rootCA.pem."""
+    ca_key, ca_cert = ca
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = (x509.CertificateBuilder().subject_name(_name(site)).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW + dt.timedelta(days=30))
+            .sign(ca_key, hashes.SHA256()))
+    startup = folder / site / "startup"
+    startup.mkdir(parents=True)
+    (startup / "client.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+    (startup / "client.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (startup / "rootCA.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    return startup
