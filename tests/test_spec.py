@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from zenfed.errors import PolicyError, SpecError
 from zenfed.spec import (
@@ -293,3 +294,9 @@ def test_attestation_mode_off_unquoted_in_yaml_means_off(tmp_path):
 
     # Assert
     assert spec.attestation.mode == "off"
+
+
+def test_an_infinite_number_in_a_job_spec_is_refused():
+    # Execute / Assert: infinity has no canonical JSON, so it could never be hashed
+    with pytest.raises(ValidationError):
+        JobSpec(name="inf", privacy={"level": "record", "target_epsilon": float("inf")})

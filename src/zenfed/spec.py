@@ -27,7 +27,8 @@ _NOT_LORA_TARGETS = frozenset({"lm_head", "embed_tokens", "wte", "wpe"})
 class _Strict(BaseModel):
     """Base for all spec models: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Infinity is no number a spec means, and it has no canonical JSON (the spec hash).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):

@@ -27,8 +27,6 @@ from zenfed.attestation.records import (
     AttestationError,
     AttestationResult,
     EvidenceRejected,
-    Verdict,
-    utc_iso,
 )
 from zenfed.attestation.service import AttestationService
 from zenfed.audit import events as E
@@ -272,15 +270,8 @@ class ServerAttestationGate:
 
     def _refuse(self, site: str, nonce: str, reason: str) -> AttestationResult:
         service = self._require_service()
-        return AttestationResult(
-            participant=site,
-            kind="+".join(service.required_kinds(site)) or "unknown",
-            verdict=Verdict.FAIL,
-            reason=reason,
-            nonce=nonce,
-            time=utc_iso(self._clock()),
-            verifier=service.participant,
-        )
+        return AttestationResult.failed(participant=site, kinds=service.required_kinds(site), reason=reason,
+                                        nonce=nonce, at=self._clock(), verifier=service.participant)
 
     def _require_service(self) -> AttestationService:
         if self._service is None:

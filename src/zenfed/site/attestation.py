@@ -31,8 +31,6 @@ from zenfed.attestation.records import (
     AttestationError,
     AttestationResult,
     EvidenceRejected,
-    Verdict,
-    utc_iso,
 )
 from zenfed.attestation.service import AttestationService
 from zenfed.audit import events as E
@@ -207,18 +205,9 @@ class SiteAttestation:
         self._audit.record(E.ATTESTATION, decision=decision, **fields)
 
     def _fail(self, reason: str, *, nonce: str) -> AttestationResult:
-        kinds = "unknown"
-        if self._service is not None:
-            kinds = "+".join(self._service.required_kinds(self.server)) or "unknown"
-        return AttestationResult(
-            participant=self.server,
-            kind=kinds,
-            verdict=Verdict.FAIL,
-            reason=reason,
-            nonce=nonce,
-            time=utc_iso(self._clock()),
-            verifier=self.site,
-        )
+        kinds = self._service.required_kinds(self.server) if self._service is not None else ()
+        return AttestationResult.failed(participant=self.server, kinds=kinds, reason=reason, nonce=nonce,
+                                        at=self._clock(), verifier=self.site)
 
     def _require_service(self) -> AttestationService:
         if self._service is None:
