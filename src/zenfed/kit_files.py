@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from zenfed.errors import ZenfedError
 
@@ -33,6 +34,18 @@ class KitFolders:
     local: Path | None
     root: Path
     run: Path
+
+    @classmethod
+    def of_workspace(cls, workspace: Any, *, job_id: str) -> KitFolders:
+        """Read the folders from a FLARE ``Workspace`` (any object with its four getters); no FLARE import.
+
+        The job's files go to ``RUN_DIR/zenfed`` inside FLARE's run folder for the job.
+        """
+        startup, local = workspace.get_startup_kit_dir(), workspace.get_site_config_dir()
+        return cls(
+            startup=Path(startup) if startup else None, local=Path(local) if local else None,
+            root=Path(workspace.get_root_dir()), run=Path(workspace.get_run_dir(job_id)) / "zenfed",
+        )
 
 
 def find_kit_file(

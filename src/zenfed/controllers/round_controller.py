@@ -9,7 +9,6 @@ the kit's folders, starts the session, and carries its tasks with FLARE's
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from nvflare.apis.client import Client
@@ -46,13 +45,8 @@ class FedLoRAController(Controller):
     # -- FLARE lifecycle -------------------------------------------------------------------
     def start_controller(self, fl_ctx: FLContext) -> None:
         """Start the server session in this job's run folder."""
-        workspace = fl_ctx.get_engine().get_workspace()
         job_id = fl_ctx.get_job_id()
-        startup, local = workspace.get_startup_kit_dir(), workspace.get_site_config_dir()
-        folders = KitFolders(
-            startup=Path(startup) if startup else None, local=Path(local) if local else None,
-            root=Path(workspace.get_root_dir()), run=Path(workspace.get_run_dir(job_id)) / "zenfed",
-        )
+        folders = KitFolders.of_workspace(fl_ctx.get_engine().get_workspace(), job_id=job_id)
         meta = fl_ctx.get_prop(FLContextKey.JOB_META) or {}
         self._session = ServerSession(
             spec_data=self._spec_data, job_id=job_id, identity=fl_ctx.get_identity_name(), folders=folders,

@@ -10,7 +10,6 @@ and the session's answer back into a Shareable.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from nvflare.apis.executor import Executor
@@ -48,13 +47,8 @@ class LoRAExecutor(Executor):
     def _session_for(self, fl_ctx: FLContext) -> SiteSession:
         """The session of this job, made on the first task from the kit's folders."""
         if self._session is None:
-            workspace = fl_ctx.get_engine().get_workspace()
             job_id = fl_ctx.get_job_id()
-            startup, local = workspace.get_startup_kit_dir(), workspace.get_site_config_dir()
-            folders = KitFolders(
-                startup=Path(startup) if startup else None, local=Path(local) if local else None,
-                root=Path(workspace.get_root_dir()), run=Path(workspace.get_run_dir(job_id)) / "zenfed",
-            )
+            folders = KitFolders.of_workspace(fl_ctx.get_engine().get_workspace(), job_id=job_id)
             self._session = SiteSession(spec_data=self._spec_data, site=fl_ctx.get_identity_name(), job_id=job_id,
                                         folders=folders)
         return self._session
