@@ -26,8 +26,8 @@ def make_ca(common: str = "project-ca") -> tuple[rsa.RSAPrivateKey, x509.Certifi
     return key, cert
 
 
-def make_kit(folder: Path, site: str, ca: tuple[rsa.RSAPrivateKey, x509.Certificate]) -> Path:
-    """A kit's startup/ as provisioning writes it: client.key, client.crt (issued by the CA), rootCA.pem."""
+def make_kit(folder: Path, site: str, ca: tuple[rsa.RSAPrivateKey, x509.Certificate], *, stem: str = "client") -> Path:
+    """A kit's startup/ as provisioning writes it: STEM.key, STEM.crt (issued by the CA), rootCA.pem."""
     ca_key, ca_cert = ca
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     cert = (x509.CertificateBuilder().subject_name(_name(site)).issuer_name(ca_cert.subject)
@@ -36,8 +36,8 @@ def make_kit(folder: Path, site: str, ca: tuple[rsa.RSAPrivateKey, x509.Certific
             .sign(ca_key, hashes.SHA256()))
     startup = folder / site / "startup"
     startup.mkdir(parents=True)
-    (startup / "client.key").write_bytes(key.private_bytes(
+    (startup / f"{stem}.key").write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
-    (startup / "client.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (startup / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (startup / "rootCA.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     return startup

@@ -25,6 +25,7 @@ KEY_REFUSAL = "zenfed_refusal"
 KEY_ATTEST = "zenfed_attest"  # challenge (server -> site) or answer (site -> server)
 KEY_SERVER_EVIDENCE = "zenfed_server_evidence"  # the server's evidence, per site nonce
 KEY_AUDIT_LOG = "zenfed_audit_log"  # a site's own signed log, attached to its final answer
+KEY_ERROR = "zenfed_error"  # why a task failed at a site: {"kind": error class, "message": text}, no data
 
 # Header fields, task data (server -> site).
 H_JOB_ID = "job_id"
@@ -63,7 +64,7 @@ STATUS_UNKNOWN_TASK = "TASK_UNKNOWN"
 
 _FIELDS = (
     ("header", KEY_HEADER), ("payload", KEY_PAYLOAD), ("refusal", KEY_REFUSAL), ("attest", KEY_ATTEST),
-    ("server_evidence", KEY_SERVER_EVIDENCE), ("audit_log", KEY_AUDIT_LOG),
+    ("server_evidence", KEY_SERVER_EVIDENCE), ("audit_log", KEY_AUDIT_LOG), ("error", KEY_ERROR),
 )
 
 
@@ -78,6 +79,7 @@ class Message:
         attest: An attestation challenge (to a site) or answer (from a site).
         server_evidence: The server's attestation evidence, per site nonce.
         audit_log: A site's own signed audit log, carried to the job result.
+        error: Why the task failed at the site: its typed error class and message (never data).
         status: ``STATUS_OK``, or why the task did not complete.
     """
 
@@ -87,6 +89,7 @@ class Message:
     attest: Any = None
     server_evidence: Any = None
     audit_log: bytes | None = None
+    error: dict[str, str] | None = None
     status: str = STATUS_OK
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,5 +108,6 @@ class Message:
         return cls(
             header=dict(header) if isinstance(header, dict) else {},
             payload=data.get(KEY_PAYLOAD), refusal=data.get(KEY_REFUSAL), attest=data.get(KEY_ATTEST),
-            server_evidence=data.get(KEY_SERVER_EVIDENCE), audit_log=data.get(KEY_AUDIT_LOG), status=status,
+            server_evidence=data.get(KEY_SERVER_EVIDENCE), audit_log=data.get(KEY_AUDIT_LOG),
+            error=error if isinstance(error := data.get(KEY_ERROR), dict) else None, status=status,
         )

@@ -149,3 +149,13 @@ def test_exact_match_is_the_fraction_of_hits():
     assert exact_match([], []) == 0.0
     with pytest.raises(ValueError):
         exact_match(["a"], ["a", "b"])
+
+
+def test_invalid_utf8_names_the_file_and_line(tmp_path):
+    # Prepare
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff\xfe", "output": "b"}\n')
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"line 2.*not valid UTF-8"):
+        load_jsonl(path)

@@ -8,6 +8,7 @@ plaintext FedAvg of what the sites sent.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ from zenfed.server.result import RESULT_FILE
 from zenfed.server.session import ServerSession
 from zenfed.server.transport import InProcessTransport
 from zenfed.site.session import SiteSession
-from zenfed.spec import JobSpec
+from zenfed.spec import DatasetLocation, JobSpec
 from zenfed.wire import decode_adapter
 
 SITES = ("site-1", "site-2", "site-3")
@@ -217,41 +218,80 @@ class TamperingTransport(InProcessTransport):
         return super().broadcast(on_result=tamper, **kwargs)
 
 
-def test_a_tampered_rehashed_update_is_rejected_and_the_round_goes_on(tiny_job_spec, three_site_data, tmp_path):
-    # Prepare: provisioned-style kits (site keys issued by one root CA; the server holds the CA)
-    spec = tiny_job_spec("in-process-signed", federation={"rounds": 1, "min_sites": 2})
+def signed_job(spec: JobSpec, data: Path, root: Path, transport_class: type[InProcessTransport] = InProcessTransport,
+               *, corrupt: tuple[str, ...] = ()):
+    """Run ``spec`` with provisioned-style kits: site and server keys issued by one root CA, all audited.
+
+    Sites in ``corrupt`` get a training file with a line that is not UTF-8.
+    """
     ca = make_ca()
-    policies = builtin_policies(three_site_data, sites=3, dataset="builtin", allow_any_model=True)
+    policies = builtin_policies(data, sites=3, dataset="builtin", allow_any_model=True)
     sessions = {}
     for site in SITES:
-        startup = make_kit(tmp_path, site, ca)
+        startup = make_kit(root, site, ca)
         local = startup.parent / "local"
         local.mkdir()
-        (local / "zenfed_site.yaml").write_text(yaml.safe_dump(policies[site].model_dump(mode="json")))
+        policy = policies[site]
+        if site in corrupt:
+            copy = root / site / "data"
+            shutil.copytree(data / site, copy)
+            (copy / "train.jsonl").write_bytes((copy / "train.jsonl").read_bytes() + b'{"instruction": "\xff"}\n')
+            policy = policy.model_copy(update={"datasets": {"builtin": DatasetLocation(path=copy)}})
+        (local / "zenfed_site.yaml").write_text(yaml.safe_dump(policy.model_dump(mode="json")))
         sessions[site] = SiteSession(spec_data=spec.model_dump(mode="json"), site=site, job_id="job-1",
                                      folders=KitFolders(startup=startup, local=local, root=startup.parent,
                                                         run=startup.parent / "run"))
-    server_startup = tmp_path / "server" / "startup"
-    server_startup.mkdir(parents=True)
-    (server_startup / "rootCA.pem").write_bytes((tmp_path / "site-1" / "startup" / "rootCA.pem").read_bytes())
+    server_startup = make_kit(root, "server", ca, stem="server")
     server = ServerSession(spec_data=spec.model_dump(mode="json"), job_id="job-1", identity="server",
-                           folders=KitFolders(startup=server_startup, local=None, root=tmp_path / "server",
-                                              run=tmp_path / "server" / "run"))
-    transport = TamperingTransport({site: s.handle for site, s in sessions.items()})
-
-    # Execute
+                           folders=KitFolders(startup=server_startup, local=None, root=root / "server",
+                                              run=root / "server" / "run"))
+    transport = transport_class({site: s.handle for site, s in sessions.items()})
     server.start(sites=list(SITES))
     server.run(transport)
+    server.close()
+    return server, transport
 
-    # Assert: site-2's forged update was rejected; the sum holds exactly the two honest updates
+
+def audit_records(path: Path, event: str) -> list[dict]:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("event") == event]
+
+
+def test_a_tampered_rehashed_update_is_rejected_and_the_round_goes_on(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare
+    spec = tiny_job_spec("in-process-signed", federation={"rounds": 1, "min_sites": 2})
+
+    # Execute
+    server, transport = signed_job(spec, three_site_data, tmp_path, TamperingTransport)
+
+    # Assert: site-2's forged update was rejected with the reason; the sum holds exactly the two honest updates
     result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
     assert result["rounds"][0]["contributors"] == ["site-1", "site-3"]
+    rejected = audit_records(tmp_path / "server" / "run" / "audit" / "server.jsonl", "error")
+    assert any(r["fields"].get("site") == "site-2" and "signature" in r["fields"]["message"] for r in rejected)
     honest = {site: decode_adapter(a.payload) for site, a in train_answers(transport, 1).items() if site != "site-2"}
     weights = {site: float(transport_header(transport, site)[P.H_NUM_EXAMPLES]) for site in honest}
     final = server.aggregation.from_checkpoint(*server_checkpoint(server))
     for name, tensor in final.items():
         expected = sum(weights[s] * honest[s][name].double() for s in honest) / sum(weights.values())
         assert torch.allclose(tensor, expected.float(), atol=1e-6), name
+
+
+def test_a_site_failure_reaches_the_server_with_its_reason(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare: site-3's training file holds a line that is not UTF-8
+    spec = tiny_job_spec("in-process-failure", federation={"rounds": 1, "min_sites": 2})
+
+    # Execute
+    server, transport = signed_job(spec, three_site_data, tmp_path, corrupt=("site-3",))
+
+    # Assert: the typed error and its message reach the server's audit log; the others finish the round
+    failed = [a for task, site, a in transport.answers if site == "site-3"]
+    assert failed and failed[0].status == P.STATUS_ERROR and failed[0].error["kind"] == "DataError"
+    rejected = audit_records(tmp_path / "server" / "run" / "audit" / "server.jsonl", "error")
+    reasons = [r["fields"]["message"] for r in rejected if r["fields"].get("site") == "site-3"]
+    assert reasons and "DataError" in reasons[0] and "not valid UTF-8" in reasons[0] and "line" in reasons[0]
+    result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
+    assert result["rounds"][0]["contributors"] == ["site-1", "site-2"]
 
 
 def transport_header(transport: InProcessTransport, site: str) -> dict:

@@ -106,8 +106,13 @@ def load_jsonl(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise DataError(f"dataset file {path} does not exist; check the site policy's dataset path")
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _bad(path, line_no, f"not valid UTF-8 (byte {err.start + 1} of the line); "
+                                          "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -85,7 +85,9 @@ class RoundIntake:
         if answer.refusal:
             raise ZenfedError(f"the site refused the task: {answer.refusal}")
         if answer.status != P.STATUS_OK:
-            raise ZenfedError(f"the site returned {answer.status}")
+            reason = answer.error or {}
+            detail = f": {reason.get('kind', 'error')}: {reason.get('message', '')}" if reason else ""
+            raise ZenfedError(f"the site returned {answer.status}{detail}")
         header = answer.header
         if not header:
             raise ZenfedError("result has no zenfed header")

@@ -115,7 +115,9 @@ class SiteSession:
         except ZenfedError as err:
             _log.error("%s failed %s: %s", self.site, task, err)
             self._record(E.ERROR, kind=type(err).__name__, message=str(err)[:500], task=task)
-            return Message(status=P.STATUS_ERROR)
+            # The reason reaches the server (and its audit log and the report), not only this site's log.
+            return Message(status=P.STATUS_ERROR, error={"kind": type(err).__name__, "message": str(err)[:500]},
+                           audit_log=self._log_bytes())
 
     # -- once per job ---------------------------------------------------------------------------
     def _open(self) -> tuple[JobSpec, SitePolicy]:
