@@ -93,7 +93,7 @@ def _payload(site: str, rnd: int) -> bytes:
                                                                  + 3 * int(site[-1]))
 
 
-def write_result(project: Project, out: Path, *, rounds: int = 3) -> Path:
+def write_result(project: Project, out: Path, *, rounds: int = 3, server_errors: tuple[dict, ...] = ()) -> Path:
     """Write a job result as the server controller and the site executors would.
 
     Site logs are written as the sites would; the server log receives the same
@@ -154,6 +154,8 @@ def write_result(project: Project, out: Path, *, rounds: int = 3) -> Path:
         seq, head = log.head
         server.append(events.LOG_ANCHORED, participant=s, seq=seq, sha256=head)
         log.close()
+    for fields in server_errors:
+        server.append(events.ERROR, **fields)
     server.append(events.MODEL_RELEASED, adapter_sha256=final_sha, released_to=ADMIN,
                   decided_by=list(SITES))
     server.close()
@@ -191,7 +193,7 @@ def result_dir(pristine_result: Path, tmp_path: Path) -> Path:
 def make_result(project: Project, tmp_path: Path):
     """Return a function writing a fresh result under tmp_path: make_result(name, rounds=3)."""
 
-    def make(name: str = "result2", *, rounds: int = 3) -> Path:
-        return write_result(project, tmp_path / name, rounds=rounds)
+    def make(name: str = "result2", *, rounds: int = 3, server_errors: tuple[dict, ...] = ()) -> Path:
+        return write_result(project, tmp_path / name, rounds=rounds, server_errors=server_errors)
 
     return make

@@ -187,3 +187,31 @@ def test_missing_site_log_is_reported_from_the_servers_receipts(result_dir, tmp_
     assert report["audit"]["missing_logs"] == ["site-2"]
     missing = next(p for p in report["participants"] if p["name"] == "site-2")
     assert missing["log_status"] == "missing"
+
+
+def test_rejected_results_and_site_failures_are_in_every_form_of_the_report(make_result, tmp_path):
+    # Prepare: the server rejected one site's update in round 2
+    reason = "the signature on the update from site-2 does not match what arrived"
+    result = make_result("with-failure", server_errors=(
+        {"kind": "result_rejected", "site": "site-2", "round": 2, "message": reason},))
+
+    # Execute
+    paths = build_report(result, out_dir=tmp_path / "out")
+
+    # Assert
+    report = json.loads(paths.json.read_text())
+    jsonschema.validate(report, load_schema())
+    assert [(f["site"], f["round"], f["kind"]) for f in report["audit"]["failures"]] == [
+        ("site-2", 2, "result_rejected")]
+    assert report["audit"]["failures"][0]["message"] == reason
+    assert reason in paths.html.read_text()
+    assert paths.pdf.read_bytes().startswith(b"%PDF")
+
+
+def test_a_report_without_failures_says_none_were_recorded(built):
+    # Prepare
+    paths, report, _ = built
+
+    # Assert
+    assert report["audit"]["failures"] == []
+    assert "None recorded." in paths.html.read_text()

@@ -62,7 +62,7 @@ def collect(result_dir: Path) -> tuple[dict[str, Any], ResultVerdict | None]:
         "data_residency": _residency(result, logs, verdict, site_names),
         "curves": {"rounds": rounds},
         "lineage": _lineage(result, logs, verdict),
-        "audit": _audit(verdict),
+        "audit": {**_audit(verdict), "failures": _failures(logs)},
     }
     report["summary"] = _summary(result, report, verdict, site_names, logs)
     return report, verdict
@@ -248,6 +248,24 @@ def _audit(verdict: ResultVerdict | None) -> dict[str, Any]:
     return {"ok": verdict.ok, "logs": logs, "missing_logs": list(verdict.missing_logs),
             "mismatches": list(verdict.mismatches), "problems": list(verdict.problems),
             "matched_updates": verdict.matched_updates}
+
+
+def _failures(logs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every failure a participant recorded: rejected results, site errors, a job stopped for too few sites."""
+    found = []
+    for participant, records in sorted(logs.items()):
+        for record in records:
+            if record.get("event") != events.ERROR:
+                continue
+            fields = _dict(record.get("fields"))
+            round_index = fields.get("round")
+            found.append({
+                "participant": participant, "time": str(record.get("time", "")),
+                "round": round_index if isinstance(round_index, int) else None,
+                "site": str(fields.get("site", participant)), "kind": str(fields.get("kind", "error")),
+                "message": str(fields.get("message", "")),
+            })
+    return sorted(found, key=lambda f: f["time"])
 
 
 def _summary(

@@ -198,6 +198,13 @@ def render_pdf(report: dict[str, Any], plots: dict[str, bytes]) -> bytes:
                          ("Mismatch", audit["mismatches"]), ("Problem", audit["problems"])):
         for item in items:
             story.append(_p(f"{label}: {item}"))
+    story.append(_p("Failures and rejected results:" if audit["failures"] else
+                    "Failures and rejected results: none recorded."))
+    if audit["failures"]:
+        story.append(_table(
+            ["Recorded by", "Round", "Site", "Kind", "Reason"],
+            [[f["participant"], "" if f["round"] is None else f["round"], f["site"], f["kind"], f["message"]]
+             for f in audit["failures"]], [0.14, 0.08, 0.12, 0.16, 0.5]))
 
     section("controls", 8)
     story.append(_p("How the evidence above bears on each regulatory control. This mapping "
