@@ -108,8 +108,11 @@ class FederationSpec(_Strict):
     weighting: Literal["samples", "uniform"] = Field(
         "samples", description="'samples' (weight by training examples) or 'uniform'"
     )
-    strategy: Literal["fedavg"] = Field(
+    strategy: Literal["fedavg", "fedprox"] = Field(
         "fedavg", description="the federated algorithm (one class per file in zenfed/strategies/)"
+    )
+    proximal_mu: float = Field(
+        0.01, gt=0, description="FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2"
     )
     task_timeout_s: int = Field(
         3600, ge=10, description="seconds a round waits for sites before going on without them"

@@ -1,4 +1,4 @@
-"""The plain types every layer passes around: adapters and a round's DP-SGD setting.
+"""The plain types every layer passes around: adapters, a round's DP-SGD setting, a loss term.
 
 Adapters travel as ``AdapterState``: a dict of HF PEFT state-dict names
 (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``) to
@@ -10,13 +10,27 @@ wire format and the privacy stages, and imports none of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from zenfed.errors import AdapterError
 
 AdapterState = dict[str, torch.Tensor]
+
+
+class LossTerm(Protocol):
+    """A term a strategy adds to a site's training loss (FedProx's proximal term, say).
+
+    Engines call :meth:`add_gradient` before every optimizer step, with the trainable
+    LoRA parameters under their wire (HF PEFT) names, once the loss's gradient is in
+    place (under DP-SGD: after clipping and noise, so a term that does not read the
+    data leaves the privacy guarantee as it is).
+    """
+
+    def add_gradient(self, params: dict[str, torch.nn.Parameter]) -> None:
+        """Add the term's gradient to each parameter's ``.grad``."""
+        ...
 
 @dataclass
 class RecordDP:

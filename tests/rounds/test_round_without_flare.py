@@ -296,3 +296,21 @@ def test_a_site_failure_reaches_the_server_with_its_reason(tiny_job_spec, three_
 
 def transport_header(transport: InProcessTransport, site: str) -> dict:
     return next(a.header for task, s, a in transport.answers if s == site and task == P.TASK_TRAIN)
+
+
+def test_fedprox_runs_under_encryption_and_record_dp(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare
+    spec = tiny_job_spec(
+        "in-process-fedprox", encryption={"enabled": True},
+        privacy={"level": "record", "noise_multiplier": 0.8, "clip_norm": 1.0},
+        federation={"rounds": 1, "min_sites": 3, "strategy": "fedprox", "proximal_mu": 0.1},
+    )
+
+    # Execute
+    server, transport = run_job(spec, three_site_data, tmp_path, encrypted=True)
+
+    # Assert
+    result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
+    assert result["aggregation"] == "fedprox-ckks"
+    assert result["rounds"][0]["contributors"] == list(SITES)
+    assert result["final"]["adapter_dir"] is not None

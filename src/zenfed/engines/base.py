@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from zenfed.data.jsonl import Example
-from zenfed.types import AdapterState, RecordDP
+from zenfed.types import AdapterState, LossTerm, RecordDP
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,13 @@ class Engine(Protocol):
 
     def train(
         self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int,
-        dp: RecordDP | None = None, optimizer_state: Any = None,
+        dp: RecordDP | None = None, optimizer_state: Any = None, loss_term: LossTerm | None = None,
     ) -> TrainResult:
         """Load ``adapter``, train ``steps`` optimizer steps on ``examples``, return the result.
 
         With ``dp`` set, training is DP-SGD (see ``RecordDP``). ``optimizer_state`` (from the
         previous round's result) continues the site's optimizer instead of restarting it.
+        ``loss_term`` (the strategy's) adds its gradient before every optimizer step.
         """
         ...
 

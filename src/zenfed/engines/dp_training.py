@@ -9,7 +9,7 @@ LoRA weights (the PEFT model, or the HF model NeMo wraps).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,14 +32,15 @@ def collate_poisson(batch: Sequence[TokenizedExample], *, pad_id: int) -> dict[s
 
 def train_dp(
     model: Any, *, data: Sequence[TokenizedExample], optimizer: torch.optim.Optimizer, steps: int,
-    dp: RecordDP, pad_id: int, chunk_size: int,
+    dp: RecordDP, pad_id: int, chunk_size: int, before_step: Callable[[], None] | None = None,
 ) -> tuple[float, dict[str, float]]:
     """Run ``steps`` DP-SGD steps; return the mean pre-noise loss and DP statistics.
 
     Every step, even one whose Poisson batch is empty (its update is pure noise),
     calls ``privatize_grads`` (which steps ``dp.accountant``) and the optimizer, so
     the accounting matches exactly what was done. The statistics are computed
-    before noise: they are not private, and stay at the site.
+    before noise: they are not private, and stay at the site. ``before_step`` runs
+    after the gradient is privatized and before each optimizer step.
     """
     from zenfed.privacy.dp import DPSGD, PoissonSampler
 
@@ -55,6 +56,8 @@ def train_dp(
     try:
         for indices in sampler:
             stats = private.privatize_grads(**collate_poisson([data[i] for i in indices], pad_id=pad_id))
+            if before_step is not None:
+                before_step()  # after the noise: a data-free term is post-processing of a private gradient
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sizes.append(stats.batch_size)

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,11 +44,11 @@ from zenfed.engines.dp_training import train_dp
 from zenfed.engines.generation import EVAL_BATCH, greedy_generate
 from zenfed.engines.lora_init import check_layers, deterministic_init, nemo_target_patterns
 from zenfed.engines.nemo_data import PlannedDataModule, batch_plan, nemo_batch
-from zenfed.engines.nemo_keys import is_nemo_lora_name, nemo_to_peft_state, peft_to_nemo_state
+from zenfed.engines.nemo_keys import is_nemo_lora_name, nemo_to_peft_name, nemo_to_peft_state, peft_to_nemo_state
 from zenfed.engines.nemo_runtime import NemoRuntime
 from zenfed.errors import DataError, ModelError
 from zenfed.spec import LoraSpec, TrainingSpec
-from zenfed.types import AdapterState, RecordDP, check_compatible
+from zenfed.types import AdapterState, LossTerm, RecordDP, check_compatible
 
 # NeMo logs INFO to stdout by default; a site process's stdout may be machine-read (CLI --json),
 # so send NeMo's logs to stderr unless the site chose otherwise. Effective if set before NeMo loads.
@@ -56,13 +56,18 @@ os.environ.setdefault("NEMO_REDIRECT_LOGS_TO_STDERR", "1")
 
 
 class _StepRecorder(pl.Callback):
-    """Records each optimizer step's loss and wall time inside NeMo's training loop."""
+    """Records each optimizer step's loss and wall time inside NeMo's loop; runs a strategy's term before it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, before_step: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.losses: list[float] = []
         self.seconds: list[float] = []
         self._start = 0.0
+        self._before_step = before_step
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self._before_step is not None:
+            self._before_step()
 
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
@@ -215,6 +220,14 @@ class NemoEngine:
         self._load()
         return self._module
 
+    def _term_hook(self, loss_term: LossTerm | None) -> Callable[[], None] | None:
+        """Return what adds ``loss_term``'s gradient to the LoRA parameters (by wire name), or None."""
+        if loss_term is None:
+            return None
+        params = {nemo_to_peft_name(name): param for name, param in self._module.named_parameters()
+                  if is_nemo_lora_name(name)}
+        return lambda: loss_term.add_gradient(params)
+
     def adapter_state(self) -> AdapterState:
         """Return the model's current adapter, as it travels on the wire (HF PEFT names)."""
         self._load()
@@ -242,7 +255,7 @@ class NemoEngine:
 
     def train(
         self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int,
-        dp: RecordDP | None = None, optimizer_state: Any = None,
+        dp: RecordDP | None = None, optimizer_state: Any = None, loss_term: LossTerm | None = None,
     ) -> TrainResult:
         """Train ``steps`` AdamW steps from ``adapter`` on ``examples`` via ``llm.api.finetune``.
 
@@ -255,6 +268,7 @@ class NemoEngine:
         ``optimizer_state`` carries the site's AdamW moments from round to round under DP,
         where zenfed's loop owns the optimizer, as the PEFT engine does. Plain training does
         not take it: NeMo's fit builds its optimizer each round, so it restarts AdamW.
+        ``loss_term`` adds its gradient before every optimizer step, in either loop.
         """
         from nemo import lightning as nl
         from nemo.collections import llm
@@ -266,11 +280,13 @@ class NemoEngine:
             raise DataError(f"steps={steps}; train at least one step")
         self.load_adapter(adapter)
         data = tokenize_all(self._tokenizer, examples, max_len=self.training.seq_len)
+        before_step = self._term_hook(loss_term)
         if dp is not None:
             hf_model = self._module.model
             optimizer = site_optimizer(hf_model, learning_rate=self.training.learning_rate, state=optimizer_state)
             loss, metrics = train_dp(hf_model, data=data, optimizer=optimizer, steps=steps, dp=dp,
-                                     pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size)
+                                     pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size,
+                                     before_step=before_step)
             return TrainResult(adapter=self.adapter_state(), num_examples=len(examples), steps=steps,
                                train_loss=loss, metrics=metrics,
                                optimizer_state=copy.deepcopy(optimizer.state_dict()))
@@ -278,7 +294,7 @@ class NemoEngine:
         datamodule = PlannedDataModule(
             data=data, plan=plan, pad_id=self._tokenizer.pad_token_id, seq_len=self.training.seq_len
         )
-        recorder = _StepRecorder()
+        recorder = _StepRecorder(before_step=before_step)
         trainer = self._trainer(max_steps=steps, callbacks=[recorder])
         adamw = partial(torch.optim.AdamW, lr=self.training.learning_rate, weight_decay=0.0)
         optim = PytorchOptimizerModule(optimizer_fn=adamw)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from zenfed.engines.generation import EVAL_BATCH, greedy_generate
 from zenfed.engines.lora_init import check_layers, deterministic_init
 from zenfed.errors import DataError, ModelError
 from zenfed.spec import LoraSpec, TrainingSpec
-from zenfed.types import AdapterState, RecordDP, check_compatible
+from zenfed.types import AdapterState, LossTerm, RecordDP, check_compatible
 
 # Examples per forward and backward pass: larger batches are split and their gradients
 # accumulated, because 128 SmolLM2 examples at once took more than 24 GB.
@@ -127,12 +127,13 @@ class PeftEngine:
 
     def train(
         self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int,
-        dp: RecordDP | None = None, optimizer_state: Any = None,
+        dp: RecordDP | None = None, optimizer_state: Any = None, loss_term: LossTerm | None = None,
     ) -> TrainResult:
         """Train ``steps`` AdamW steps from ``adapter`` on ``examples``.
 
         With ``dp`` set, every step is a DP-SGD step (see ``_train_dp``); ``seed`` is
         then not used, because a predictable batch or noise draw would void the privacy.
+        ``loss_term`` adds its gradient before every optimizer step.
         """
         if not examples:
             raise DataError("no training examples; check the site's dataset")
@@ -140,8 +141,9 @@ class PeftEngine:
         model, tokenizer = self._model, self._tokenizer
         data = tokenize_all(tokenizer, examples, max_len=self.training.seq_len)
         optimizer = site_optimizer(model, learning_rate=self.training.learning_rate, state=optimizer_state)
+        before_step = self._term_hook(loss_term)
         if dp is not None:
-            result = self._train_dp(data=data, optimizer=optimizer, steps=steps, dp=dp)
+            result = self._train_dp(data=data, optimizer=optimizer, steps=steps, dp=dp, before_step=before_step)
             return replace(result, optimizer_state=copy.deepcopy(optimizer.state_dict()))
         generator = torch.Generator().manual_seed(seed)
         order: list[int] = []
@@ -153,6 +155,8 @@ class PeftEngine:
             batch_ids, order = order[: self.training.batch_size], order[self.training.batch_size:]
             optimizer.zero_grad(set_to_none=True)
             losses.append(self._accumulate_gradients([data[i] for i in batch_ids]))
+            if before_step is not None:
+                before_step()
             optimizer.step()
         model.eval()
         return TrainResult(
@@ -160,6 +164,16 @@ class PeftEngine:
             train_loss=sum(losses) / len(losses),
             metrics={"train_loss_last": losses[-1]}, optimizer_state=copy.deepcopy(optimizer.state_dict()),
         )
+
+    def _term_hook(self, loss_term: LossTerm | None) -> Callable[[], None] | None:
+        """Return what adds ``loss_term``'s gradient to the LoRA parameters (by wire name), or None."""
+        if loss_term is None:
+            return None
+        params = {
+            name.replace(".default.", "."): param
+            for name, param in self._model.named_parameters() if param.requires_grad
+        }
+        return lambda: loss_term.add_gradient(params)
 
     def _accumulate_gradients(self, batch: list[TokenizedExample]) -> float:
         """Backpropagate the batch's token-mean loss in micro-batches; return that loss.
@@ -180,10 +194,12 @@ class PeftEngine:
 
     def _train_dp(
         self, *, data: list[TokenizedExample], optimizer: torch.optim.Optimizer, steps: int, dp: RecordDP,
+        before_step: Callable[[], None] | None = None,
     ) -> TrainResult:
         """DP-SGD steps on the PEFT model (see ``engines/dp_training.py``)."""
         loss, metrics = train_dp(self._model, data=data, optimizer=optimizer, steps=steps, dp=dp,
-                                 pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size)
+                                 pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size,
+                                 before_step=before_step)
         return TrainResult(adapter=self.adapter_state(), num_examples=len(data), steps=steps, train_loss=loss,
                            metrics=metrics)
 

@@ -235,11 +235,10 @@ class SiteSession:
         self._reload_budget(dp)
         record_dp = dp.for_round(info.round)  # Raises BudgetExhausted: this site stops contributing, and says so.
         start = strategy.prepare_global(adapter)
-        if strategy.loss_term(global_adapter=start) is not None:
-            raise ZenfedError(f"strategy {strategy.name!r} adds a loss term, which the engines do not take yet")
         trained = engine.train(adapter=start, examples=self._train, steps=spec.training.local_steps,
                                seed=round_seed(job_seed=spec.training.seed, round_index=info.round, site=self.site),
-                               dp=record_dp, optimizer_state=self._optimizer_state)
+                               dp=record_dp, optimizer_state=self._optimizer_state,
+                               loss_term=strategy.loss_term(global_adapter=start))
         self._optimizer_state = trained.optimizer_state  # Stays at the site for its next round.
         update = OutgoingUpdate.from_training(
             global_adapter=start, num_examples=trained.num_examples,

@@ -10,8 +10,9 @@ from zenfed.errors import SpecError
 from zenfed.spec import JobSpec
 from zenfed.strategies.base import LossTerm, Strategy
 from zenfed.strategies.fedavg import FedAvg
+from zenfed.strategies.fedprox import FedProx
 
-STRATEGIES: dict[str, type[Strategy]] = {FedAvg.name: FedAvg}
+STRATEGIES: dict[str, type[Strategy]] = {FedAvg.name: FedAvg, FedProx.name: FedProx}
 
 
 def make_strategy(spec: JobSpec) -> Strategy:
@@ -26,4 +27,4 @@ def make_strategy(spec: JobSpec) -> Strategy:
     return STRATEGIES[name](spec)
 
 
-__all__ = ["STRATEGIES", "FedAvg", "LossTerm", "Strategy", "make_strategy"]
+__all__ = ["STRATEGIES", "FedAvg", "FedProx", "LossTerm", "Strategy", "make_strategy"]

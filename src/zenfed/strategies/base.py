@@ -17,16 +17,10 @@ algorithm overrides only what it changes, in one file of its own under
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import ClassVar
 
-import torch
-
 from zenfed.spec import JobSpec
-from zenfed.types import AdapterState
-
-# A term added to a site's training loss, from the trainable LoRA tensors (PEFT names).
-LossTerm = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+from zenfed.types import AdapterState, LossTerm
 
 
 class Strategy:
