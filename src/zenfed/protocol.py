@@ -36,6 +36,7 @@ H_PAYLOAD_BYTES = "payload_bytes"
 H_HAS_GLOBAL = "has_global"
 H_ENCRYPTED = "encrypted"  # the payload is a CKKS sum (sites decrypt and divide)
 H_TOTAL_WEIGHT = "total_weight"
+H_GLOBAL_ROUND = "global_round"  # how many rounds were aggregated into the global this task carries
 
 # Header fields, task result (site -> server).
 H_SITE = "site"

@@ -100,6 +100,16 @@ class TrainingSpec(_Strict):
     seed: int = Field(0, ge=0, description="seed for LoRA initialisation and data order")
 
 
+class ServerOptimizerSpec(_Strict):
+    """FedOpt's server optimizer, which the sites run on the decrypted mean (see strategies/fedopt.py)."""
+
+    learning_rate: float = Field(1.0, gt=0, description="server learning rate eta")
+    momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM: momentum beta")
+    beta1: float = Field(0.9, ge=0, lt=1, description="FedAdam/FedYogi: first-moment decay")
+    beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi: second-moment decay")
+    tau: float = Field(1e-3, gt=0, description="FedAdam/FedYogi: adaptivity tau (added to sqrt(v))")
+
+
 class FederationSpec(_Strict):
     """Rounds and how site updates are combined."""
 
@@ -108,12 +118,13 @@ class FederationSpec(_Strict):
     weighting: Literal["samples", "uniform"] = Field(
         "samples", description="'samples' (weight by training examples) or 'uniform'"
     )
-    strategy: Literal["fedavg", "fedprox"] = Field(
+    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"] = Field(
         "fedavg", description="the federated algorithm (one class per file in zenfed/strategies/)"
     )
     proximal_mu: float = Field(
         0.01, gt=0, description="FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2"
     )
+    server_optimizer: ServerOptimizerSpec = ServerOptimizerSpec()
     task_timeout_s: int = Field(
         3600, ge=10, description="seconds a round waits for sites before going on without them"
     )

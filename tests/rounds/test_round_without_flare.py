@@ -314,3 +314,42 @@ def test_fedprox_runs_under_encryption_and_record_dp(tiny_job_spec, three_site_d
     assert result["aggregation"] == "fedprox-ckks"
     assert result["rounds"][0]["contributors"] == list(SITES)
     assert result["final"]["adapter_dir"] is not None
+
+
+def released_adapter(root: Path) -> dict[str, torch.Tensor]:
+    result = json.loads((root / "server" / "run" / RESULT_FILE).read_text())
+    return decode_adapter(adapter_bytes(root / "server" / "run" / result["final"]["adapter_dir"]))
+
+
+def test_fedadam_gives_the_same_adapter_in_the_clear_and_under_encryption(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare: the sites run the server optimizer on the mean they decode or decrypt
+    spec = tiny_job_spec("in-process-fedadam", federation={
+        "rounds": 3, "min_sites": 3, "strategy": "fedadam", "server_optimizer": {"learning_rate": 0.05}})
+
+    # Execute
+    run_job(spec, three_site_data, tmp_path / "clear", encrypted=False)
+    run_job(spec.model_copy(update={"encryption": spec.encryption.model_copy(update={"enabled": True})}),
+            three_site_data, tmp_path / "ckks", encrypted=True)
+
+    # Assert: the released adapters agree, and differ from the initial one
+    clear, ckks = released_adapter(tmp_path / "clear"), released_adapter(tmp_path / "ckks")
+    worst = max(float((clear[k] - ckks[k]).abs().max()) for k in clear)
+    moved = max(float(v.abs().max()) for k, v in clear.items() if "lora_B" in k)
+    assert worst < 0.05 * moved, (worst, moved)  # quantisation of the sums, through Adam
+
+
+def test_every_site_holds_the_same_fedopt_state_each_round(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare
+    spec = tiny_job_spec("in-process-fedavgm", federation={"rounds": 2, "min_sites": 3, "strategy": "fedavgm"})
+
+    # Execute
+    signed_job(spec, three_site_data, tmp_path)
+
+    # Assert: one state hash per aggregated round, the same at every site
+    hashes = {site: [(r["fields"]["round"], r["fields"]["sha256"])
+                     for r in audit_records(tmp_path / site / "run" / "audit" / f"{site}.jsonl", "strategy_state")]
+              for site in SITES}
+    assert [rnd for rnd, _ in hashes["site-1"]] == [1, 2]
+    assert hashes["site-1"] == hashes["site-2"] == hashes["site-3"]
+    result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
+    assert result["final"]["adapter_dir"] is not None  # released by a site, though the job ran in the clear

@@ -35,7 +35,11 @@ ERROR: Final = "error"
 ATTESTATION: Final = "attestation"
 """fields: peer, tee_kind, verdict, nonce_sha256, reason."""
 DP_SPENT: Final = "dp_spent"
-"""fields: round, epsilon, delta, noise_multiplier, clip_norm, epsilon_total."""
+"""fields: round, level, epsilon (the job's total so far), epsilon_round, delta, noise_multiplier,
+clip_norm, ledger_head."""
+STRATEGY_STATE: Final = "strategy_state"
+"""Site side. fields: strategy, round (aggregations behind the global), sha256 (of the state:
+the global and the server optimizer's moments). Equal at every site, or the sites drifted."""
 LOG_ANCHORED: Final = "log_anchored"
 """Server side. fields: participant, seq, sha256 (of that participant's record line).
 
@@ -62,6 +66,7 @@ ALL_EVENTS: Final = frozenset(
         ERROR,
         ATTESTATION,
         DP_SPENT,
+        STRATEGY_STATE,
         LOG_ANCHORED,
         LOG_RECOVERED,
     }

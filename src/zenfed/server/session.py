@@ -72,6 +72,7 @@ class ServerSession:
         self._identity = identity
         self._submitter = submitter
         self._round = 0
+        self._global_round = 0  # rounds aggregated into the global that tasks carry
         self._phase = "init"
         self._last_eval: dict[str, float] = {}
         self._audit = AuditSink(None)
@@ -131,6 +132,7 @@ class ServerSession:
             self.aggregation.from_checkpoint(state.global_payload, state.global_meta)
             if state.global_payload is not None else None
         )
+        self._global_round = state.completed_round
         for rnd in range(state.completed_round + 1, spec.federation.rounds + 1):
             self._round, self._phase = rnd, "train"
             started = time.time()
@@ -143,7 +145,7 @@ class ServerSession:
             state.history.append(round_record(rnd, started, self.aggregation, intake.sites, new_global))
             global_state = new_global
             state.global_payload, state.global_meta = self.aggregation.to_checkpoint(new_global)
-            state.completed_round = rnd
+            state.completed_round = self._global_round = rnd
             store.save(state)
             _log.info("round %d/%d done: %s", rnd, spec.federation.rounds, round_summary(state.history[-1]))
         self._round, self._phase = spec.federation.rounds, "evaluate"
@@ -196,7 +198,7 @@ class ServerSession:
         spec, intake = self.spec, self._require_intake()
         header, payload = self.aggregation.task_payload(global_state)
         header.update({P.H_JOB_ID: self.job_id, P.H_ROUND: self._round, P.H_SPEC_HASH: spec.spec_hash(),
-                       P.H_HAS_GLOBAL: global_state is not None})
+                       P.H_HAS_GLOBAL: global_state is not None, P.H_GLOBAL_ROUND: self._global_round})
         if payload is not None:
             header[P.H_PAYLOAD_SHA256], header[P.H_PAYLOAD_BYTES] = sha256_hex(payload), len(payload)
         message = Message(header=header, payload=payload, server_evidence=self._server_evidence or None)
@@ -236,7 +238,7 @@ class ServerSession:
 
     def _release(self, global_state: Any, final_sites: dict[str, dict[str, Any]], transport: Transport) -> Any:
         """Return the final adapter in the clear, if allowed; under encryption ask one site to decrypt it."""
-        if not self.aggregation.encrypted:
+        if not self.aggregation.encrypted and not self._strategy.global_at_sites:
             return global_state
         refusing = sorted(s for s, m in final_sites.items() if not m.get("release_ok"))
         if refusing or not final_sites:
@@ -263,7 +265,8 @@ class ServerSession:
         if released is not None:
             self._audit.record(
                 E.MODEL_RELEASED, adapter_sha256=result["final"]["adapter_sha256"], released_to="job result (adapter/)",
-                decided_by="site policies (all allow)" if self.aggregation.encrypted else "job spec: plaintext FedAvg",
+                decided_by="site policies (all allow)" if self.aggregation.encrypted or self._strategy.global_at_sites
+                else "job spec: aggregation in the clear",
             )
 
     def _require_intake(self) -> RoundIntake:

@@ -24,6 +24,9 @@ import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
 from zenfed import protocol as P
 from zenfed.atomic import atomic_write_bytes
 from zenfed.audit import events as E
@@ -49,6 +52,7 @@ from zenfed.update_auth import UpdateSigner
 from zenfed.wire import encode_adapter
 
 TASKS = (P.TASK_ATTEST, P.TASK_TRAIN, P.TASK_EVALUATE, P.TASK_RELEASE)
+STRATEGY_STATE_FILE = "strategy_state.safetensors"
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
@@ -162,6 +166,9 @@ class SiteSession:
         self._record(E.POLICY_DECISION, decision="accepted", subject="privacy budget",
                      reason="the job's planned epsilon fits this site's limits", plan=plan)
         self._dp = dp
+        state_file = self.folders.run / STRATEGY_STATE_FILE
+        if state_file.is_file():  # a restarted site resumes its strategy's state
+            self._require(self._strategy).load_state_dict(load_tensors(state_file.read_bytes()))
         self._chain = build_update_chain(dp=dp, encryption=self._encryption, strategy=self._require(self._strategy),
                                          audit=self._require(self._audit),
                                          signer=UpdateSigner.from_kit(self.folders.startup))
@@ -198,7 +205,10 @@ class SiteSession:
             raise PolicyError("the task's encryption does not match the job spec; refusing it")
         incoming = IncomingGlobal(payload=payload, header=header, template=engine.initial_adapter())
         mean = self._require(self._chain).incoming(incoming, self._round_info(header))
-        return self._require(self._strategy).after_decrypt(mean)
+        strategy, global_round = self._require(self._strategy), int(header.get(P.H_GLOBAL_ROUND, 0))
+        adapter = strategy.after_decrypt(mean, global_round=global_round)
+        self._keep_strategy_state(strategy, global_round)
+        return adapter
 
     def _run(self, task: str, spec: JobSpec, header: dict[str, Any], adapter: AdapterState,
              should_abort: Callable[[], bool]) -> Message:
@@ -296,6 +306,19 @@ class SiteSession:
                          reason="site IT changed the budget; the new limits apply from this round",
                          max_epsilon_per_job=current.privacy.max_epsilon_per_job,
                          lifetime_epsilon=current.privacy.lifetime_epsilon)
+
+    def _keep_strategy_state(self, strategy: Strategy, global_round: int) -> None:
+        """Keep the strategy's state for the next round (a restarted site resumes it); audit its hash."""
+        state = strategy.state_dict()
+        if state is None:
+            return
+        data = bytes(save_tensors(state))
+        path = self.folders.run / STRATEGY_STATE_FILE
+        if path.is_file() and path.read_bytes() == data:
+            return  # the same sum again (final evaluation, then release): nothing new
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+        self._record(E.STRATEGY_STATE, strategy=strategy.name, round=global_round, sha256=sha256_hex(data))
 
     def _keep_sent(self, rnd: int, payload: bytes) -> None:
         """Keep the site's own copy of what left it, named by round (the site's record, not the server's)."""

@@ -10,9 +10,12 @@ from zenfed.errors import SpecError
 from zenfed.spec import JobSpec
 from zenfed.strategies.base import LossTerm, Strategy
 from zenfed.strategies.fedavg import FedAvg
+from zenfed.strategies.fedopt import FedAdam, FedAvgM, FedYogi
 from zenfed.strategies.fedprox import FedProx
 
-STRATEGIES: dict[str, type[Strategy]] = {FedAvg.name: FedAvg, FedProx.name: FedProx}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi)
+}
 
 
 def make_strategy(spec: JobSpec) -> Strategy:
@@ -27,4 +30,6 @@ def make_strategy(spec: JobSpec) -> Strategy:
     return STRATEGIES[name](spec)
 
 
-__all__ = ["STRATEGIES", "FedAvg", "FedProx", "LossTerm", "Strategy", "make_strategy"]
+__all__ = [
+    "STRATEGIES", "FedAdam", "FedAvg", "FedAvgM", "FedProx", "FedYogi", "LossTerm", "Strategy", "make_strategy",
+]

@@ -31,6 +31,10 @@ class Strategy:
     """
 
     name: ClassVar[str] = "base"
+    # True where the sites, not the server, turn the mean into the next global (a server optimizer
+    # under encryption): the server then holds only the mean, and even a job in the clear
+    # releases its final adapter through a site.
+    global_at_sites: ClassVar[bool] = False
 
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
@@ -52,9 +56,21 @@ class Strategy:
         """Return the weight a site applies before encrypting, in (0, 1]."""
         raise NotImplementedError
 
-    def after_decrypt(self, mean: AdapterState) -> AdapterState:
-        """Return the global adapter, given the weighted mean a site decrypted (or decoded)."""
+    def after_decrypt(self, mean: AdapterState, *, global_round: int) -> AdapterState:
+        """Return the global adapter, given the weighted mean a site decrypted (or decoded).
+
+        Args:
+            mean: The weighted mean of the sites' adapters.
+            global_round: How many rounds were aggregated into it (1 after round 1).
+        """
         return mean
+
+    def state_dict(self) -> AdapterState | None:
+        """Return what a site must keep between rounds for :meth:`after_decrypt`, or None."""
+        return None
+
+    def load_state_dict(self, state: AdapterState) -> None:
+        """Resume from :meth:`state_dict` (a restarted site)."""
 
     # -- server -----------------------------------------------------------------------------
     def server_weight(self, *, num_examples: int) -> float:
