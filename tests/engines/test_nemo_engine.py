@@ -218,3 +218,17 @@ def test_fedprox_term_runs_inside_nemos_loop_as_in_pefts(nemo, peft, examples):
     # Assert: the same steps in both engines, and different from training without the term
     assert max(float((ours.adapter[k] - theirs.adapter[k]).abs().max()) for k in ours.adapter) < 1e-5
     assert max(float((theirs.adapter[k] - free.adapter[k]).abs().max()) for k in ours.adapter) > 1e-4
+
+
+def test_frozen_a_stays_put_inside_nemos_loop_as_in_pefts(nemo, peft, examples):
+    # Prepare: FFA-LoRA's frozen A
+    start = nemo.initial_adapter()
+    frozen = {name for name in start if ".lora_A." in name}
+
+    # Execute
+    ours = nemo.train(adapter=start, examples=examples, steps=6, seed=5, frozen=frozen)
+    theirs = peft.train(adapter=start, examples=examples, steps=6, seed=5, frozen=frozen)
+
+    # Assert: A untouched in both engines, and both took the same steps on B
+    assert all(torch.equal(ours.adapter[k], start[k]) for k in frozen)
+    assert max(float((ours.adapter[k] - theirs.adapter[k]).abs().max()) for k in ours.adapter) < 1e-5

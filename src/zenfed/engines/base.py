@@ -8,13 +8,15 @@ different engines aggregate together.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from zenfed.data.jsonl import Example
+from zenfed.errors import ModelError
 from zenfed.types import AdapterState, LossTerm, RecordDP
 
 
@@ -64,12 +66,14 @@ class Engine(Protocol):
     def train(
         self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int,
         dp: RecordDP | None = None, optimizer_state: Any = None, loss_term: LossTerm | None = None,
+        frozen: Collection[str] = (),
     ) -> TrainResult:
         """Load ``adapter``, train ``steps`` optimizer steps on ``examples``, return the result.
 
         With ``dp`` set, training is DP-SGD (see ``RecordDP``). ``optimizer_state`` (from the
         previous round's result) continues the site's optimizer instead of restarting it.
         ``loss_term`` (the strategy's) adds its gradient before every optimizer step.
+        ``frozen`` names adapter tensors that keep their values (FFA-LoRA's A).
         """
         ...
 
@@ -82,6 +86,46 @@ class Engine(Protocol):
     def generate(self, *, adapter: AdapterState, prompts: Sequence[Example], max_new_tokens: int) -> list[str]:
         """Return greedy completions of ``prompts`` under ``adapter``."""
         ...
+
+
+@contextmanager
+def frozen_tensors(params: dict[str, torch.nn.Parameter], names: Collection[str]) -> Iterator[None]:
+    """Freeze the named LoRA parameters for one training call, and restore them after.
+
+    Raises:
+        ModelError: If a name is not a LoRA parameter of the model.
+    """
+    unknown = sorted(set(names) - set(params))
+    if unknown:
+        raise ModelError(f"cannot freeze {unknown[:2]}: not LoRA tensors of this model")
+    previous = {name: params[name].requires_grad for name in names}
+    try:
+        for name in names:
+            params[name].requires_grad_(False)
+        yield
+    finally:
+        for name, flag in previous.items():
+            params[name].requires_grad_(flag)
+
+
+def before_step_hook(params: dict[str, torch.nn.Parameter], *, loss_term: LossTerm | None,
+                     frozen: Collection[str]) -> Callable[[], None] | None:
+    """Return what runs before every optimizer step: frozen tensors get no step, the loss term its gradient.
+
+    A frozen tensor's gradient is cleared, so AdamW (weight decay 0) leaves it as it is even
+    where a training loop made it trainable again.
+    """
+    if loss_term is None and not frozen:
+        return None
+    trainable = {name: param for name, param in params.items() if name not in set(frozen)}
+
+    def run() -> None:
+        for name in frozen:
+            params[name].grad = None
+        if loss_term is not None:
+            loss_term.add_gradient(trainable)
+
+    return run
 
 
 def to_wire(state: dict[str, torch.Tensor]) -> AdapterState:

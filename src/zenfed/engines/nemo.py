@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ from zenfed.data.tokenize import tokenize_all
 from zenfed.engines.base import (
     EvalResult,
     TrainResult,
+    before_step_hook,
+    frozen_tensors,
     site_optimizer,
 )
 from zenfed.engines.dp_training import train_dp
@@ -220,13 +222,10 @@ class NemoEngine:
         self._load()
         return self._module
 
-    def _term_hook(self, loss_term: LossTerm | None) -> Callable[[], None] | None:
-        """Return what adds ``loss_term``'s gradient to the LoRA parameters (by wire name), or None."""
-        if loss_term is None:
-            return None
-        params = {nemo_to_peft_name(name): param for name, param in self._module.named_parameters()
-                  if is_nemo_lora_name(name)}
-        return lambda: loss_term.add_gradient(params)
+    def _lora_params(self) -> dict[str, torch.nn.Parameter]:
+        """The LoRA parameters under their wire (HF PEFT) names."""
+        return {nemo_to_peft_name(name): param for name, param in self._module.named_parameters()
+                if is_nemo_lora_name(name)}
 
     def adapter_state(self) -> AdapterState:
         """Return the model's current adapter, as it travels on the wire (HF PEFT names)."""
@@ -256,6 +255,7 @@ class NemoEngine:
     def train(
         self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int,
         dp: RecordDP | None = None, optimizer_state: Any = None, loss_term: LossTerm | None = None,
+        frozen: Collection[str] = (),
     ) -> TrainResult:
         """Train ``steps`` AdamW steps from ``adapter`` on ``examples`` via ``llm.api.finetune``.
 
@@ -268,19 +268,27 @@ class NemoEngine:
         ``optimizer_state`` carries the site's AdamW moments from round to round under DP,
         where zenfed's loop owns the optimizer, as the PEFT engine does. Plain training does
         not take it: NeMo's fit builds its optimizer each round, so it restarts AdamW.
-        ``loss_term`` adds its gradient before every optimizer step, in either loop.
+        ``loss_term`` adds its gradient before every optimizer step, in either loop; ``frozen``
+        tensors keep their values (their gradient is cleared before each step, whatever NeMo's
+        PEFT transform does to ``requires_grad``).
         """
-        from nemo import lightning as nl
-        from nemo.collections import llm
-        from nemo.lightning.pytorch.optim import PytorchOptimizerModule
-
         if not examples:
             raise DataError("no training examples; check the site's dataset")
         if steps < 1:
             raise DataError(f"steps={steps}; train at least one step")
         self.load_adapter(adapter)
+        params = self._lora_params()
+        with frozen_tensors(params, frozen):
+            return self._train(examples, steps=steps, seed=seed, dp=dp, optimizer_state=optimizer_state,
+                               before_step=before_step_hook(params, loss_term=loss_term, frozen=frozen))
+
+    def _train(self, examples: Sequence[Example], *, steps: int, seed: int, dp: RecordDP | None,
+               optimizer_state: Any, before_step: Callable[[], None] | None) -> TrainResult:
+        from nemo import lightning as nl
+        from nemo.collections import llm
+        from nemo.lightning.pytorch.optim import PytorchOptimizerModule
+
         data = tokenize_all(self._tokenizer, examples, max_len=self.training.seq_len)
-        before_step = self._term_hook(loss_term)
         if dp is not None:
             hf_model = self._module.model
             optimizer = site_optimizer(hf_model, learning_rate=self.training.learning_rate, state=optimizer_state)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ from zenfed.data.tokenize import (
 from zenfed.engines.base import (
     EvalResult,
     TrainResult,
+    before_step_hook,
+    frozen_tensors,
     site_optimizer,
     to_wire,
 )
@@ -128,20 +130,27 @@ class PeftEngine:
     def train(
         self, *, adapter: AdapterState, examples: Sequence[Example], steps: int, seed: int,
         dp: RecordDP | None = None, optimizer_state: Any = None, loss_term: LossTerm | None = None,
+        frozen: Collection[str] = (),
     ) -> TrainResult:
         """Train ``steps`` AdamW steps from ``adapter`` on ``examples``.
 
         With ``dp`` set, every step is a DP-SGD step (see ``_train_dp``); ``seed`` is
         then not used, because a predictable batch or noise draw would void the privacy.
-        ``loss_term`` adds its gradient before every optimizer step.
+        ``loss_term`` adds its gradient before every optimizer step; ``frozen`` tensors keep their values.
         """
         if not examples:
             raise DataError("no training examples; check the site's dataset")
         self.load_adapter(adapter)
+        params = self._lora_params()
+        with frozen_tensors(params, frozen):
+            return self._train(examples, steps=steps, seed=seed, dp=dp, optimizer_state=optimizer_state,
+                               before_step=before_step_hook(params, loss_term=loss_term, frozen=frozen))
+
+    def _train(self, examples: Sequence[Example], *, steps: int, seed: int, dp: RecordDP | None,
+               optimizer_state: Any, before_step: Callable[[], None] | None) -> TrainResult:
         model, tokenizer = self._model, self._tokenizer
         data = tokenize_all(tokenizer, examples, max_len=self.training.seq_len)
         optimizer = site_optimizer(model, learning_rate=self.training.learning_rate, state=optimizer_state)
-        before_step = self._term_hook(loss_term)
         if dp is not None:
             result = self._train_dp(data=data, optimizer=optimizer, steps=steps, dp=dp, before_step=before_step)
             return replace(result, optimizer_state=copy.deepcopy(optimizer.state_dict()))
@@ -165,15 +174,10 @@ class PeftEngine:
             metrics={"train_loss_last": losses[-1]}, optimizer_state=copy.deepcopy(optimizer.state_dict()),
         )
 
-    def _term_hook(self, loss_term: LossTerm | None) -> Callable[[], None] | None:
-        """Return what adds ``loss_term``'s gradient to the LoRA parameters (by wire name), or None."""
-        if loss_term is None:
-            return None
-        params = {
-            name.replace(".default.", "."): param
-            for name, param in self._model.named_parameters() if param.requires_grad
-        }
-        return lambda: loss_term.add_gradient(params)
+    def _lora_params(self) -> dict[str, torch.nn.Parameter]:
+        """The LoRA parameters under their wire names (PEFT's state-dict names, without the adapter name)."""
+        return {name.replace(".default.", "."): param for name, param in self._model.named_parameters()
+                if "lora_" in name}
 
     def _accumulate_gradients(self, batch: list[TokenizedExample]) -> float:
         """Backpropagate the batch's token-mean loss in micro-batches; return that loss.

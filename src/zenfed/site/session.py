@@ -175,6 +175,7 @@ class SiteSession:
         model_dir = resolve_base_model(spec.model.base)
         self._base_model_sha256 = model_fingerprint(model_dir)
         self._engine = make_engine(spec, model_dir=model_dir, threads=policy.torch_threads, engine=policy.engine)
+        self._require(self._strategy).begin(self._engine.initial_adapter())
         self._record(
             E.POLICY_DECISION, decision="accepted", job=spec.name, spec_sha256=spec.spec_hash(),
             dataset=spec.data.dataset, base_model_sha256=self._base_model_sha256,
@@ -203,9 +204,11 @@ class SiteSession:
             raise PolicyError("the global adapter does not match the SHA-256 in its header; refusing it")
         if bool(header.get(P.H_ENCRYPTED)) != (self._encryption is not None):
             raise PolicyError("the task's encryption does not match the job spec; refusing it")
-        incoming = IncomingGlobal(payload=payload, header=header, template=engine.initial_adapter())
-        mean = self._require(self._chain).incoming(incoming, self._round_info(header))
         strategy, global_round = self._require(self._strategy), int(header.get(P.H_GLOBAL_ROUND, 0))
+        initial = engine.initial_adapter()
+        template = {name: initial[name] for name in sorted(strategy.sent_names(initial))}
+        incoming = IncomingGlobal(payload=payload, header=header, template=template)
+        mean = self._require(self._chain).incoming(incoming, self._round_info(header))
         adapter = strategy.after_decrypt(mean, global_round=global_round)
         self._keep_strategy_state(strategy, global_round)
         return adapter
@@ -248,11 +251,12 @@ class SiteSession:
         trained = engine.train(adapter=start, examples=self._train, steps=spec.training.local_steps,
                                seed=round_seed(job_seed=spec.training.seed, round_index=info.round, site=self.site),
                                dp=record_dp, optimizer_state=self._optimizer_state,
-                               loss_term=strategy.loss_term(global_adapter=start))
+                               loss_term=strategy.loss_term(global_adapter=start),
+                               frozen=strategy.frozen_names(start))
         self._optimizer_state = trained.optimizer_state  # Stays at the site for its next round.
-        update = OutgoingUpdate.from_training(
-            global_adapter=start, num_examples=trained.num_examples,
-            local_adapter=strategy.update_to_send(global_adapter=start, local_adapter=trained.adapter))
+        sent = strategy.update_to_send(global_adapter=start, local_adapter=trained.adapter)
+        update = OutgoingUpdate.from_training(global_adapter={name: start[name] for name in sent},
+                                              local_adapter=sent, num_examples=trained.num_examples)
         update.header[P.H_TRAIN_LOSS] = trained.train_loss
         update = self._require(self._chain).outgoing(update, info)
         payload = update.payload

@@ -12,9 +12,10 @@ from zenfed.strategies.base import LossTerm, Strategy
 from zenfed.strategies.fedavg import FedAvg
 from zenfed.strategies.fedopt import FedAdam, FedAvgM, FedYogi
 from zenfed.strategies.fedprox import FedProx
+from zenfed.strategies.ffa_lora import FFALoRA
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi)
+    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FFALoRA)
 }
 
 
@@ -31,5 +32,6 @@ def make_strategy(spec: JobSpec) -> Strategy:
 
 
 __all__ = [
-    "STRATEGIES", "FedAdam", "FedAvg", "FedAvgM", "FedProx", "FedYogi", "LossTerm", "Strategy", "make_strategy",
+    "STRATEGIES", "FFALoRA", "FedAdam", "FedAvg", "FedAvgM", "FedProx", "FedYogi", "LossTerm", "Strategy",
+    "make_strategy",
 ]

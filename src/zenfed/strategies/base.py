@@ -6,6 +6,8 @@ sum. Every hook but the two weights has the FedAvg answer as its default; an
 algorithm overrides only what it changes, in one file of its own under
 ``strategies/``.
 
+- site, once per job: :meth:`Strategy.begin`; what travels and what is frozen:
+  :meth:`Strategy.sent_names`, :meth:`Strategy.frozen_names`
 - site, before training: :meth:`Strategy.prepare_global`
 - site, during training: :meth:`Strategy.loss_term`
 - site, what it sends and with which weight: :meth:`Strategy.update_to_send`,
@@ -17,6 +19,7 @@ algorithm overrides only what it changes, in one file of its own under
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 from zenfed.spec import JobSpec
@@ -40,6 +43,17 @@ class Strategy:
         self.spec = spec
 
     # -- site -------------------------------------------------------------------------------
+    def begin(self, initial_adapter: AdapterState) -> None:
+        """Take the job's shared initial adapter (every site builds the same one), once per job."""
+
+    def sent_names(self, names: Iterable[str]) -> set[str]:
+        """Return which adapter tensors travel (to the server and back in the sum); all by default."""
+        return set(names)
+
+    def frozen_names(self, names: Iterable[str]) -> set[str]:
+        """Return which adapter tensors keep their values in local training; none by default."""
+        return set()
+
     def prepare_global(self, adapter: AdapterState) -> AdapterState:
         """Return the adapter a site trains from, given the global it received."""
         return adapter
@@ -49,8 +63,8 @@ class Strategy:
         return None
 
     def update_to_send(self, *, global_adapter: AdapterState, local_adapter: AdapterState) -> AdapterState:
-        """Return the adapter that enters the site's update chain after local training."""
-        return local_adapter
+        """Return the adapter that enters the site's update chain after local training (the sent tensors)."""
+        return {name: local_adapter[name] for name in sorted(self.sent_names(local_adapter))}
 
     def site_weight(self, *, num_examples: int) -> float:
         """Return the weight a site applies before encrypting, in (0, 1]."""

@@ -42,11 +42,10 @@ class FedOpt(FedAvg):
         self.moments: dict[str, dict[str, torch.Tensor]] = {}
         self.steps = 0
 
-    def prepare_global(self, adapter: AdapterState) -> AdapterState:
-        """Round 1 starts from the shared initial adapter: it becomes x_1."""
+    def begin(self, initial_adapter: AdapterState) -> None:
+        """Round 1 starts from the shared initial adapter: it is x_1 (unless a restarted site resumed)."""
         if self.global_ is None:
-            self.global_ = {k: v.double().clone() for k, v in adapter.items()}
-        return adapter
+            self.global_ = {k: v.double().clone() for k, v in initial_adapter.items()}
 
     def after_decrypt(self, mean: AdapterState, *, global_round: int) -> AdapterState:
         """Step the global with the mean's pseudo-gradient, once per aggregated round.
@@ -55,8 +54,8 @@ class FedOpt(FedAvg):
             PolicyError: If this site missed a round (its state is of another round than the sum).
         """
         if self.global_ is None:
-            raise PolicyError(f"{self.name}: this site holds no global to step from (it missed round 1); "
-                              "every site must take part in every round of a FedOpt job")
+            raise PolicyError(f"{self.name}: this site holds no global to step from (it has not taken the "
+                              "job's initial adapter); the site session calls begin() first")
         if global_round == self.steps:  # the same sum again (final evaluation, then release)
             return self._global_f32()
         if global_round != self.steps + 1:
