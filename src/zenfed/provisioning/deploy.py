@@ -219,8 +219,9 @@ def down(dep: Deployment, *, grace_s: float = 10.0, progress: bool = True,
                 os.killpg(leader.pid, signal.SIGTERM)  # Each was started as its own session leader.
             except (ProcessLookupError, PermissionError):
                 pass
-    described = [f"{name} (pid {proc.pid}: {_command(proc)})" for name, proc in victims.values()]
-    procs = [proc for _, proc in victims.values()]
+    running = {pid: entry for pid, entry in victims.items() if _running(entry[1])}
+    described = [f"{name} (pid {proc.pid}: {_command(proc)})" for name, proc in running.values()]
+    procs = [proc for _, proc in victims.values()]  # an exited child is still reaped below
     for proc in procs:
         try:
             proc.terminate()
@@ -240,8 +241,16 @@ def down(dep: Deployment, *, grace_s: float = 10.0, progress: bool = True,
         state_file.unlink(missing_ok=True)
     if progress:
         ended = "".join(f"\n  {line}" for line in described)
-        print(f"zenfed: stopped {len(victims)} process(es){ended}", flush=True)
-    return len(victims)
+        print(f"zenfed: stopped {len(running)} process(es){ended}", flush=True)
+    return len(running)
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Whether the process still runs (an exited child waiting to be reaped does not)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _descendants(proc: psutil.Process) -> list[psutil.Process]:
