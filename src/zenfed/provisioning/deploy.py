@@ -209,18 +209,20 @@ def down(dep: Deployment, *, grace_s: float = 10.0, progress: bool = True,
     tracked = _tracked(dep)
     chosen = {name: entry for name, entry in tracked.items() if only is None or name in only}
     victims: dict[int, tuple[str, psutil.Process]] = {}
+    leaders: list[psutil.Process] = []
     for name, entry in chosen.items():
         leader = _ours(entry)
         family = [leader, *_descendants(leader)] if leader is not None else []
         for proc in [*family, *_session_members(entry)]:
             victims.setdefault(proc.pid, (name, proc))
-        if leader is not None:
-            try:
-                os.killpg(leader.pid, signal.SIGTERM)  # Each was started as its own session leader.
-            except (ProcessLookupError, PermissionError):
-                pass
+        leaders += [leader] if leader is not None else []
     running = {pid: entry for pid, entry in victims.items() if _running(entry[1])}
     described = [f"{name} (pid {proc.pid}: {_command(proc)})" for name, proc in running.values()]
+    for leader in leaders:
+        try:
+            os.killpg(leader.pid, signal.SIGTERM)  # Each was started as its own session leader.
+        except (ProcessLookupError, PermissionError):
+            pass
     procs = [proc for _, proc in victims.values()]  # an exited child is still reaped below
     for proc in procs:
         try:
