@@ -60,6 +60,9 @@ class LoraSpec(_Strict):
         min_length=1,
         description="0-based decoder layers to adapt, e.g. [26, 27, 28, 29]; omit for every layer",
     )
+    personal_layers: tuple[int, ...] = Field(
+        (), description="0-based decoder layers whose LoRA stays at each site, never sent (personalisation)"
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -76,7 +79,7 @@ class LoraSpec(_Strict):
                 )
         return value
 
-    @field_validator("layers")
+    @field_validator("layers", "personal_layers")
     @classmethod
     def _distinct_layers(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
         if value is None:
@@ -86,6 +89,16 @@ class LoraSpec(_Strict):
         if len(set(value)) != len(value):
             raise ValueError("lists a layer twice; list each layer once")
         return tuple(sorted(value))
+
+
+    @model_validator(mode="after")
+    def _personal_layers_are_adapted(self) -> LoraSpec:
+        if self.layers is not None and not set(self.personal_layers) <= set(self.layers):
+            extra = sorted(set(self.personal_layers) - set(self.layers))
+            raise ValueError(f"personal_layers {extra} are not adapted; list them in layers too")
+        if self.layers is not None and set(self.layers) <= set(self.personal_layers):
+            raise ValueError("every adapted layer is personal: nothing would be federated; keep one shared")
+        return self
 
 
 class TrainingSpec(_Strict):

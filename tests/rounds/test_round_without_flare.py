@@ -383,3 +383,27 @@ def json_adapter_template_of(spec: JobSpec) -> bytes:
     from zenfed.wire import encode_adapter
 
     return encode_adapter(make_engine(spec, model_dir=resolve_base_model(spec.model.base), threads=1).initial_adapter())
+
+
+def test_personal_layers_never_leave_a_site_and_are_released_at_their_initial_values(
+        tiny_job_spec, three_site_data, tmp_path):
+    # Prepare: the tiny model has two decoder layers; layer 1's LoRA is personal
+    spec = tiny_job_spec("in-process-personal", lora={"personal_layers": [1]},
+                         federation={"rounds": 2, "min_sites": 3})
+
+    # Execute
+    _, transport = run_job(spec, three_site_data, tmp_path, encrypted=False)
+
+    # Assert: no update carries layer 1; each site trained its own; the release holds layer 1 as initialised
+    sent_names = {name for rnd in (1, 2) for a in train_answers(transport, rnd).values()
+                  for name in decode_adapter(a.payload)}
+    assert sent_names and not any(".layers.1." in name for name in sent_names)
+    initial = decode_adapter(json_adapter_template_of(spec))
+    kept = {site: transport.handlers[site].__self__._personal.kept for site in SITES}
+    personal = [name for name in initial if ".layers.1." in name and ".lora_B." in name]
+    assert all(not torch.equal(kept[site][name], initial[name]) for site in SITES for name in personal)
+    assert not torch.equal(kept["site-1"][personal[0]], kept["site-2"][personal[0]])
+    released = released_adapter(tmp_path)
+    assert all(torch.equal(released[name], initial[name]) for name in initial if ".layers.1." in name)
+    assert any(not torch.equal(released[name], initial[name])
+               for name in initial if ".layers.0." in name and ".lora_B." in name)

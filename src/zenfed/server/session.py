@@ -85,6 +85,9 @@ class ServerSession:
         context = find_server_context(folders) if self.spec.encryption.enabled else None
         self.aggregation: Aggregation = make_aggregation(self._strategy, job_id=job_id, server_context=context)
         self._gate: ServerAttestationGate | None = None
+        # Where the sites, not the server, hold the global (a site-side optimizer, personal layers),
+        # the final adapter comes from a site even in a job in the clear.
+        self._global_at_sites = self._strategy.global_at_sites or bool(self.spec.lora.personal_layers)
 
     def start(self, *, sites: list[str]) -> None:
         """Open the audit log and the attestation gate; record the job's start."""
@@ -238,7 +241,7 @@ class ServerSession:
 
     def _release(self, global_state: Any, final_sites: dict[str, dict[str, Any]], transport: Transport) -> Any:
         """Return the final adapter in the clear, if allowed; under encryption ask one site to decrypt it."""
-        if not self.aggregation.encrypted and not self._strategy.global_at_sites:
+        if not self.aggregation.encrypted and not self._global_at_sites:
             return global_state
         refusing = sorted(s for s, m in final_sites.items() if not m.get("release_ok"))
         if refusing or not final_sites:
@@ -265,7 +268,7 @@ class ServerSession:
         if released is not None:
             self._audit.record(
                 E.MODEL_RELEASED, adapter_sha256=result["final"]["adapter_sha256"], released_to="job result (adapter/)",
-                decided_by="site policies (all allow)" if self.aggregation.encrypted or self._strategy.global_at_sites
+                decided_by="site policies (all allow)" if self.aggregation.encrypted or self._global_at_sites
                 else "job spec: aggregation in the clear",
             )
 

@@ -43,6 +43,7 @@ from zenfed.site.attestation import SiteAttestation
 from zenfed.site.chain import IncomingGlobal, OutgoingUpdate, RoundInfo, UpdateChain
 from zenfed.site.dp import SiteDP
 from zenfed.site.encryption import SiteEncryption, find_site_context
+from zenfed.site.personal import PersonalLayers
 from zenfed.site.policy import check_job_allowed, load_policy_for
 from zenfed.site.stages import build_update_chain
 from zenfed.spec import JobSpec, SitePolicy, parse_model
@@ -86,6 +87,7 @@ class SiteSession:
         self._engine: Engine | None = None
         self._dp: SiteDP | None = None
         self._chain: UpdateChain | None = None
+        self._personal: PersonalLayers | None = None
         self._train: list[Example] = []
         self._valid: list[Example] = []
         self._base_model_sha256: str | None = None
@@ -175,7 +177,10 @@ class SiteSession:
         model_dir = resolve_base_model(spec.model.base)
         self._base_model_sha256 = model_fingerprint(model_dir)
         self._engine = make_engine(spec, model_dir=model_dir, threads=policy.torch_threads, engine=policy.engine)
-        self._require(self._strategy).begin(self._engine.initial_adapter())
+        initial = self._engine.initial_adapter()
+        self._require(self._strategy).begin(initial)
+        self._personal = PersonalLayers(layers=spec.lora.personal_layers, initial_adapter=initial,
+                                        folder=self.folders.run)
         self._record(
             E.POLICY_DECISION, decision="accepted", job=spec.name, spec_sha256=spec.spec_hash(),
             dataset=spec.data.dataset, base_model_sha256=self._base_model_sha256,
@@ -194,11 +199,15 @@ class SiteSession:
         reply.audit_log = self._log_bytes()  # An excluded site's log still reaches the job result.
         return reply
 
-    def _incoming_adapter(self, message: Message) -> AdapterState:
-        """The global adapter: the shared initialisation in round 1, else through the chain, reversed."""
-        engine, header = self._require(self._engine), message.header
+    def _incoming_adapter(self, message: Message, *, release: bool = False) -> AdapterState:
+        """The site's adapter for a task: the shared global with this site's personal layers.
+
+        The shared global is the initial adapter in round 1, else the server's sum through the
+        chain, reversed. To release, the personal layers are left at their initial values.
+        """
+        engine, header, personal = self._require(self._engine), message.header, self._require(self._personal)
         if not header.get(P.H_HAS_GLOBAL):
-            return engine.initial_adapter()
+            return personal.for_training(engine.initial_adapter())
         payload = message.payload
         if not isinstance(payload, bytes) or sha256_hex(payload) != header.get(P.H_PAYLOAD_SHA256):
             raise PolicyError("the global adapter does not match the SHA-256 in its header; refusing it")
@@ -206,12 +215,12 @@ class SiteSession:
             raise PolicyError("the task's encryption does not match the job spec; refusing it")
         strategy, global_round = self._require(self._strategy), int(header.get(P.H_GLOBAL_ROUND, 0))
         initial = engine.initial_adapter()
-        template = {name: initial[name] for name in sorted(strategy.sent_names(initial))}
+        template = {name: initial[name] for name in sorted(personal.shared(strategy.sent_names(initial)))}
         incoming = IncomingGlobal(payload=payload, header=header, template=template)
         mean = self._require(self._chain).incoming(incoming, self._round_info(header))
-        adapter = strategy.after_decrypt(mean, global_round=global_round)
+        shared = strategy.after_decrypt(mean, global_round=global_round)
         self._keep_strategy_state(strategy, global_round)
-        return adapter
+        return personal.for_release(shared) if release else personal.for_training(shared)
 
     def _run(self, task: str, spec: JobSpec, header: dict[str, Any], adapter: AdapterState,
              should_abort: Callable[[], bool]) -> Message:
@@ -254,7 +263,10 @@ class SiteSession:
                                loss_term=strategy.loss_term(global_adapter=start),
                                frozen=strategy.frozen_names(start))
         self._optimizer_state = trained.optimizer_state  # Stays at the site for its next round.
-        sent = strategy.update_to_send(global_adapter=start, local_adapter=trained.adapter)
+        personal = self._require(self._personal)
+        personal.keep(trained.adapter)
+        every = strategy.update_to_send(global_adapter=start, local_adapter=trained.adapter)
+        sent = {name: every[name] for name in sorted(personal.shared(every))}  # personal layers stay here
         update = OutgoingUpdate.from_training(global_adapter={name: start[name] for name in sent},
                                               local_adapter=sent, num_examples=trained.num_examples)
         update.header[P.H_TRAIN_LOSS] = trained.train_loss
@@ -285,7 +297,7 @@ class SiteSession:
         if header.get(P.H_PAYLOAD_SHA256) != self._final_global_sha256:
             raise PolicyError("release refused: the payload is not the final adapter this site evaluated")
         self._released = True
-        payload = encode_adapter(self._incoming_adapter(message))
+        payload = encode_adapter(self._incoming_adapter(message, release=True))
         self._record(E.MODEL_RELEASED, adapter_sha256=sha256_hex(payload), released_to="server (job result)",
                      decided_by="site policy allow_plaintext_release")
         return Message(

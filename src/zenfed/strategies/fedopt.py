@@ -61,8 +61,8 @@ class FedOpt(FedAvg):
         if global_round != self.steps + 1:
             raise PolicyError(f"{self.name}: the sum is of round {global_round} but this site's state is of "
                               f"round {self.steps}; a site that missed a round cannot follow the optimizer")
-        if set(mean) != set(self.global_):
-            raise PolicyError(f"{self.name}: the mean adapter's tensors differ from the global's")
+        if not set(mean) <= set(self.global_):
+            raise PolicyError(f"{self.name}: the mean adapter holds tensors the global does not")
         for name, value in mean.items():
             delta = value.double() - self.global_[name]
             self.global_[name] = self.global_[name] + self._step(name, delta)
