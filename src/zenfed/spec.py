@@ -287,6 +287,9 @@ class SitePolicy(_Strict):
     require_attested_server: bool = Field(
         False, description="refuse tasks from a server that has not proven its TEE for this job"
     )
+    max_lora_rank: int | None = Field(
+        None, ge=1, description="train at most this LoRA rank (the leading ranks of the job's), to fit this hardware"
+    )
     engine: Literal["peft", "nemo"] | None = Field(
         None, description="train with this engine whatever the job says (a site's standard stack)"
     )

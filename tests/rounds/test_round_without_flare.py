@@ -48,12 +48,13 @@ def three_site_data(tmp_path_factory) -> Path:
 
 
 def run_job(spec: JobSpec, data: Path, root: Path, *, encrypted: bool, release: bool = True,
-            unreachable: tuple[str, ...] = (), refusing: tuple[str, ...] = ()):
+            unreachable: tuple[str, ...] = (), refusing: tuple[str, ...] = (), rank_caps: dict | None = None):
     """Run ``spec`` on three in-process sites sharing one simulator-style local/ folder."""
     policies = builtin_policies(data, sites=3, dataset="builtin", allow_any_model=True)
     policies = {
         name: policy.model_copy(update={"allow_plaintext_release": release,
-                                        "allowed_jobs": ("none-*",) if name in refusing else ("*",)})
+                                        "allowed_jobs": ("none-*",) if name in refusing else ("*",),
+                                        "max_lora_rank": (rank_caps or {}).get(name)})
         for name, policy in policies.items()
     }
     prepare_workspace(root, policies, encrypted=encrypted)
@@ -407,3 +408,43 @@ def test_personal_layers_never_leave_a_site_and_are_released_at_their_initial_va
     assert all(torch.equal(released[name], initial[name]) for name in initial if ".layers.1." in name)
     assert any(not torch.equal(released[name], initial[name])
                for name in initial if ".layers.0." in name and ".lora_B." in name)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa_lora"])
+def test_sites_with_rank_caps_train_their_leading_ranks_of_one_job(tiny_job_spec, three_site_data, tmp_path,
+                                                                    strategy):
+    # Prepare: the job's rank is 4; site-1 can train rank 1, site-2 rank 2, site-3 all 4
+    spec = tiny_job_spec(f"in-process-ranks-{strategy}", encryption={"enabled": True},
+                         federation={"rounds": 2, "min_sites": 3, "strategy": strategy})
+    caps = {"site-1": 1, "site-2": 2}
+
+    # Execute
+    run_job(spec, three_site_data, tmp_path, encrypted=True, rank_caps=caps)
+
+    # Assert: every site took part; the released adapter has the job's rank, and its top rank (trained
+    # by site-3 alone) moved
+    result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
+    assert [r["contributors"] for r in result["rounds"]] == [list(SITES), list(SITES)]
+    released, initial = released_adapter(tmp_path), decode_adapter(json_adapter_template_of(spec))
+    b_names = [k for k in initial if ".lora_B." in k]
+    assert all(released[k].shape == initial[k].shape and initial[k].shape[1] == 4 for k in b_names)
+    assert any(float(released[k][:, 3].abs().max()) > 0 for k in b_names)
+
+
+def test_a_capped_sites_update_leaves_the_ranks_it_cannot_train_at_the_global(tiny_job_spec, three_site_data,
+                                                                               tmp_path):
+    # Prepare
+    spec = tiny_job_spec("in-process-rank-update", federation={"rounds": 1, "min_sites": 3})
+
+    # Execute
+    _, transport = run_job(spec, three_site_data, tmp_path, encrypted=False, rank_caps={"site-1": 1})
+
+    # Assert: site-1's update differs from the start only in rank 0; site-3's in every rank
+    initial = decode_adapter(json_adapter_template_of(spec))
+    updates = {site: decode_adapter(a.payload) for site, a in train_answers(transport, 1).items()}
+    for name, start in initial.items():
+        capped, full = updates["site-1"][name], updates["site-3"][name]
+        if ".lora_A." in name:
+            assert torch.equal(capped[1:], start[1:]) and not torch.equal(full[1:], start[1:])
+        else:
+            assert torch.equal(capped[:, 1:], start[:, 1:]) and not torch.equal(full[:, 1:], start[:, 1:])

@@ -45,6 +45,7 @@ from zenfed.site.dp import SiteDP
 from zenfed.site.encryption import SiteEncryption, find_site_context
 from zenfed.site.personal import PersonalLayers
 from zenfed.site.policy import check_job_allowed, load_policy_for
+from zenfed.site.ranks import RankCap
 from zenfed.site.stages import build_update_chain
 from zenfed.spec import JobSpec, SitePolicy, parse_model
 from zenfed.strategies import Strategy, make_strategy
@@ -88,6 +89,8 @@ class SiteSession:
         self._dp: SiteDP | None = None
         self._chain: UpdateChain | None = None
         self._personal: PersonalLayers | None = None
+        self._rank_cap: RankCap | None = None
+        self._initial: AdapterState = {}
         self._train: list[Example] = []
         self._valid: list[Example] = []
         self._base_model_sha256: str | None = None
@@ -176,8 +179,14 @@ class SiteSession:
                                          signer=UpdateSigner.from_kit(self.folders.startup))
         model_dir = resolve_base_model(spec.model.base)
         self._base_model_sha256 = model_fingerprint(model_dir)
-        self._engine = make_engine(spec, model_dir=model_dir, threads=policy.torch_threads, engine=policy.engine)
+        self._rank_cap = RankCap.for_site(spec, policy.max_lora_rank)
+        engine_spec = self._rank_cap.engine_spec(spec) if self._rank_cap else spec
+        self._engine = make_engine(engine_spec, model_dir=model_dir, threads=policy.torch_threads,
+                                   engine=policy.engine)
         initial = self._engine.initial_adapter()
+        if self._rank_cap is not None:  # the job's rank-r_max start, the same at every site
+            initial = self._rank_cap.full_initial(initial, seed=spec.training.seed)
+        self._initial = initial
         self._require(self._strategy).begin(initial)
         self._personal = PersonalLayers(layers=spec.lora.personal_layers, initial_adapter=initial,
                                         folder=self.folders.run)
@@ -205,16 +214,16 @@ class SiteSession:
         The shared global is the initial adapter in round 1, else the server's sum through the
         chain, reversed. To release, the personal layers are left at their initial values.
         """
-        engine, header, personal = self._require(self._engine), message.header, self._require(self._personal)
+        header, personal = message.header, self._require(self._personal)
         if not header.get(P.H_HAS_GLOBAL):
-            return personal.for_training(engine.initial_adapter())
+            return personal.for_training(self._initial)
         payload = message.payload
         if not isinstance(payload, bytes) or sha256_hex(payload) != header.get(P.H_PAYLOAD_SHA256):
             raise PolicyError("the global adapter does not match the SHA-256 in its header; refusing it")
         if bool(header.get(P.H_ENCRYPTED)) != (self._encryption is not None):
             raise PolicyError("the task's encryption does not match the job spec; refusing it")
         strategy, global_round = self._require(self._strategy), int(header.get(P.H_GLOBAL_ROUND, 0))
-        initial = engine.initial_adapter()
+        initial = self._initial
         template = {name: initial[name] for name in sorted(personal.shared(strategy.sent_names(initial)))}
         incoming = IncomingGlobal(payload=payload, header=header, template=template)
         mean = self._require(self._chain).incoming(incoming, self._round_info(header))
@@ -226,7 +235,7 @@ class SiteSession:
              should_abort: Callable[[], bool]) -> Message:
         engine, policy = self._require(self._engine), self._require(self._policy)
         rnd = int(header[P.H_ROUND])
-        evaluation = engine.evaluate(adapter=adapter, examples=self._valid,
+        evaluation = engine.evaluate(adapter=self._for_engine(adapter), examples=self._valid,
                                      max_new_tokens=spec.evaluation.max_new_tokens)
         out: dict[str, Any] = {
             P.H_JOB_ID: header[P.H_JOB_ID], P.H_ROUND: rnd, P.H_SITE: self.site,
@@ -257,15 +266,18 @@ class SiteSession:
         self._reload_budget(dp)
         record_dp = dp.for_round(info.round)  # Raises BudgetExhausted: this site stops contributing, and says so.
         start = strategy.prepare_global(adapter)
-        trained = engine.train(adapter=start, examples=self._train, steps=spec.training.local_steps,
+        engine_start = self._for_engine(start)
+        trained = engine.train(adapter=engine_start, examples=self._train, steps=spec.training.local_steps,
                                seed=round_seed(job_seed=spec.training.seed, round_index=info.round, site=self.site),
                                dp=record_dp, optimizer_state=self._optimizer_state,
-                               loss_term=strategy.loss_term(global_adapter=start),
+                               loss_term=strategy.loss_term(global_adapter=engine_start),
                                frozen=strategy.frozen_names(start))
         self._optimizer_state = trained.optimizer_state  # Stays at the site for its next round.
+        # A rank-capped site's trained ranks go back into the job's rank; the others keep the global's values.
+        local = self._rank_cap.embed(trained.adapter, into=start) if self._rank_cap else trained.adapter
         personal = self._require(self._personal)
-        personal.keep(trained.adapter)
-        every = strategy.update_to_send(global_adapter=start, local_adapter=trained.adapter)
+        personal.keep(local)
+        every = strategy.update_to_send(global_adapter=start, local_adapter=local)
         sent = {name: every[name] for name in sorted(personal.shared(every))}  # personal layers stay here
         update = OutgoingUpdate.from_training(global_adapter={name: start[name] for name in sent},
                                               local_adapter=sent, num_examples=trained.num_examples)
@@ -307,6 +319,10 @@ class SiteSession:
         )
 
     # -- helpers --------------------------------------------------------------------------------
+    def _for_engine(self, adapter: AdapterState) -> AdapterState:
+        """The adapter as this site's engine holds it: cut to the site's rank where its policy caps it."""
+        return self._rank_cap.cut(adapter) if self._rank_cap else adapter
+
     def _round_info(self, header: dict[str, Any]) -> RoundInfo:
         return RoundInfo(job_id=str(header[P.H_JOB_ID]), round=int(header[P.H_ROUND]), site=self.site)
 
