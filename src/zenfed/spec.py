@@ -131,7 +131,7 @@ class FederationSpec(_Strict):
     weighting: Literal["samples", "uniform"] = Field(
         "samples", description="'samples' (weight by training examples) or 'uniform'"
     )
-    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "ffa_lora"] = Field(
+    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "ffa_lora", "scaffold"] = Field(
         "fedavg", description="the federated algorithm (one class per file in zenfed/strategies/)"
     )
     proximal_mu: float = Field(

@@ -448,3 +448,23 @@ def test_a_capped_sites_update_leaves_the_ranks_it_cannot_train_at_the_global(ti
             assert torch.equal(capped[1:], start[1:]) and not torch.equal(full[1:], start[1:])
         else:
             assert torch.equal(capped[:, 1:], start[:, 1:]) and not torch.equal(full[:, 1:], start[:, 1:])
+
+
+def test_scaffold_sums_control_variates_in_the_same_ciphertexts_under_dp(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare
+    spec = tiny_job_spec("in-process-scaffold", encryption={"enabled": True},
+                         privacy={"level": "record", "noise_multiplier": 0.8},
+                         federation={"rounds": 2, "min_sites": 3, "strategy": "scaffold"})
+
+    # Execute
+    _, transport = run_job(spec, three_site_data, tmp_path, encrypted=True)
+
+    # Assert: twice the values travel (adapter + control changes); every site holds the same c; the
+    # released adapter is the adapter alone
+    initial = decode_adapter(json_adapter_template_of(spec))
+    values = read_envelope(train_answers(transport, 1)["site-1"].payload)[0].n_values
+    assert values == 2 * sum(v.numel() for v in initial.values())
+    controls = [transport.handlers[site].__self__._strategy.global_control for site in SITES]
+    assert all(torch.allclose(controls[0][k], c[k], atol=1e-6) for c in controls for k in initial)
+    assert any(float(controls[0][k].abs().max()) > 0 for k in initial)
+    assert sorted(released_adapter(tmp_path)) == sorted(initial)

@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -223,8 +224,8 @@ class SiteSession:
         if bool(header.get(P.H_ENCRYPTED)) != (self._encryption is not None):
             raise PolicyError("the task's encryption does not match the job spec; refusing it")
         strategy, global_round = self._require(self._strategy), int(header.get(P.H_GLOBAL_ROUND, 0))
-        initial = self._initial
-        template = {name: initial[name] for name in sorted(personal.shared(strategy.sent_names(initial)))}
+        wire = strategy.wire_template(self._initial)
+        template = {name: wire[name] for name in sorted(personal.shared(wire))}
         incoming = IncomingGlobal(payload=payload, header=header, template=template)
         mean = self._require(self._chain).incoming(incoming, self._round_info(header))
         shared = strategy.after_decrypt(mean, global_round=global_round)
@@ -279,8 +280,10 @@ class SiteSession:
         personal.keep(local)
         every = strategy.update_to_send(global_adapter=start, local_adapter=local)
         sent = {name: every[name] for name in sorted(personal.shared(every))}  # personal layers stay here
-        update = OutgoingUpdate.from_training(global_adapter={name: start[name] for name in sent},
-                                              local_adapter=sent, num_examples=trained.num_examples)
+        # A tensor a strategy sends beside the adapter (a control variate) travels as itself: its base is zero.
+        base = {name: start[name] if name in start else torch.zeros_like(tensor) for name, tensor in sent.items()}
+        update = OutgoingUpdate.from_training(global_adapter=base, local_adapter=sent,
+                                              num_examples=trained.num_examples)
         update.header[P.H_TRAIN_LOSS] = trained.train_loss
         update = self._require(self._chain).outgoing(update, info)
         payload = update.payload

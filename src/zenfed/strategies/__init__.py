@@ -13,9 +13,10 @@ from zenfed.strategies.fedavg import FedAvg
 from zenfed.strategies.fedopt import FedAdam, FedAvgM, FedYogi
 from zenfed.strategies.fedprox import FedProx
 from zenfed.strategies.ffa_lora import FFALoRA
+from zenfed.strategies.scaffold import Scaffold
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FFALoRA)
+    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FFALoRA, Scaffold)
 }
 
 
@@ -33,5 +34,5 @@ def make_strategy(spec: JobSpec) -> Strategy:
 
 __all__ = [
     "STRATEGIES", "FFALoRA", "FedAdam", "FedAvg", "FedAvgM", "FedProx", "FedYogi", "LossTerm", "Strategy",
-    "make_strategy",
+    "Scaffold", "make_strategy",
 ]

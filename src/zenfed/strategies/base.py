@@ -50,6 +50,10 @@ class Strategy:
         """Return which adapter tensors travel (to the server and back in the sum); all by default."""
         return set(names)
 
+    def wire_template(self, initial_adapter: AdapterState) -> AdapterState:
+        """Return the names and shapes of what travels (a strategy may add tensors beside the adapter's)."""
+        return {name: initial_adapter[name] for name in sorted(self.sent_names(initial_adapter))}
+
     def frozen_names(self, names: Iterable[str]) -> set[str]:
         """Return which adapter tensors keep their values in local training; none by default."""
         return set()
