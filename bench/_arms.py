@@ -115,6 +115,26 @@ def model_dir(*, tiny: bool, config: ArmConfig, scratch: Path, seed: int,
     return prepare_default_model(progress=False), DEFAULT_MODEL_NAME
 
 
+def scale_output(model_dir: Path, *, factor: float) -> str:
+    """Multiply the tiny model's final norm weight by ``factor``.
+
+    A random Llama's tied embeddings (std 0.02) cap every logit near 0.02 * hidden_size
+    (about 1.3 at width 64), so no LoRA on the frozen layers can make a confident
+    prediction and the loss cannot fall far below log(vocab). Scaling the final norm
+    lifts that cap, as trained models have, without touching the residual stream.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from zenfed.engines.base_model import write_manifest
+
+    weights_path = model_dir / "model.safetensors"
+    weights = load_file(weights_path)
+    weights["model.norm.weight"] = weights["model.norm.weight"] * factor
+    save_file(weights, weights_path, metadata={"format": "pt"})
+    write_manifest(model_dir, source=f"tiny-random-llama(output_scale={factor:g})")
+    return f"output_scale={factor:g}"
+
+
 def make_engine(path: Path, *, config: ArmConfig, seed: int,
                 layers: tuple[int, ...] | None = None) -> PeftEngine:
     """Return the PEFT engine every arm trains with (LoRA shape and training from ``config``)."""

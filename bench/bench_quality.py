@@ -78,26 +78,6 @@ FULL = QualityConfig(
 _log = arms.logger("quality")
 
 
-def _scale_output(model_dir: Path, *, factor: float) -> str:
-    """Multiply the tiny model's final norm weight by ``factor``.
-
-    A random Llama's tied embeddings (std 0.02) cap every logit near 0.02 * hidden_size
-    (about 1.3 at width 64), so no LoRA on the frozen layers can make a confident
-    prediction and the loss cannot fall far below log(vocab). Scaling the final norm
-    lifts that cap, as trained models have, without touching the residual stream.
-    """
-    from safetensors.torch import load_file, save_file
-
-    from zenfed.engines.base_model import write_manifest
-
-    weights_path = model_dir / "model.safetensors"
-    weights = load_file(weights_path)
-    weights["model.norm.weight"] = weights["model.norm.weight"] * factor
-    save_file(weights, weights_path, metadata={"format": "pt"})
-    write_manifest(model_dir, source=f"tiny-random-llama(output_scale={factor:g})")
-    return f"output_scale={factor:g}"
-
-
 def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: QualityConfig | None = None) -> dict:
     """Run the benchmark and return its JSON object.
 
@@ -116,7 +96,7 @@ def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: QualityConfig | No
         train, test = arms.load_sites(scratch, sites=sites, config=config, seed=seed)
         model_path, model_name = arms.model_dir(
             tiny=tiny, config=config, scratch=scratch, seed=seed,
-            adjust=lambda path: _scale_output(path, factor=config.tiny_output_scale),
+            adjust=lambda path: arms.scale_output(path, factor=config.tiny_output_scale),
         )
         engine = arms.make_engine(model_path, config=config, seed=seed)
         start = engine.initial_adapter()

@@ -19,7 +19,8 @@ from _pki import make_ca, make_kit
 from zenfed import protocol as P
 from zenfed.data import make_builtin
 from zenfed.digest import sha256_hex
-from zenfed.jobs.simulate import builtin_policies, prepare_workspace
+from zenfed.jobs.in_process import run_in_process
+from zenfed.jobs.simulate import builtin_policies
 from zenfed.kit_files import SHARED_SITE_DIR, KitFolders
 from zenfed.privacy.he import (
     SITE_CONTEXT_FILE,
@@ -50,6 +51,7 @@ def three_site_data(tmp_path_factory) -> Path:
 def run_job(spec: JobSpec, data: Path, root: Path, *, encrypted: bool, release: bool = True,
             unreachable: tuple[str, ...] = (), refusing: tuple[str, ...] = (), rank_caps: dict | None = None):
     """Run ``spec`` on three in-process sites sharing one simulator-style local/ folder."""
+    assert encrypted == spec.encryption.enabled
     policies = builtin_policies(data, sites=3, dataset="builtin", allow_any_model=True)
     policies = {
         name: policy.model_copy(update={"allow_plaintext_release": release,
@@ -57,22 +59,8 @@ def run_job(spec: JobSpec, data: Path, root: Path, *, encrypted: bool, release: 
                                         "max_lora_rank": (rank_caps or {}).get(name)})
         for name, policy in policies.items()
     }
-    prepare_workspace(root, policies, encrypted=encrypted)
-    local = root / "local"
-    spec_data = spec.model_dump(mode="json")
-    sessions = {
-        site: SiteSession(spec_data=spec_data, site=site, job_id="job-1",
-                          folders=KitFolders(startup=None, local=local, root=root / site, run=root / site / "run"))
-        for site in SITES
-    }
-    server = ServerSession(spec_data=spec_data, job_id="job-1", identity="server",
-                           folders=KitFolders(startup=None, local=local, root=root / "server",
-                                              run=root / "server" / "run"))
-    transport = InProcessTransport({site: s.handle for site, s in sessions.items()}, unreachable=unreachable)
-    server.start(sites=list(SITES))
-    server.run(transport)
-    server.close()
-    return server, transport
+    run = run_in_process(spec, workspace=root, policies=policies, unreachable=unreachable)
+    return run.server, run.transport
 
 
 def train_answers(transport: InProcessTransport, round_index: int) -> dict[str, P.Message]:

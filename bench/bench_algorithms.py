@@ -1,0 +1,202 @@
+"""Benchmark: the federated algorithms side by side on the built-in non-IID data, through the real round code.
+
+Prints one JSON object. Every arm runs the same job (same data, seed, rounds and
+local steps) through zenfed's own site and server sessions in one process
+(``zenfed.jobs.in_process``), so what is measured is what a deployment runs,
+less FLARE's transport. Arms: FedAvg, FedProx, FedAdam, SCAFFOLD, FFA-LoRA,
+FFA-LoRA with ranks capped at r_max/4, r_max/2 and r_max by site, and FedAvg with
+the top decoder layer personal. ``central`` trains one adapter on all sites'
+data pooled, for the same total number of steps.
+
+Per arm: eval loss and accuracy of the released adapter on the union test set,
+each site's accuracy on its own task's test examples (with its own personal
+layers, for that arm), bytes a site sends per round, and seconds. Each skew in
+``skews`` is a separate block.
+
+Run: ``python bench/bench_algorithms.py [--tiny]`` or ``zenfed bench algorithms --json [--tiny]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _arms sits beside this file, however it is loaded
+import _arms as arms  # noqa: E402
+from zenfed import protocol as P  # noqa: E402
+from zenfed.data.builtin import TASKS  # noqa: E402
+from zenfed.jobs.in_process import run_in_process  # noqa: E402
+from zenfed.jobs.simulate import builtin_policies  # noqa: E402
+from zenfed.server.result import RESULT_FILE  # noqa: E402
+from zenfed.spec import JobSpec  # noqa: E402
+
+
+@dataclass(frozen=True)
+class AlgorithmsConfig:
+    """What every arm trains; ``tiny_*`` size the tiny random Llama."""
+
+    rounds: int
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    skews: tuple[float, ...] = (0.9, 0.98)
+    seq_len: int = 128
+    train_per_site: int = 400
+    test_per_task: int = 40
+    skew: float = 0.9  # the data loader's field; each block sets its own
+    max_new_tokens: int = 6
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.05
+    tiny_hidden: int = 64
+    tiny_layers: int = 2
+    tiny_vocab: int = 1024
+    tiny_output_scale: float = 8.0
+    arms: tuple[str, ...] = field(default=(
+        "fedavg", "fedprox", "fedadam", "scaffold", "ffa_lora", "ffa_lora_ranks", "personal"))
+
+
+TINY = AlgorithmsConfig(rounds=6, local_steps=5, batch_size=8, learning_rate=5e-3, rank=8, alpha=16.0,
+                        target_modules=arms.ALL_LINEAR, train_per_site=200, test_per_task=20)
+# SmolLM2-135M-Instruct at bench_quality's shape: about half an hour an arm and skew on 2 cores.
+FULL = AlgorithmsConfig(rounds=16, local_steps=4, batch_size=4, learning_rate=3e-3, rank=8, alpha=16.0,
+                        target_modules=arms.ATTENTION, test_per_task=20)
+
+_log = arms.logger("algorithms")
+
+
+def _arm(name: str, config: AlgorithmsConfig, *, layers: int) -> tuple[dict[str, Any], dict[str, dict], dict]:
+    """The job-spec overrides, site-policy overrides and lora overrides of one arm."""
+    caps = {"site-1": max(1, config.rank // 4), "site-2": max(1, config.rank // 2)}
+    federation: dict[str, Any] = {"strategy": name}
+    sites: dict[str, dict] = {}
+    lora: dict[str, Any] = {}
+    if name == "fedprox":
+        federation["proximal_mu"] = config.proximal_mu
+    elif name == "fedadam":
+        federation["server_optimizer"] = {"learning_rate": config.server_learning_rate}
+    elif name == "ffa_lora_ranks":
+        federation["strategy"] = "ffa_lora"
+        sites = {site: {"max_lora_rank": cap} for site, cap in caps.items()}
+    elif name == "personal":
+        federation["strategy"] = "fedavg"
+        lora["personal_layers"] = [layers - 1]
+    return federation, sites, lora
+
+
+def _spec(config: AlgorithmsConfig, model: Path, *, name: str, federation: dict, lora: dict, seed: int) -> JobSpec:
+    return JobSpec.model_validate({
+        "name": f"bench-{name}", "model": {"base": str(model)},
+        "lora": {"rank": config.rank, "alpha": config.alpha, "target_modules": list(config.target_modules), **lora},
+        "training": {"local_steps": config.local_steps, "batch_size": config.batch_size, "seq_len": config.seq_len,
+                     "learning_rate": config.learning_rate, "seed": seed},
+        "federation": {"rounds": config.rounds, "min_sites": 3, **federation},
+        "evaluation": {"max_examples": 8, "max_new_tokens": config.max_new_tokens},
+    })
+
+
+def _own_task_accuracy(engine: Any, adapter: dict, test: Sequence[Any], *, site_index: int,
+                       config: AlgorithmsConfig) -> float:
+    own = [example for example in test if example.task == TASKS[site_index % len(TASKS)].name]
+    return round(engine.evaluate(adapter=adapter, examples=own, max_new_tokens=config.max_new_tokens).accuracy, 4)
+
+
+def _run_arm(name: str, *, config: AlgorithmsConfig, model: Path, data: Path, test: Sequence[Any], engine: Any,
+             scratch: Path, seed: int, layers: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    federation, site_overrides, lora = _arm(name, config, layers=layers)
+    spec = _spec(config, model, name=name, federation=federation, lora=lora, seed=seed)
+    policies = builtin_policies(data, sites=3, dataset="builtin", allow_any_model=True)
+    policies = {site: policy.model_copy(update={"torch_threads": arms.THREADS, **site_overrides.get(site, {})})
+                for site, policy in policies.items()}
+    run = run_in_process(spec, workspace=scratch / name, policies=policies)
+    result = json.loads((run.result_dir / RESULT_FILE).read_text())
+    from safetensors.torch import load_file
+
+    released = load_file(str(run.result_dir / result["final"]["adapter_dir"] / "adapter_model.safetensors"))
+    sent = [a.header[P.H_PAYLOAD_BYTES] for task, _, a in run.transport.answers if task == P.TASK_TRAIN and a.payload]
+    own = {}
+    for index, (site, session) in enumerate(sorted(run.sites.items())):
+        mine = session._personal.for_training(released) if name == "personal" and session._personal else released
+        own[site] = _own_task_accuracy(engine, mine, test, site_index=index, config=config)
+    return {
+        **arms.scores(engine, released, test, config=config),
+        "own_task_accuracy": own,
+        "bytes_per_site_round": round(sum(sent) / len(sent)) if sent else 0,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: AlgorithmsConfig | None = None) -> dict:
+    """Run every arm at every skew and return the JSON object.
+
+    Args:
+        tiny: Use a tiny random Llama (minutes) instead of SmolLM2-135M-Instruct.
+        sites: Must be 3 (the arms' rank caps and own tasks are per site).
+        seed: Seed of the data, the initial adapter and the data order.
+        config: Override the preset (``TINY`` or ``FULL``).
+    """
+    if sites != 3:
+        raise SystemExit("the algorithms benchmark runs 3 sites (one per built-in task)")
+    started = time.perf_counter()
+    config = config or (TINY if tiny else FULL)
+    arms.seed_torch(seed)
+    # In one process no kit holds keys: each session would warn that it is not audited, every arm.
+    logging.getLogger("zenfed").setLevel(logging.ERROR)
+    blocks = []
+    with tempfile.TemporaryDirectory(prefix="zenfed-bench-algorithms-") as tmp:
+        scratch = Path(tmp)
+        model, model_name = arms.model_dir(tiny=tiny, config=config, scratch=scratch, seed=seed,
+                                           adjust=lambda path: arms.scale_output(path, factor=config.tiny_output_scale))
+        engine = arms.make_engine(model, config=config, seed=seed)
+        layers = int(engine.model.config.num_hidden_layers)
+        for skew in config.skews:
+            skewed = dataclasses.replace(config, skew=skew)
+            train, test = arms.load_sites(scratch / f"skew-{skew}", sites=3, config=skewed, seed=seed)
+            start = engine.initial_adapter()
+            pooled = [example for examples in train.values() for example in examples]
+            steps = config.rounds * config.local_steps * 3
+            central = arms.scores(engine, engine.train(adapter=start, examples=pooled, steps=steps, seed=seed).adapter,
+                                  test, config=config)
+            _log(f"skew {skew}: central {central}")
+            results = {}
+            for name in config.arms:
+                results[name] = _run_arm(name, config=config, model=model, data=scratch / f"skew-{skew}" / "data",
+                                         test=test, engine=engine, scratch=scratch / f"runs-{skew}", seed=seed,
+                                         layers=layers)
+                _log(f"skew {skew}: {name} {results[name]}")
+            fedavg_acc, central_acc = results["fedavg"]["accuracy"], central["accuracy"]
+            best = max(results, key=lambda arm: results[arm]["accuracy"])
+            gap = central_acc - fedavg_acc
+            blocks.append({
+                "skew": skew, "central": central, "arms": results, "best_arm": best,
+                "best_closes_gap_share": round((results[best]["accuracy"] - fedavg_acc) / gap, 4) if gap > 0 else None,
+                "ranks_vs_full_rank_accuracy": round(
+                    results["ffa_lora_ranks"]["accuracy"] - results["ffa_lora"]["accuracy"], 4)
+                if "ffa_lora_ranks" in results and "ffa_lora" in results else None,
+            })
+    return {
+        "benchmark": "algorithms", "tiny": tiny, "blocks": blocks,
+        "config": {"model": model_name, "engine": "peft", "sites": 3, "seed": seed, "encrypted": False,
+                   **arms.config_fields(config, tiny=tiny), "threads": arms.THREADS},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    arms.main(run, description=__doc__.splitlines()[0], argv=argv,
+              tiny_help="tiny random Llama, a few minutes (CI)")
+
+
+if __name__ == "__main__":
+    main()
