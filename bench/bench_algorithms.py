@@ -57,7 +57,7 @@ class AlgorithmsConfig:
     skew: float = 0.9  # the data loader's field; each block sets its own
     max_new_tokens: int = 6
     proximal_mu: float = 0.01
-    server_learning_rate: float = 0.05
+    server_learning_rate: float | None = None  # None: each optimizer's default
     tiny_hidden: int = 64
     tiny_layers: int = 2
     tiny_vocab: int = 1024
@@ -66,7 +66,7 @@ class AlgorithmsConfig:
         "fedavg", "fedprox", "fedadam", "scaffold", "ffa_lora", "ffa_lora_ranks", "personal"))
 
 
-TINY = AlgorithmsConfig(rounds=6, local_steps=5, batch_size=8, learning_rate=5e-3, rank=8, alpha=16.0,
+TINY = AlgorithmsConfig(rounds=10, local_steps=5, batch_size=8, learning_rate=5e-3, rank=8, alpha=16.0,
                         target_modules=arms.ALL_LINEAR, train_per_site=200, test_per_task=20)
 # SmolLM2-135M-Instruct at bench_quality's shape: about half an hour an arm and skew on 2 cores.
 FULL = AlgorithmsConfig(rounds=16, local_steps=4, batch_size=4, learning_rate=3e-3, rank=8, alpha=16.0,
@@ -83,7 +83,7 @@ def _arm(name: str, config: AlgorithmsConfig, *, layers: int) -> tuple[dict[str,
     lora: dict[str, Any] = {}
     if name == "fedprox":
         federation["proximal_mu"] = config.proximal_mu
-    elif name == "fedadam":
+    elif name == "fedadam" and config.server_learning_rate is not None:
         federation["server_optimizer"] = {"learning_rate": config.server_learning_rate}
     elif name == "ffa_lora_ranks":
         federation["strategy"] = "ffa_lora"

@@ -116,7 +116,9 @@ class TrainingSpec(_Strict):
 class ServerOptimizerSpec(_Strict):
     """FedOpt's server optimizer, which the sites run on the decrypted mean (see strategies/fedopt.py)."""
 
-    learning_rate: float = Field(1.0, gt=0, description="server learning rate eta")
+    learning_rate: float | None = Field(
+        None, gt=0, description="server learning rate eta; default 1.0 (FedAvgM) or 1e-2 (FedAdam, FedYogi)"
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM: momentum beta")
     beta1: float = Field(0.9, ge=0, lt=1, description="FedAdam/FedYogi: first-moment decay")
     beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi: second-moment decay")

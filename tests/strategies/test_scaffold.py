@@ -91,3 +91,21 @@ def test_a_restarted_site_resumes_both_control_variates():
     assert restarted.steps == 1
     assert torch.equal(restarted.global_control["w"], site.global_control["w"])
     assert torch.equal(restarted.site_control["w"], site.site_control["w"])
+
+
+def test_the_new_site_control_is_the_mean_raw_gradient_of_the_round():
+    # Prepare: two local steps whose loss gradients are 1 and 3
+    site = scaffold()
+    site.global_control["w"] = torch.full((3,), 0.5, dtype=torch.float64)
+    term = site.loss_term(global_adapter={"w": torch.zeros(3)})
+    param = torch.nn.Parameter(torch.zeros(3))
+    for value in (1.0, 3.0):
+        param.grad = torch.full((3,), value)
+        term.add_gradient({"w": param})
+
+    # Execute
+    sent = site.update_to_send(global_adapter={"w": torch.zeros(3)}, local_adapter={"w": torch.ones(3)})
+
+    # Assert: c_i+ = 2 (not the corrected gradients 1.5 and 3.5), sent as K lr (c_i+ - c_i)
+    assert torch.allclose(site.site_control["w"], torch.full((3,), 2.0, dtype=torch.float64))
+    assert torch.allclose(sent[CONTROL + "w"], torch.full((3,), 2.0 * SCALE))

@@ -35,6 +35,8 @@ class FedOpt(FedAvg):
 
     name: ClassVar[str] = "fedopt"
     global_at_sites: ClassVar[bool] = True
+    # Adaptive steps are about eta per coordinate, and LoRA tensors are small: Adam wants a small eta.
+    default_learning_rate: ClassVar[float] = 1e-2
 
     def __init__(self, spec: JobSpec) -> None:
         super().__init__(spec)
@@ -72,6 +74,12 @@ class FedOpt(FedAvg):
     def _step(self, name: str, delta: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def learning_rate(self) -> float:
+        """The server learning rate: the job's, else this optimizer's default."""
+        rate = self.spec.federation.server_optimizer.learning_rate
+        return self.default_learning_rate if rate is None else rate
+
     def _moment(self, kind: str, name: str, like: torch.Tensor) -> torch.Tensor:
         return self.moments.setdefault(kind, {}).setdefault(name, torch.zeros_like(like))
 
@@ -108,12 +116,13 @@ class FedAvgM(FedOpt):
     """Server momentum: ``m = beta * m + delta``, ``x += lr * m``."""
 
     name: ClassVar[str] = "fedavgm"
+    default_learning_rate: ClassVar[float] = 1.0  # with momentum 0, FedAvg itself
 
     def _step(self, name: str, delta: torch.Tensor) -> torch.Tensor:
         opt = self.spec.federation.server_optimizer
         momentum = self._moment("m", name, delta)
         momentum.mul_(opt.momentum).add_(delta)
-        return opt.learning_rate * momentum
+        return self.learning_rate * momentum
 
 
 class FedAdam(FedOpt):
@@ -127,7 +136,7 @@ class FedAdam(FedOpt):
         second = self._moment("v", name, delta)
         first.mul_(opt.beta1).add_(delta, alpha=1 - opt.beta1)
         self._second_moment(second, delta)
-        return opt.learning_rate * first / (second.sqrt() + opt.tau)
+        return self.learning_rate * first / (second.sqrt() + opt.tau)
 
     def _second_moment(self, second: torch.Tensor, delta: torch.Tensor) -> None:
         beta2 = self.spec.federation.server_optimizer.beta2

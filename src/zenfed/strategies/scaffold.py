@@ -2,18 +2,20 @@
 
 Each site keeps its own control variate c_i and the global one c. Every local
 step adds ``c - c_i`` to the gradient (a loss term with that gradient). After K
-local steps at learning rate lr from the global x to y_i, the site's new
-control variate is ``c_i+ = c_i - c + (x - y_i) / (K lr)`` (the paper's option II).
+local steps the site's new control variate is the mean of its own raw
+gradients over those steps: under SGD that is exactly the paper's option II,
+``c_i+ = c_i - c + (x - y_i) / (K lr)``, and unlike that formula it stays a
+gradient under the sites' AdamW, whose steps are normalised.
 
 The server only sums, so the change of control variate travels in the same
 vector as the adapter, under encryption in the same packed ciphertexts: each
-site sends ``K lr (c_i+ - c_i)``, which has the scale of ``x - y_i`` and so fits
-the packing's clip, and every site adds the decrypted mean, divided by K lr, to
+site sends ``K lr (c_i+ - c_i)``, a gradient times the round's step budget, which
+fits the packing's clip, and every site adds the decrypted mean, divided by K lr, to
 c. With every site in every round (as zenfed's rounds have it), that is the
-paper's ``c += mean(c_i+ - c_i)``. The theory is for SGD; with the sites'
-AdamW the correction is the same term, a heuristic there. Under record-level DP
-the control variates are functions of the DP-trained adapters and of c, so
-they are covered by the same epsilon (post-processing).
+paper's ``c += mean(c_i+ - c_i)``. The theory is for SGD; with AdamW the
+correction is a heuristic. Under record-level DP the gradients averaged are the
+clipped, noised ones (the term runs after the noise), so the control variates
+are covered by the same epsilon (post-processing).
 """
 
 from __future__ import annotations
@@ -32,21 +34,37 @@ _STEP_KEY = "__steps__"
 
 
 class _Correction:
-    """The loss term whose gradient is ``c - c_i`` on each trainable tensor."""
+    """The loss term whose gradient is ``c - c_i`` on each trainable tensor; it also averages the raw gradients.
+
+    The mean of the site's own gradients over the round is what option II's
+    ``(x - y_i) / (K lr)`` stands for under SGD; with AdamW that difference is a mean
+    normalised step (about 1 per coordinate), not a gradient, so the mean is taken here.
+    """
 
     def __init__(self, correction: dict[str, torch.Tensor]) -> None:
         self.correction = correction
+        self.gradient_sum: dict[str, torch.Tensor] = {}
+        self.steps = 0
 
     def add_gradient(self, params: dict[str, torch.nn.Parameter]) -> None:
+        self.steps += 1
         for name, param in params.items():
             term = self.correction.get(name)
             if term is None:
                 continue
+            raw = param.grad.detach().double().cpu() if param.grad is not None else torch.zeros_like(term)
+            self.gradient_sum[name] = self.gradient_sum.get(name, torch.zeros_like(term)) + raw
             term = term.to(device=param.device, dtype=param.dtype)
             if param.grad is None:
                 param.grad = term.clone()
             else:
                 param.grad.add_(term)
+
+    def mean_gradient(self, name: str) -> torch.Tensor | None:
+        """The site's mean raw gradient of ``name`` over the round, if any step ran."""
+        if not self.steps or name not in self.gradient_sum:
+            return None
+        return self.gradient_sum[name] / self.steps
 
 
 class Scaffold(FedAvg):
@@ -60,6 +78,7 @@ class Scaffold(FedAvg):
         self.global_control: dict[str, torch.Tensor] = {}  # c
         self.site_control: dict[str, torch.Tensor] = {}  # c_i
         self.steps = 0
+        self._round_term: _Correction | None = None
 
     @property
     def _scale(self) -> float:
@@ -79,17 +98,21 @@ class Scaffold(FedAvg):
         return {**template, **{CONTROL + k: torch.zeros_like(v) for k, v in template.items()}}
 
     def loss_term(self, *, global_adapter: AdapterState) -> LossTerm | None:
-        """Add ``c - c_i`` to every gradient of the round."""
-        return _Correction({k: self.global_control[k] - self.site_control[k] for k in global_adapter
-                            if k in self.global_control})
+        """Add ``c - c_i`` to every gradient of the round (and average the raw gradients)."""
+        self._round_term = _Correction({k: self.global_control[k] - self.site_control[k] for k in global_adapter
+                                        if k in self.global_control})
+        return self._round_term
 
     def update_to_send(self, *, global_adapter: AdapterState, local_adapter: AdapterState) -> AdapterState:
         """The trained adapter, and ``K lr (c_i+ - c_i)`` for each tensor; c_i becomes c_i+."""
         sent = super().update_to_send(global_adapter=global_adapter, local_adapter=local_adapter)
         changes = {}
+        term = self._round_term
         for name in list(sent):
-            drift = global_adapter[name].double() - local_adapter[name].double()  # x - y_i
-            new_site = self.site_control[name] - self.global_control[name] + drift / self._scale
+            mean_gradient = term.mean_gradient(name) if term is not None else None
+            if mean_gradient is None:  # no step ran through the term: option II's SGD form
+                mean_gradient = (global_adapter[name].double() - local_adapter[name].double()) / self._scale
+            new_site = mean_gradient.reshape(self.site_control[name].shape)
             changes[CONTROL + name] = ((new_site - self.site_control[name]) * self._scale).to(torch.float32)
             self.site_control[name] = new_site
         return {**sent, **changes}
