@@ -109,3 +109,9 @@ def test_the_new_site_control_is_the_mean_raw_gradient_of_the_round():
     # Assert: c_i+ = 2 (not the corrected gradients 1.5 and 3.5), sent as K lr (c_i+ - c_i)
     assert torch.allclose(site.site_control["w"], torch.full((3,), 2.0, dtype=torch.float64))
     assert torch.allclose(sent[CONTROL + "w"], torch.full((3,), 2.0 * SCALE))
+
+
+def test_a_rank_capped_adapter_is_refused_with_the_reason():
+    # Execute / Assert: the control variates have the job's shape, the capped engine a smaller one
+    with pytest.raises(PolicyError, match="max_lora_rank"):
+        scaffold().loss_term(global_adapter={"w": torch.zeros(2)})

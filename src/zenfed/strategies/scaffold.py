@@ -98,7 +98,15 @@ class Scaffold(FedAvg):
         return {**template, **{CONTROL + k: torch.zeros_like(v) for k, v in template.items()}}
 
     def loss_term(self, *, global_adapter: AdapterState) -> LossTerm | None:
-        """Add ``c - c_i`` to every gradient of the round (and average the raw gradients)."""
+        """Add ``c - c_i`` to every gradient of the round (and average the raw gradients).
+
+        Raises:
+            PolicyError: If the adapter the site trains is not the job's shape (a rank cap).
+        """
+        if any(tuple(global_adapter[k].shape) != tuple(self.global_control[k].shape)
+               for k in global_adapter if k in self.global_control):
+            raise PolicyError("scaffold does not combine with a site's max_lora_rank yet: its control variates "
+                              "have the job's rank; remove the cap or use another strategy at this site")
         self._round_term = _Correction({k: self.global_control[k] - self.site_control[k] for k in global_adapter
                                         if k in self.global_control})
         return self._round_term
