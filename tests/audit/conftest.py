@@ -175,6 +175,11 @@ def write_result(project: Project, out: Path, *, rounds: int = 3, server_errors:
                   "eval_loss": last["eval_loss"], "accuracy": last["accuracy"]},
     }
     (out / "zenfed_result.json").write_text(json.dumps(result, indent=2))
+    # The closing record, after the result is written (as the server session does).
+    server = AuditLog.for_kit(project.startup[SERVER], log_path=audit / f"{SERVER}.jsonl")
+    server.append(events.JOB_FINISHED, job_id=job_id, rounds=rounds,
+                  result_sha256=hashlib.sha256((out / "zenfed_result.json").read_bytes()).hexdigest())
+    server.close()
     return out
 
 

@@ -266,3 +266,32 @@ def test_main_verify_accepts_the_audit_folder(result_dir):
     out = io.StringIO()
     assert main_verify(result_dir / "audit", out=out) == 0
     assert "server1: INTACT" in out.getvalue()
+
+
+@pytest.mark.parametrize("cut", [1, 5])
+def test_whole_records_cut_from_the_end_of_the_servers_log_are_caught(result_dir, cut):
+    # Prepare: the release decision and model_released go with the last records
+    path = result_dir / "audit" / "server1.jsonl"
+    _write(path, _read(path)[:-cut])
+
+    # Execute
+    verdict = verify_result(result_dir)
+
+    # Assert: the chain alone cannot see a cut end; the missing closing record does
+    assert verdict.logs["server1"].ok
+    assert any("records were cut from its end" in p for p in verdict.problems)
+    assert not verdict.ok
+
+
+def test_a_result_file_changed_after_the_job_is_caught(result_dir):
+    # Prepare
+    path = result_dir / "zenfed_result.json"
+    result = json.loads(path.read_text())
+    result["final"]["accuracy"] = 0.99
+    path.write_text(json.dumps(result, indent=2))
+
+    # Execute
+    verdict = verify_result(result_dir)
+
+    # Assert
+    assert any("changed after the job" in p for p in verdict.problems) and not verdict.ok

@@ -46,6 +46,10 @@ LOG_ANCHORED: Final = "log_anchored"
 Pins the head of a site's log as the server saw it, so that records cut from the
 end of that site's log are caught by ``verify_result``.
 """
+JOB_FINISHED: Final = "job_finished"
+"""Server side, the last record of a finished job. fields: job_id, rounds, result_sha256 (of
+zenfed_result.json). A server log of a finished job that does not end with it lost records
+from its end; a result file whose hash differs was changed after the job."""
 LOG_RECOVERED: Final = "log_recovered"
 """Written on reopen after a crash: fields: moved_to, bytes, sha256 of the partial tail."""
 
@@ -68,6 +72,7 @@ ALL_EVENTS: Final = frozenset(
         DP_SPENT,
         STRATEGY_STATE,
         LOG_ANCHORED,
+        JOB_FINISHED,
         LOG_RECOVERED,
     }
 )

@@ -23,6 +23,7 @@ from zenfed.audit import crypto, events
 from zenfed.audit.chain import BadRecord, Damage, LogVerdict, embedded_cert, verify_log
 from zenfed.audit.errors import AuditError
 from zenfed.audit.log import read_records
+from zenfed.digest import sha256_hex
 
 __all__ = [
     "BadRecord",
@@ -110,6 +111,7 @@ def verify_result(result_dir: Path, *, root_ca_path: Path | None = None) -> Resu
         sites = {n: r for n, r in records.items() if n != server and logs[n].role != "admin"}
         matched, mismatches = _cross_check(records[server], sites)
         problems += _check_anchors(records[server], logs)
+        problems += _check_closing(records[server], logs[server], result_dir)
     return ResultVerdict(result_dir=result_dir, logs=logs, server=server, missing_logs=missing,
                          mismatches=mismatches, problems=problems, matched_updates=matched)
 
@@ -214,6 +216,26 @@ def _cross_check(
         out.append(f"the server received round {rnd} update sha256 {str(sha)[:16]}... "
                    f"({size} bytes) from {site}; {site}'s log has no matching update_sent")
     return sum((sent & received).values()), out
+
+
+def _check_closing(server_records: list[dict[str, Any]], server_log: LogVerdict, result_dir: Path) -> list[str]:
+    """A finished job's server log ends with ``job_finished``, which pins ``zenfed_result.json``."""
+    path = result_dir / "zenfed_result.json"
+    try:
+        finished = path.is_file() and isinstance(json.loads(path.read_text()).get("final"), dict)
+    except (OSError, ValueError, AttributeError):
+        finished = False
+    if not finished or not server_log.ok:
+        return []  # no finished job to close, or the log's own damage is already reported
+    last = server_records[-1] if server_records else {}
+    if last.get("event") != events.JOB_FINISHED:
+        return [f"the server's log of this finished job ends at seq {server_log.intact - 1} with "
+                f"'{last.get('event')}', not its closing job_finished record: records were cut from its end"]
+    expected = (last.get("fields") or {}).get("result_sha256")
+    if expected != sha256_hex(path.read_bytes()):
+        return ["zenfed_result.json differs from the one the server's closing record pins: it was changed "
+                "after the job"]
+    return []
 
 
 def _check_anchors(server_records: list[dict[str, Any]], logs: dict[str, LogVerdict]) -> list[str]:

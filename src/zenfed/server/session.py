@@ -33,7 +33,7 @@ from zenfed.server.aggregation import Aggregation, make_aggregation
 from zenfed.server.attestation_gate import AttestationQuorumError, ServerAttestationGate
 from zenfed.server.checkpoint import CheckpointStore, RunState
 from zenfed.server.intake import RoundIntake
-from zenfed.server.result import build_result, round_record, round_summary, weighted_eval
+from zenfed.server.result import RESULT_FILE, build_result, round_record, round_summary, weighted_eval
 from zenfed.server.transport import Transport
 from zenfed.spec import JobSpec, parse_model
 from zenfed.strategies import make_strategy
@@ -271,6 +271,10 @@ class ServerSession:
                 decided_by="site policies (all allow)" if self.aggregation.encrypted or self._global_at_sites
                 else "job spec: aggregation in the clear",
             )
+        # The closing record: a log cut from its end loses it, and it pins the result file.
+        result_bytes = (self.folders.run / RESULT_FILE).read_bytes()
+        self._audit.record(E.JOB_FINISHED, job_id=self.job_id, rounds=len(state.history),
+                           result_sha256=sha256_hex(result_bytes))
 
     def _require_intake(self) -> RoundIntake:
         if self._intake is None:
