@@ -174,3 +174,18 @@ def test_the_console_script_reports_errors_on_stderr_with_exit_2(tmp_path):
     assert "zenfed: error: invalid job spec" in run.stderr and "lora.rank" in run.stderr
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kit", ["missing", "empty"])
+def test_submit_with_a_folder_that_is_no_admin_kit_exits_2_with_the_reason(tmp_path, capsys, kit):
+    # Prepare: a folder high in the tree (no WS/PROJECT/prod_NN above it), or one that does not exist
+    folder = tmp_path / kit
+    if kit == "empty":
+        folder.mkdir()
+
+    # Execute
+    code = main(["submit", "jobs/demo-lora", "--kit", str(folder)])
+
+    # Assert
+    assert code == 2
+    assert "is not an admin kit" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from zenfed.errors import ZenfedError
+from zenfed.errors import DeploymentError, ZenfedError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -98,8 +98,12 @@ def _submit(args: argparse.Namespace) -> int:
     from zenfed.jobs.submit import load_result, submit
 
     kit = Path(args.kit)
+    if not (kit / "startup" / "fed_admin.json").is_file():
+        raise DeploymentError(f"{kit} is not an admin kit (no startup/fed_admin.json); pass --kit "
+                              "WS/PROJECT/prod_NN/ADMIN from `zenfed provision`")
     # An admin kit lives at WS/PROJECT/prod_NN/ADMIN; results go to WS/results by default.
-    results = Path(args.results) if args.results else kit.resolve().parents[2] / "results"
+    parents = kit.resolve().parents
+    results = Path(args.results) if args.results else (parents[2] if len(parents) > 2 else kit) / "results"
     outcome = submit(args.job, admin_kit=kit, results_root=results, timeout_s=args.timeout)
     print_round_table(load_result(outcome.result_dir))
     print(f"job {outcome.job_id}: {outcome.status}; result in {outcome.result_dir}")
