@@ -189,3 +189,18 @@ def test_submit_with_a_folder_that_is_no_admin_kit_exits_2_with_the_reason(tmp_p
     # Assert
     assert code == 2
     assert "is not an admin kit" in capsys.readouterr().err
+
+
+def test_provision_warns_of_a_dataset_path_missing_on_this_machine(tmp_path, capsys):
+    # Prepare
+    project = tmp_path / "p.yml"
+    project.write_text("name: p\nserver: {name: localhost}\nsites:\n"
+                       f"  - {{name: site-1, org: a, datasets: {{builtin: {{path: {tmp_path / 'nope'}}}}}}}\n"
+                       "admins: [{name: admin@x.org}]\n")
+
+    # Execute
+    code = main(["provision", str(project), "--out", str(tmp_path / "ws")])
+
+    # Assert: provisioned all the same (the path may exist on the site's machine), with a warning
+    assert code == 0
+    assert "site site-1's dataset 'builtin' path" in capsys.readouterr().err

@@ -68,8 +68,16 @@ def _provision(args: argparse.Namespace) -> int:
     from zenfed.provisioning.project import provision
     from zenfed.spec import load_project_spec
 
-    deployment = provision(load_project_spec(args.project), out=args.out)
+    spec = load_project_spec(args.project)
+    deployment = provision(spec, out=args.out)
     print(f"provisioned {deployment.project}: server kit {deployment.server_kit}")
+    # Dataset paths name folders on each site's machine; here they can only be hinted at.
+    for site in spec.sites:
+        for name, location in site.datasets.items():
+            if not Path(location.path).is_dir():
+                print(f"  warning: site {site.name}'s dataset {name!r} path {location.path} does not exist on "
+                      "this machine; make sure it exists on the site's, or fix it in the kit's "
+                      "local/zenfed_site.yaml", file=sys.stderr)
     for site, kit in sorted(deployment.site_kits.items()):
         print(f"  site {site}: {kit}")
     for admin, kit in sorted(deployment.admin_kits.items()):
