@@ -72,10 +72,10 @@ def _provision(args: argparse.Namespace) -> int:
     deployment = provision(spec, out=args.out)
     print(f"provisioned {deployment.project}: server kit {deployment.server_kit}")
     # Dataset paths name folders on each site's machine; here they can only be hinted at.
-    for site in spec.sites:
-        for name, location in site.datasets.items():
+    for site_spec in spec.sites:
+        for name, location in site_spec.datasets.items():
             if not Path(location.path).is_dir():
-                print(f"  warning: site {site.name}'s dataset {name!r} path {location.path} does not exist on "
+                print(f"  warning: site {site_spec.name}'s dataset {name!r} path {location.path} does not exist on "
                       "this machine; make sure it exists on the site's, or fix it in the kit's "
                       "local/zenfed_site.yaml", file=sys.stderr)
     for site, kit in sorted(deployment.site_kits.items()):

@@ -208,7 +208,7 @@ class TamperingTransport(InProcessTransport):
 
 
 def signed_job(spec: JobSpec, data: Path, root: Path, transport_class: type[InProcessTransport] = InProcessTransport,
-               *, corrupt: tuple[str, ...] = ()):
+               *, corrupt: tuple[str, ...] = (), unreachable: tuple[str, ...] = ()):
     """Run ``spec`` with provisioned-style kits: site and server keys issued by one root CA, all audited.
 
     Sites in ``corrupt`` get a training file with a line that is not UTF-8.
@@ -234,7 +234,7 @@ def signed_job(spec: JobSpec, data: Path, root: Path, transport_class: type[InPr
     server = ServerSession(spec_data=spec.model_dump(mode="json"), job_id="job-1", identity="server",
                            folders=KitFolders(startup=server_startup, local=None, root=root / "server",
                                               run=root / "server" / "run"))
-    transport = transport_class({site: s.handle for site, s in sessions.items()})
+    transport = transport_class({site: s.handle for site, s in sessions.items()}, unreachable=unreachable)
     server.start(sites=list(SITES))
     server.run(transport)
     server.close()
@@ -456,3 +456,22 @@ def test_scaffold_sums_control_variates_in_the_same_ciphertexts_under_dp(tiny_jo
     assert all(torch.allclose(controls[0][k], c[k], atol=1e-6) for c in controls for k in initial)
     assert any(float(controls[0][k].abs().max()) > 0 for k in initial)
     assert sorted(released_adapter(tmp_path)) == sorted(initial)
+
+
+def test_a_silent_site_is_recorded_and_the_audit_still_verifies(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare: site-3 never answers (a crashed site); two sites are enough
+    from zenfed.audit.verify import verify_result
+
+    spec = tiny_job_spec("in-process-silent", federation={"rounds": 2, "min_sites": 2})
+
+    # Execute
+    signed_job(spec, three_site_data, tmp_path, unreachable=("site-3",))
+
+    # Assert: the server recorded why site-3 is absent, each round; the chain verifies, the gap explained
+    result_dir = tmp_path / "server" / "run"
+    silent = [r["fields"] for r in audit_records(result_dir / "audit" / "server.jsonl", "error")
+              if r["fields"].get("kind") == "no_answer"]
+    assert {(f["site"], f["round"]) for f in silent} >= {("site-3", 1), ("site-3", 2)}
+    verdict = verify_result(result_dir)
+    assert verdict.ok, verdict.describe()
+    assert any("site-3" in line for line in verdict.explained)

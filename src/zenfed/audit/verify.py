@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 EXIT_INTACT, EXIT_DAMAGED, EXIT_UNVERIFIABLE = 0, 1, 2
+# The server's error kinds that say a site failed in a round (its later log copies may be missing).
+FAILURE_KINDS = frozenset({"no_answer", "result_rejected"})
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class ResultVerdict:
     problems: list[str] = field(default_factory=list)
     """Other findings: anchors not matched, a log under the wrong name, a shared cert."""
     matched_updates: int = 0
+    explained: list[str] = field(default_factory=list)
+    """Gaps the server's own log explains (a site it recorded as failed or silent): not damage."""
 
     @property
     def ok(self) -> bool:
@@ -66,6 +70,7 @@ class ResultVerdict:
         out += [f"MISSING LOG: {m}" for m in self.missing_logs]
         out += [f"MISMATCH: {m}" for m in self.mismatches]
         out += [f"PROBLEM: {p}" for p in self.problems]
+        out += [f"EXPLAINED: {e}" for e in self.explained]
         out.append(f"cross-check: {self.matched_updates} updates sent and received with the "
                    "same round, hash and size")
         return out
@@ -107,11 +112,24 @@ def verify_result(result_dir: Path, *, root_ca_path: Path | None = None) -> Resu
                         "update_received record)")
     else:
         named = _sites_named(records[server]) | _sites_in_result(result_dir)
-        missing = sorted(n for n in named if n not in paths)
+        failed = _sites_failed(records[server])
+        missing = sorted(n for n in named if n not in paths and n not in failed)
+        explained = [f"no log of {n}: the server recorded its failure ({failed[n]})"
+                     for n in sorted(named) if n not in paths and n in failed]
         sites = {n: r for n, r in records.items() if n != server and logs[n].role != "admin"}
-        matched, mismatches = _cross_check(records[server], sites)
+        matched, found = _cross_check(records[server], sites)
+        # A site the server recorded as failed: its rejected update was never received, and what it
+        # sent after its last log copy is absent from that copy. The server's own log says why.
+        def failed_site(mismatch: str) -> str | None:
+            return next((n for n in failed if mismatch.startswith(f"{n} sent ") or f" from {n};" in mismatch), None)
+
+        mismatches = [m for m in found if failed_site(m) is None]
+        explained += [f"{m} ({failed[site]})" for m in found if (site := failed_site(m)) is not None]
         problems += _check_anchors(records[server], logs)
         problems += _check_closing(records[server], logs[server], result_dir)
+        return ResultVerdict(result_dir=result_dir, logs=logs, server=server, missing_logs=missing,
+                             mismatches=mismatches, problems=problems, matched_updates=matched,
+                             explained=explained)
     return ResultVerdict(result_dir=result_dir, logs=logs, server=server, missing_logs=missing,
                          mismatches=mismatches, problems=problems, matched_updates=matched)
 
@@ -167,6 +185,16 @@ def _sites_named(server_records: list[dict[str, Any]]) -> set[str]:
                                                                       str):
             names.add(fields["participant"])
     return names
+
+
+def _sites_failed(server_records: list[dict[str, Any]]) -> dict[str, str]:
+    """Sites the server recorded as failed or silent, with the first reason it gave."""
+    failed: dict[str, str] = {}
+    for record in server_records:
+        fields = record.get("fields") or {}
+        if record.get("event") == events.ERROR and fields.get("kind") in FAILURE_KINDS and fields.get("site"):
+            failed.setdefault(str(fields["site"]), f"{fields.get('kind')}: {str(fields.get('message', ''))[:120]}")
+    return failed
 
 
 def _sites_in_result(result_dir: Path) -> set[str]:

@@ -56,11 +56,13 @@ class RoundIntake:
         self.update_hashes: list[str] = []
         self.released: AdapterState | None = None
         self.base_model_sha256: str | None = None
+        self.responded: set[str] = set()  # every site that answered this task, accepted or not
 
     def begin(self, *, task: str, round_index: int) -> None:
         """Start taking answers to ``task`` in round ``round_index``."""
         self.task, self.round = task, round_index
         self.sites, self.update_hashes, self.released = {}, [], None
+        self.responded = set()
         self.aggregation.begin(round_index=round_index)
 
     @property
@@ -74,6 +76,7 @@ class RoundIntake:
 
     def accept(self, site: str, answer: Message) -> None:
         """Validate one site's answer and fold it in; reject a bad one with a logged reason, never raise."""
+        self.responded.add(site)
         self.keep_site_log(site, answer)
         try:
             self._accept(site, answer)

@@ -214,6 +214,11 @@ class ServerSession:
                                    min_responses=min(needed, len(targets)), timeout_s=spec.federation.task_timeout_s,
                                    wait_after_min_s=spec.federation.task_timeout_s, on_result=intake.accept):
             return None
+        for site in sorted(set(targets) - intake.responded):
+            reason = (f"{site} did not answer {task} in round {self._round} (crashed, cut off, or past the "
+                      "task timeout); the round went on without it")
+            _log.warning(reason)
+            self._audit.record(E.ERROR, kind="no_answer", site=site, round=self._round, task=task, message=reason)
         if intake.answered < needed:
             text = f"round {self._round}: only {intake.answered} site(s) answered {task}, fewer than {needed}"
             self._audit.record(E.ERROR, kind="too_few_sites", round=self._round, message=text)
