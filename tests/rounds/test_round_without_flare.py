@@ -475,3 +475,64 @@ def test_a_silent_site_is_recorded_and_the_audit_still_verifies(tiny_job_spec, t
     verdict = verify_result(result_dir)
     assert verdict.ok, verdict.describe()
     assert any("site-3" in line for line in verdict.explained)
+
+
+class CrashAtRound2(InProcessTransport):
+    """The server dies when round 2 starts: round 1 is checkpointed, nothing after it."""
+
+    def broadcast(self, *, task, message, **kwargs) -> bool:
+        if task == P.TASK_TRAIN and message.header.get(P.H_ROUND) == 2:
+            self.stop("the server process was killed")
+            return False
+        return super().broadcast(task=task, message=message, **kwargs)
+
+
+def test_a_resumed_job_keeps_the_whole_audit_trail_and_its_lineage(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare: provisioned-style kits; run folders laid out as FLARE's (RUN_ROOT/JOB_ID/zenfed)
+    from zenfed.audit.evidence import collect
+    from zenfed.audit.verify import verify_result
+
+    spec = tiny_job_spec("in-process-resume", federation={"rounds": 2, "min_sites": 3})
+    ca = make_ca()
+    policies = builtin_policies(three_site_data, sites=3, dataset="builtin", allow_any_model=True)
+    startups = {site: make_kit(tmp_path, site, ca) for site in SITES}
+    for site, startup in startups.items():
+        (startup.parent / "local").mkdir()
+        policy = yaml.safe_dump(policies[site].model_dump(mode="json"))
+        (startup.parent / "local" / "zenfed_site.yaml").write_text(policy)
+    server_startup = make_kit(tmp_path, "server", ca, stem="server")
+
+    def job(job_id: str, transport_class: type[InProcessTransport]) -> Path:
+        sites = {site: SiteSession(spec_data=spec.model_dump(mode="json"), site=site, job_id=job_id,
+                                   folders=KitFolders(startup=s, local=s.parent / "local", root=s.parent,
+                                                      run=s.parent / job_id / "zenfed"))
+                 for site, s in startups.items()}
+        server = ServerSession(spec_data=spec.model_dump(mode="json"), job_id=job_id, identity="server",
+                               folders=KitFolders(startup=server_startup, local=None, root=tmp_path / "server",
+                                                  run=tmp_path / "server" / job_id / "zenfed"))
+        server.start(sites=list(SITES))
+        server.run(transport_class({site: s.handle for site, s in sites.items()}))
+        server.close()
+        return server.folders.run
+
+    # Execute: the first run dies after round 1; the job is submitted again
+    first = job("job-1", CrashAtRound2)
+    second = job("job-2", InProcessTransport)
+
+    # Assert: the second run trained round 2 only, kept round 1's server log, links to it, and verifies
+    assert not (first / RESULT_FILE).exists()
+    result = json.loads((second / RESULT_FILE).read_text())
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    kept = second / "audit" / "previous" / "00-job-1" / "server.jsonl"
+    assert kept.is_file()
+    resumed = audit_records(second / "audit" / "server.jsonl", "job_resumed")
+    assert resumed and resumed[0]["fields"]["after_round"] == 1
+    verdict = verify_result(second)
+    assert verdict.ok, verdict.describe()
+    report, _ = collect(second)
+    assert all(entry["inputs"] for entry in report["lineage"]["rounds"])  # round 1's inputs come from job-1's log
+
+    # Assert: a record cut from the kept log is caught
+    lines = kept.read_bytes().rstrip(b"\n").split(b"\n")
+    kept.write_bytes(b"\n".join(lines[:-1]) + b"\n")
+    assert any("does not end where" in p for p in verify_result(second).problems)

@@ -46,6 +46,10 @@ LOG_ANCHORED: Final = "log_anchored"
 Pins the head of a site's log as the server saw it, so that records cut from the
 end of that site's log are caught by ``verify_result``.
 """
+JOB_RESUMED: Final = "job_resumed"
+"""Server side, when a job resumes another run's checkpoint. fields: after_round, previous (list of
+{job, file, seq, sha256}: each earlier run's server log, kept under audit/previous/, and the hash of its
+last record), so the rounds before a crash stay in the result and their log cannot be swapped."""
 JOB_FINISHED: Final = "job_finished"
 """Server side, the last record of a finished job. fields: job_id, rounds, result_sha256 (of
 zenfed_result.json). A server log of a finished job that does not end with it lost records
@@ -72,6 +76,7 @@ ALL_EVENTS: Final = frozenset(
         DP_SPENT,
         STRATEGY_STATE,
         LOG_ANCHORED,
+        JOB_RESUMED,
         JOB_FINISHED,
         LOG_RECOVERED,
     }

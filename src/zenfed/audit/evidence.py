@@ -207,7 +207,10 @@ def _lineage(
     base = _dict(result.get("base_model"))
     aggregated = {}
     released = []
-    for r in logs.get(verdict.server if verdict and verdict.server else "", []):
+    server = verdict.server if verdict and verdict.server else ""
+    # Rounds made before a crash are in the earlier runs' server logs, kept under audit/previous/.
+    earlier = sorted((verdict.result_dir / "audit" / "previous").glob(f"*/{server}.jsonl")) if verdict else []
+    for r in [*(rec for path in earlier for rec in read_records(path)), *logs.get(server, [])]:
         f = _dict(r.get("fields"))
         if r.get("event") == events.AGGREGATED and isinstance(f.get("round"), int):
             aggregated[f["round"]] = f

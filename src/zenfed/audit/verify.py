@@ -127,6 +127,7 @@ def verify_result(result_dir: Path, *, root_ca_path: Path | None = None) -> Resu
         explained += [f"{m} ({failed[site]})" for m in found if (site := failed_site(m)) is not None]
         problems += _check_anchors(records[server], logs)
         problems += _check_closing(records[server], logs[server], result_dir)
+        problems += _check_previous(records[server], audit, root)
         return ResultVerdict(result_dir=result_dir, logs=logs, server=server, missing_logs=missing,
                              mismatches=mismatches, problems=problems, matched_updates=matched,
                              explained=explained)
@@ -264,6 +265,27 @@ def _check_closing(server_records: list[dict[str, Any]], server_log: LogVerdict,
         return ["zenfed_result.json differs from the one the server's closing record pins: it was changed "
                 "after the job"]
     return []
+
+
+def _check_previous(server_records: list[dict[str, Any]], audit: Path, root: Path) -> list[str]:
+    """The earlier runs' server logs a resumed job pinned must verify and end where it pinned them."""
+    out = []
+    for record in server_records:
+        if record.get("event") != events.JOB_RESUMED:
+            continue
+        for entry in (record.get("fields") or {}).get("previous") or []:
+            path = audit / str(entry.get("file", ""))
+            if not path.is_file() or audit not in path.resolve().parents:
+                out.append(f"the log of the resumed run {entry.get('job')} is missing from audit/previous/")
+                continue
+            verdict = verify_log(path, root_ca_path=root)
+            lines = path.read_bytes().rstrip(b"\n").split(b"\n")
+            if not verdict.ok:
+                out.append(f"the log of the resumed run {entry.get('job')}: {verdict.describe()}")
+            elif len(lines) - 1 != entry.get("seq") or sha256_hex(lines[-1]) != entry.get("sha256"):
+                out.append(f"the log of the resumed run {entry.get('job')} does not end where the resuming "
+                           "server pinned it: records were cut or swapped")
+    return out
 
 
 def _check_anchors(server_records: list[dict[str, Any]], logs: dict[str, LogVerdict]) -> list[str]:

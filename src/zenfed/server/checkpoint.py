@@ -27,6 +27,7 @@ class RunState:
     global_payload: bytes | None = None
     global_meta: dict[str, Any] = field(default_factory=dict)
     finished: bool = False
+    audit_dirs: list[str] = field(default_factory=list)  # the audit folders of the runs that made its rounds
 
 
 class CheckpointStore:
@@ -41,6 +42,7 @@ class CheckpointStore:
         meta: dict[str, Any] = {
             "completed_round": state.completed_round, "history": state.history,
             "finished": state.finished, "global_meta": state.global_meta, "global_sha256": None,
+            "audit_dirs": state.audit_dirs,
         }
         if state.global_payload is not None:
             atomic_write_bytes(self.folder / GLOBAL_FILE, state.global_payload)
@@ -62,7 +64,7 @@ class CheckpointStore:
             return RunState(
                 completed_round=int(meta["completed_round"]), history=list(meta["history"]),
                 global_payload=payload, global_meta=dict(meta.get("global_meta") or {}),
-                finished=bool(meta.get("finished", False)),
+                finished=bool(meta.get("finished", False)), audit_dirs=[str(d) for d in meta.get("audit_dirs", [])],
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None

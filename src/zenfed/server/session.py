@@ -17,6 +17,7 @@ tasks: it implements :class:`~zenfed.server.transport.Transport`.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,7 @@ class ServerSession:
             state = RunState()  # A finished run of the same spec starts afresh.
         elif state.completed_round:
             _log.info("resuming %s after round %d", spec.name, state.completed_round)
+            self._keep_previous_logs(state)
         global_state = (
             self.aggregation.from_checkpoint(state.global_payload, state.global_meta)
             if state.global_payload is not None else None
@@ -149,6 +151,9 @@ class ServerSession:
             global_state = new_global
             state.global_payload, state.global_meta = self.aggregation.to_checkpoint(new_global)
             state.completed_round = self._global_round = rnd
+            own_audit = str(self.folders.run / "audit")
+            if own_audit not in state.audit_dirs:
+                state.audit_dirs.append(own_audit)
             store.save(state)
             _log.info("round %d/%d done: %s", rnd, spec.federation.rounds, round_summary(state.history[-1]))
         self._round, self._phase = spec.federation.rounds, "evaluate"
@@ -161,6 +166,28 @@ class ServerSession:
         store.save(state)
         self._write_result(state, global_state, released, final_eval, final_sites)
         self._phase = "done"
+
+    def _keep_previous_logs(self, state: RunState) -> None:
+        """Copy the audit logs of the runs whose rounds this one resumes into ``audit/previous/``; pin their heads.
+
+        A resumed job's result then holds its whole audit trail from round 1, and its log links to the
+        earlier server logs by the hash of their last records.
+        """
+        previous = []
+        for index, folder in enumerate(Path(d) for d in state.audit_dirs):
+            if folder == self.folders.run / "audit" or not folder.is_dir():
+                continue
+            job = folder.parent.parent.name  # RUN_ROOT/JOB_ID/zenfed/audit
+            target = self.folders.run / "audit" / "previous" / f"{index:02d}-{job}"
+            target.mkdir(parents=True, exist_ok=True)
+            for log in sorted(folder.glob("*.jsonl")):
+                shutil.copyfile(log, target / log.name)
+            server_log = folder / f"{self._identity}.jsonl"
+            lines = server_log.read_bytes().rstrip(b"\n").split(b"\n") if server_log.is_file() else []
+            if lines and lines[0]:
+                previous.append({"job": job, "file": f"previous/{target.name}/{server_log.name}",
+                                 "seq": len(lines) - 1, "sha256": sha256_hex(lines[-1])})
+        self._audit.record(E.JOB_RESUMED, after_round=state.completed_round, previous=previous)
 
     def _attest(self, rnd: int, transport: Transport) -> bool:
         """Collect fresh evidence from every site when the gate asks for it; False if the job must stop."""
