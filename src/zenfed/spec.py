@@ -241,6 +241,13 @@ class JobSpec(_Strict):
     def _consistent(self) -> JobSpec:
         if self.encryption.enabled and self.federation.min_sites > self.encryption.max_sites:
             raise ValueError("federation.min_sites exceeds encryption.max_sites")
+        if self.federation.strategy == "scaffold" and self.lora.personal_layers:
+            raise ValueError("scaffold does not combine with lora.personal_layers: the control variates of "
+                             "personal layers would leave the sites; drop one of them")
+        if self.federation.strategy == "scaffold" and self.privacy.level == "client":
+            raise ValueError("scaffold does not combine with privacy.level 'client': the clipped, noised "
+                             "control-variate changes are divided by local_steps * learning_rate, which "
+                             "amplifies the noise; use privacy.level 'record'")
         return self
 
     def spec_hash(self) -> str:

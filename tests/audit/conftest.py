@@ -93,7 +93,8 @@ def _payload(site: str, rnd: int) -> bytes:
                                                                  + 3 * int(site[-1]))
 
 
-def write_result(project: Project, out: Path, *, rounds: int = 3, server_errors: tuple[dict, ...] = ()) -> Path:
+def write_result(project: Project, out: Path, *, rounds: int = 3, server_errors: tuple[dict, ...] = (),
+                 substituted: tuple[str, int] | None = None) -> Path:
     """Write a job result as the server controller and the site executors would.
 
     Site logs are written as the sites would; the server log receives the same
@@ -133,7 +134,8 @@ def write_result(project: Project, out: Path, *, rounds: int = 3, server_errors:
                        kind="encrypted_adapter_update")
             metrics = {"eval_loss": train_loss + 0.2, "accuracy": 0.2 + 0.1 * rnd + 0.05 * i}
             log.append(events.EVALUATED, round=rnd, metrics=metrics)
-            server.append(events.UPDATE_RECEIVED, site=s, round=rnd, sha256=sha, size=size,
+            got = hashlib.sha256(b"swapped" + payload).hexdigest() if substituted == (s, rnd) else sha
+            server.append(events.UPDATE_RECEIVED, site=s, round=rnd, sha256=got, size=size,
                           kind="encrypted_adapter_update")
             inputs.append(sha)
             site_entries[s] = {"train_loss": train_loss, "num_examples": 100 + 50 * i,
@@ -198,7 +200,9 @@ def result_dir(pristine_result: Path, tmp_path: Path) -> Path:
 def make_result(project: Project, tmp_path: Path):
     """Return a function writing a fresh result under tmp_path: make_result(name, rounds=3)."""
 
-    def make(name: str = "result2", *, rounds: int = 3, server_errors: tuple[dict, ...] = ()) -> Path:
-        return write_result(project, tmp_path / name, rounds=rounds, server_errors=server_errors)
+    def make(name: str = "result2", *, rounds: int = 3, server_errors: tuple[dict, ...] = (),
+             substituted: tuple[str, int] | None = None) -> Path:
+        return write_result(project, tmp_path / name, rounds=rounds, server_errors=server_errors,
+                            substituted=substituted)
 
     return make

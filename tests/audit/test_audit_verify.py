@@ -295,3 +295,17 @@ def test_a_result_file_changed_after_the_job_is_caught(result_dir):
 
     # Assert
     assert any("changed after the job" in p for p in verdict.problems) and not verdict.ok
+
+
+def test_a_failure_record_never_explains_a_substituted_update(make_result):
+    # Prepare: the server swapped site-2's round-1 update, then recorded site-2 as silent in round 3
+    result = make_result("swap", substituted=("site-2", 1), server_errors=(
+        {"kind": "no_answer", "site": "site-2", "round": 3, "message": "site-2 did not answer"},))
+
+    # Execute
+    verdict = verify_result(result)
+
+    # Assert
+    assert not verdict.ok
+    assert any("site-2 sent round 1" in m and "the server received" in m for m in verdict.mismatches)
+    assert not any("round 1" in e for e in verdict.explained)

@@ -477,22 +477,29 @@ def test_a_silent_site_is_recorded_and_the_audit_still_verifies(tiny_job_spec, t
     assert any("site-3" in line for line in verdict.explained)
 
 
-class CrashAtRound2(InProcessTransport):
-    """The server dies when round 2 starts: round 1 is checkpointed, nothing after it."""
+class CrashAtRound3(InProcessTransport):
+    """The server dies when round 3 starts: rounds 1 and 2 are checkpointed, nothing after them."""
 
     def broadcast(self, *, task, message, **kwargs) -> bool:
-        if task == P.TASK_TRAIN and message.header.get(P.H_ROUND) == 2:
+        if task == P.TASK_TRAIN and message.header.get(P.H_ROUND) == 3:
             self.stop("the server process was killed")
             return False
         return super().broadcast(task=task, message=message, **kwargs)
 
 
-def test_a_resumed_job_keeps_the_whole_audit_trail_and_its_lineage(tiny_job_spec, three_site_data, tmp_path):
+@pytest.mark.parametrize("variant", [
+    {"federation": {"strategy": "fedavg"}},
+    # state the sites keep between rounds: it must survive the new job id of a resumed job
+    {"federation": {"strategy": "fedadam"}, "lora": {"personal_layers": [1]}},
+])
+def test_a_resumed_job_keeps_the_whole_audit_trail_and_its_lineage(tiny_job_spec, three_site_data, tmp_path,
+                                                                    variant):
     # Prepare: provisioned-style kits; run folders laid out as FLARE's (RUN_ROOT/JOB_ID/zenfed)
     from zenfed.audit.evidence import collect
     from zenfed.audit.verify import verify_result
 
-    spec = tiny_job_spec("in-process-resume", federation={"rounds": 2, "min_sites": 3})
+    spec = tiny_job_spec("in-process-resume", **{**variant, "federation": {
+        "rounds": 3, "min_sites": 3, **variant["federation"]}})
     ca = make_ca()
     policies = builtin_policies(three_site_data, sites=3, dataset="builtin", allow_any_model=True)
     startups = {site: make_kit(tmp_path, site, ca) for site in SITES}
@@ -515,24 +522,54 @@ def test_a_resumed_job_keeps_the_whole_audit_trail_and_its_lineage(tiny_job_spec
         server.close()
         return server.folders.run
 
-    # Execute: the first run dies after round 1; the job is submitted again
-    first = job("job-1", CrashAtRound2)
+    # Execute: the first run dies after round 2; the job is submitted again
+    first = job("job-1", CrashAtRound3)
     second = job("job-2", InProcessTransport)
 
-    # Assert: the second run trained round 2 only, kept round 1's server log, links to it, and verifies
+    # Assert: the second run trained round 3 only, kept the first run's server log, links to it, and verifies
     assert not (first / RESULT_FILE).exists()
     result = json.loads((second / RESULT_FILE).read_text())
-    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    assert [r["round"] for r in result["rounds"]] == [1, 2, 3]
+    assert [r["contributors"] for r in result["rounds"]] == [list(SITES)] * 3
     kept = second / "audit" / "previous" / "00-job-1" / "server.jsonl"
     assert kept.is_file()
     resumed = audit_records(second / "audit" / "server.jsonl", "job_resumed")
-    assert resumed and resumed[0]["fields"]["after_round"] == 1
+    assert resumed and resumed[0]["fields"]["after_round"] == 2
     verdict = verify_result(second)
     assert verdict.ok, verdict.describe()
     report, _ = collect(second)
-    assert all(entry["inputs"] for entry in report["lineage"]["rounds"])  # round 1's inputs come from job-1's log
+    assert all(entry["inputs"] for entry in report["lineage"]["rounds"])  # rounds 1-2 from job-1's log
 
     # Assert: a record cut from the kept log is caught
     lines = kept.read_bytes().rstrip(b"\n").split(b"\n")
     kept.write_bytes(b"\n".join(lines[:-1]) + b"\n")
     assert any("does not end where" in p for p in verify_result(second).problems)
+
+
+class ExtraTensorInTheGlobal(InProcessTransport):
+    """A deviating server: the round-2 global carries a tensor the job does not have."""
+
+    def broadcast(self, *, task, message, **kwargs) -> bool:
+        if task == P.TASK_TRAIN and message.payload:
+            from zenfed.wire import encode_adapter
+
+            forged = decode_adapter(message.payload)
+            forged["base_model.model.extra.lora_A.weight"] = torch.zeros(2, 2)
+            message.payload = encode_adapter(forged)
+            message.header[P.H_PAYLOAD_SHA256] = sha256_hex(message.payload)
+        return super().broadcast(task=task, message=message, **kwargs)
+
+
+def test_a_global_with_a_foreign_tensor_is_refused_with_the_reason(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare
+    spec = tiny_job_spec("in-process-foreign-tensor", federation={"rounds": 2, "min_sites": 3})
+    policies = builtin_policies(three_site_data, sites=3, dataset="builtin", allow_any_model=True)
+
+    # Execute
+    run = run_in_process(spec, workspace=tmp_path, policies=policies, transport=ExtraTensorInTheGlobal)
+
+    # Assert: every site refused round 2 with the reason; the job stopped, no adapter released
+    round_2 = [a for task, _, a in run.transport.answers if task == P.TASK_TRAIN and not a.payload]
+    assert len(round_2) == 3 and all(a.error and "does not match this job's LoRA shape" in a.error["message"]
+                                     for a in round_2)
+    assert run.transport.stopped is not None and not (run.result_dir / RESULT_FILE).exists()

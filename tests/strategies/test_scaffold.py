@@ -105,8 +105,12 @@ def test_the_new_site_control_is_the_mean_raw_gradient_of_the_round():
 
     # Execute
     sent = site.update_to_send(global_adapter={"w": torch.zeros(3)}, local_adapter={"w": torch.ones(3)})
+    before = site.site_control["w"].clone()
+    site.after_decrypt({"w": torch.ones(3), CONTROL + "w": sent[CONTROL + "w"]}, global_round=1)
 
-    # Assert: c_i+ = 2 (not the corrected gradients 1.5 and 3.5), sent as K lr (c_i+ - c_i)
+    # Assert: c_i+ = 2 (not the corrected gradients 1.5 and 3.5), sent as K lr (c_i+ - c_i); c_i takes it
+    # only when the sum that holds its change comes back
+    assert torch.equal(before, torch.zeros(3, dtype=torch.float64))
     assert torch.allclose(site.site_control["w"], torch.full((3,), 2.0, dtype=torch.float64))
     assert torch.allclose(sent[CONTROL + "w"], torch.full((3,), 2.0 * SCALE))
 
@@ -115,3 +119,15 @@ def test_a_rank_capped_adapter_is_refused_with_the_reason():
     # Execute / Assert: the control variates have the job's shape, the capped engine a smaller one
     with pytest.raises(PolicyError, match="max_lora_rank"):
         scaffold().loss_term(global_adapter={"w": torch.zeros(2)})
+
+
+@pytest.mark.parametrize(("extra", "reason"), [
+    ({"lora": {"personal_layers": [1]}}, "personal_layers"),
+    ({"privacy": {"level": "client", "noise_multiplier": 1.0}}, "privacy.level 'client'"),
+])
+def test_scaffold_refuses_the_combinations_it_would_get_wrong(extra, reason):
+    # Execute / Assert
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=reason):
+        JobSpec.model_validate({"name": "sc", "federation": {"strategy": "scaffold"}, **extra})

@@ -113,18 +113,24 @@ def verify_result(result_dir: Path, *, root_ca_path: Path | None = None) -> Resu
     else:
         named = _sites_named(records[server]) | _sites_in_result(result_dir)
         failed = _sites_failed(records[server])
-        missing = sorted(n for n in named if n not in paths and n not in failed)
-        explained = [f"no log of {n}: the server recorded its failure ({failed[n]})"
-                     for n in sorted(named) if n not in paths and n in failed]
+        anchored = {str((r.get("fields") or {}).get("participant")) for r in records[server]
+                    if r.get("event") == events.LOG_ANCHORED}
+        # A site that failed before it ever sent its log: the server's failure record explains the gap.
+        # A log the server anchored and then lost is never explained.
+        failed_sites = {site: reason for (site, _), reason in sorted(failed.items(), key=str)}
+        gone = [n for n in sorted(named) if n not in paths]
+        missing = [n for n in gone if n not in failed_sites or n in anchored]
+        explained = [f"no log of {n}: the server recorded its failure ({failed_sites[n]})"
+                     for n in gone if n not in missing]
         sites = {n: r for n, r in records.items() if n != server and logs[n].role != "admin"}
         matched, found = _cross_check(records[server], sites)
-        # A site the server recorded as failed: its rejected update was never received, and what it
-        # sent after its last log copy is absent from that copy. The server's own log says why.
-        def failed_site(mismatch: str) -> str | None:
-            return next((n for n in failed if mismatch.startswith(f"{n} sent ") or f" from {n};" in mismatch), None)
-
-        mismatches = [m for m in found if failed_site(m) is None]
-        explained += [f"{m} ({failed[site]})" for m in found if (site := failed_site(m)) is not None]
+        mismatches = []
+        for mismatch in found:
+            reason = _explains(mismatch, failed, sites.get(mismatch.site, []))
+            if reason is None:
+                mismatches.append(mismatch.text)
+            else:
+                explained.append(f"{mismatch.text} ({reason})")
         problems += _check_anchors(records[server], logs)
         problems += _check_closing(records[server], logs[server], result_dir)
         problems += _check_previous(records[server], audit, root)
@@ -188,13 +194,14 @@ def _sites_named(server_records: list[dict[str, Any]]) -> set[str]:
     return names
 
 
-def _sites_failed(server_records: list[dict[str, Any]]) -> dict[str, str]:
-    """Sites the server recorded as failed or silent, with the first reason it gave."""
-    failed: dict[str, str] = {}
+def _sites_failed(server_records: list[dict[str, Any]]) -> dict[tuple[str, Any], str]:
+    """(site, round) the server recorded a site failing or staying silent in, with the reason it gave."""
+    failed: dict[tuple[str, Any], str] = {}
     for record in server_records:
         fields = record.get("fields") or {}
         if record.get("event") == events.ERROR and fields.get("kind") in FAILURE_KINDS and fields.get("site"):
-            failed.setdefault(str(fields["site"]), f"{fields.get('kind')}: {str(fields.get('message', ''))[:120]}")
+            failed.setdefault((str(fields["site"]), fields.get("round")),
+                              f"{fields.get('kind')}: {str(fields.get('message', ''))[:120]}")
     return failed
 
 
@@ -215,9 +222,19 @@ def _update_key(site: str, fields: dict[str, Any]) -> tuple[str, Any, Any, Any]:
     return site, fields.get("round"), fields.get("sha256"), fields.get("size")
 
 
+@dataclass(frozen=True)
+class _Mismatch:
+    """One update the two sides disagree on: ``kind`` is ``unreceived``, ``substituted`` or ``unsent``."""
+
+    kind: str
+    site: str
+    round: Any
+    text: str
+
+
 def _cross_check(
     server_records: list[dict[str, Any]], sites: dict[str, list[dict[str, Any]]]
-) -> tuple[int, list[str]]:
+) -> tuple[int, list[_Mismatch]]:
     sent = Counter(
         _update_key(name, r.get("fields") or {})
         for name, recs in sites.items() for r in recs if r.get("event") == events.UPDATE_SENT
@@ -234,17 +251,38 @@ def _cross_check(
         other = [k for k in received if k[:2] == (site, rnd) and k != key]
         what = (f"the server received {other[0][3]} bytes with sha256 {str(other[0][2])[:16]}..."
                 if other else "the server log has no matching update_received")
-        out.append(f"{site} sent round {rnd} update sha256 {str(sha)[:16]}... ({size} bytes); "
-                   f"{what}")
+        out.append(_Mismatch("substituted" if other else "unreceived", site, rnd,
+                             f"{site} sent round {rnd} update sha256 {str(sha)[:16]}... ({size} bytes); {what}"))
     for key in sorted((received - sent).elements(), key=str):
         site, rnd, sha, size = key
         if site not in sites:
             continue
         if any(k[:2] == (site, rnd) for k in sent):
             continue  # already described from the sender's side
-        out.append(f"the server received round {rnd} update sha256 {str(sha)[:16]}... "
-                   f"({size} bytes) from {site}; {site}'s log has no matching update_sent")
+        out.append(_Mismatch("unsent", site, rnd,
+                             f"the server received round {rnd} update sha256 {str(sha)[:16]}... "
+                             f"({size} bytes) from {site}; {site}'s log has no matching update_sent"))
     return sum((sent & received).values()), out
+
+
+def _explains(mismatch: _Mismatch, failed: dict[tuple[str, Any], str],
+              site_records: list[dict[str, Any]]) -> str | None:
+    """The server's reason that accounts for a mismatch, or None: a substitution is never accounted for.
+
+    An update the server did not receive is explained by a failure it recorded for that site and
+    round (a rejected result); one it received that the site's log lacks, by the site's log copy
+    ending before that round after the server recorded the site failing (no later copy came).
+    """
+    if mismatch.kind == "unreceived":
+        return failed.get((mismatch.site, mismatch.round))
+    if mismatch.kind == "unsent" and isinstance(mismatch.round, int):
+        rounds = [f.get("round") for r in site_records if isinstance(f := r.get("fields") or {}, dict)]
+        last = max((x for x in rounds if isinstance(x, int)), default=0)
+        later = [reason for (site, rnd), reason in failed.items()
+                 if site == mismatch.site and isinstance(rnd, int) and rnd >= mismatch.round]
+        if last < mismatch.round and later:
+            return later[0]
+    return None
 
 
 def _check_closing(server_records: list[dict[str, Any]], server_log: LogVerdict, result_dir: Path) -> list[str]:

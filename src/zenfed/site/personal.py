@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -48,7 +49,14 @@ class PersonalLayers:
             raise PolicyError("every adapted tensor is personal: nothing would be federated; keep a layer shared")
         self.kept: AdapterState = {name: initial_adapter[name] for name in self.names}
         if self.names and self.path.is_file():  # a restarted site resumes its personal layers
-            self.kept = {k: v for k, v in load_tensors(self.path.read_bytes()).items() if k in self.names}
+            try:
+                kept = load_tensors(self.path.read_bytes())
+            except (SafetensorError, ValueError, RuntimeError) as err:
+                raise PolicyError(f"{self.path} cannot be read ({err}); delete it to train the personal layers "
+                                  "afresh from their initial values") from None
+            if set(kept) != self.names:
+                raise PolicyError(f"{self.path} holds other tensors than this job's personal layers; delete it")
+            self.kept = kept
 
     def shared(self, names: Iterable[str]) -> set[str]:
         """The names that are not personal."""

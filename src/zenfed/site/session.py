@@ -22,9 +22,11 @@ import logging
 import random
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -44,13 +46,13 @@ from zenfed.site.attestation import SiteAttestation
 from zenfed.site.chain import IncomingGlobal, OutgoingUpdate, RoundInfo, UpdateChain
 from zenfed.site.dp import SiteDP
 from zenfed.site.encryption import SiteEncryption, find_site_context
-from zenfed.site.personal import PersonalLayers
+from zenfed.site.personal import PERSONAL_FILE, PersonalLayers
 from zenfed.site.policy import check_job_allowed, load_policy_for
 from zenfed.site.ranks import RankCap
 from zenfed.site.stages import build_update_chain
 from zenfed.spec import JobSpec, SitePolicy, parse_model
 from zenfed.strategies import Strategy, make_strategy
-from zenfed.types import AdapterState
+from zenfed.types import AdapterState, check_compatible
 from zenfed.update_auth import UpdateSigner
 from zenfed.wire import encode_adapter
 
@@ -92,6 +94,8 @@ class SiteSession:
         self._personal: PersonalLayers | None = None
         self._rank_cap: RankCap | None = None
         self._initial: AdapterState = {}
+        self._signer: UpdateSigner | None = None
+        self._started_fresh = False
         self._train: list[Example] = []
         self._valid: list[Example] = []
         self._base_model_sha256: str | None = None
@@ -172,12 +176,7 @@ class SiteSession:
         self._record(E.POLICY_DECISION, decision="accepted", subject="privacy budget",
                      reason="the job's planned epsilon fits this site's limits", plan=plan)
         self._dp = dp
-        state_file = self.folders.run / STRATEGY_STATE_FILE
-        if state_file.is_file():  # a restarted site resumes its strategy's state
-            self._require(self._strategy).load_state_dict(load_tensors(state_file.read_bytes()))
-        self._chain = build_update_chain(dp=dp, encryption=self._encryption, strategy=self._require(self._strategy),
-                                         audit=self._require(self._audit),
-                                         signer=UpdateSigner.from_kit(self.folders.startup))
+        self._signer = UpdateSigner.from_kit(self.folders.startup)
         model_dir = resolve_base_model(spec.model.base)
         self._base_model_sha256 = model_fingerprint(model_dir)
         self._rank_cap = RankCap.for_site(spec, policy.max_lora_rank)
@@ -188,9 +187,7 @@ class SiteSession:
         if self._rank_cap is not None:  # the job's rank-r_max start, the same at every site
             initial = self._rank_cap.full_initial(initial, seed=spec.training.seed)
         self._initial = initial
-        self._require(self._strategy).begin(initial)
-        self._personal = PersonalLayers(layers=spec.lora.personal_layers, initial_adapter=initial,
-                                        folder=self.folders.run)
+        self._start_site_state(spec, fresh=False)  # resumes what an earlier run of this job left
         self._record(
             E.POLICY_DECISION, decision="accepted", job=spec.name, spec_sha256=spec.spec_hash(),
             dataset=spec.data.dataset, base_model_sha256=self._base_model_sha256,
@@ -215,9 +212,12 @@ class SiteSession:
         The shared global is the initial adapter in round 1, else the server's sum through the
         chain, reversed. To release, the personal layers are left at their initial values.
         """
-        header, personal = message.header, self._require(self._personal)
+        header = message.header
         if not header.get(P.H_HAS_GLOBAL):
-            return personal.for_training(self._initial)
+            if not self._started_fresh:  # round 1 of a job that starts afresh: no earlier state applies
+                self._start_site_state(self._require(self._spec), fresh=True)
+            return self._require(self._personal).for_training(self._initial)
+        personal = self._require(self._personal)
         payload = message.payload
         if not isinstance(payload, bytes) or sha256_hex(payload) != header.get(P.H_PAYLOAD_SHA256):
             raise PolicyError("the global adapter does not match the SHA-256 in its header; refusing it")
@@ -228,6 +228,7 @@ class SiteSession:
         template = {name: wire[name] for name in sorted(personal.shared(wire))}
         incoming = IncomingGlobal(payload=payload, header=header, template=template)
         mean = self._require(self._chain).incoming(incoming, self._round_info(header))
+        check_compatible(template, mean, what="the global adapter the server sent")  # no tensor more or less
         shared = strategy.after_decrypt(mean, global_round=global_round)
         self._keep_strategy_state(strategy, global_round)
         return personal.for_release(shared) if release else personal.for_training(shared)
@@ -342,13 +343,47 @@ class SiteSession:
                          max_epsilon_per_job=current.privacy.max_epsilon_per_job,
                          lifetime_epsilon=current.privacy.lifetime_epsilon)
 
+    def _state_dir(self, spec: JobSpec) -> Path:
+        """Where the site keeps what outlives a job run: keyed by the spec, like the server's checkpoint.
+
+        A job resumed after a crash runs under a new job id; its sites find their strategy state
+        and personal layers here, where the per-job run folder would have lost them.
+        """
+        return self.folders.root / "zenfed-state" / f"{spec.name}-{spec.spec_hash()[:16]}"
+
+    def _start_site_state(self, spec: JobSpec, *, fresh: bool) -> None:
+        """Build the strategy and the personal layers, resumed from the state folder or afresh; then the chain.
+
+        Raises:
+            PolicyError: If a kept state file cannot be read (it names the file and what to do).
+        """
+        folder = self._state_dir(spec)
+        if fresh:
+            for name in (STRATEGY_STATE_FILE, PERSONAL_FILE):
+                (folder / name).unlink(missing_ok=True)
+            self._started_fresh = True
+        strategy = make_strategy(spec)
+        state_file = folder / STRATEGY_STATE_FILE
+        if state_file.is_file():
+            try:
+                strategy.load_state_dict(load_tensors(state_file.read_bytes()))
+            except (SafetensorError, KeyError, ValueError, RuntimeError) as err:
+                raise PolicyError(f"{state_file} cannot be read ({err}); delete it and restart the job from "
+                                  "round 1, or restore it from a backup") from None
+        strategy.begin(self._initial)
+        self._strategy = strategy
+        self._personal = PersonalLayers(layers=spec.lora.personal_layers, initial_adapter=self._initial,
+                                        folder=folder)
+        self._chain = build_update_chain(dp=self._require(self._dp), encryption=self._encryption, strategy=strategy,
+                                         audit=self._require(self._audit), signer=self._signer)
+
     def _keep_strategy_state(self, strategy: Strategy, global_round: int) -> None:
         """Keep the strategy's state for the next round (a restarted site resumes it); audit its hash."""
         state = strategy.state_dict()
         if state is None:
             return
         data = bytes(save_tensors(state))
-        path = self.folders.run / STRATEGY_STATE_FILE
+        path = self._state_dir(self._require(self._spec)) / STRATEGY_STATE_FILE
         if path.is_file() and path.read_bytes() == data:
             return  # the same sum again (final evaluation, then release): nothing new
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -79,6 +79,7 @@ class Scaffold(FedAvg):
         self.site_control: dict[str, torch.Tensor] = {}  # c_i
         self.steps = 0
         self._round_term: _Correction | None = None
+        self._pending: dict[str, torch.Tensor] = {}  # c_i+ of the update sent, not yet in a returned sum
 
     @property
     def _scale(self) -> float:
@@ -112,7 +113,7 @@ class Scaffold(FedAvg):
         return self._round_term
 
     def update_to_send(self, *, global_adapter: AdapterState, local_adapter: AdapterState) -> AdapterState:
-        """The trained adapter, and ``K lr (c_i+ - c_i)`` for each tensor; c_i becomes c_i+."""
+        """The trained adapter, and ``K lr (c_i+ - c_i)`` for each tensor; c_i becomes c_i+ with the next sum."""
         sent = super().update_to_send(global_adapter=global_adapter, local_adapter=local_adapter)
         changes = {}
         term = self._round_term
@@ -122,7 +123,7 @@ class Scaffold(FedAvg):
                 mean_gradient = (global_adapter[name].double() - local_adapter[name].double()) / self._scale
             new_site = mean_gradient.reshape(self.site_control[name].shape)
             changes[CONTROL + name] = ((new_site - self.site_control[name]) * self._scale).to(torch.float32)
-            self.site_control[name] = new_site
+            self._pending[name] = new_site  # becomes c_i when the sum that holds its change comes back
         return {**sent, **changes}
 
     def after_decrypt(self, mean: AdapterState, *, global_round: int) -> AdapterState:
@@ -141,6 +142,8 @@ class Scaffold(FedAvg):
             if key.startswith(CONTROL):
                 name = key[len(CONTROL):]
                 self.global_control[name] = self.global_control[name] + value.double() / self._scale
+        self.site_control.update(self._pending)
+        self._pending = {}
         self.steps = global_round
         return adapter
 
