@@ -134,6 +134,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_replay(args: argparse.Namespace) -> int:
+    from zenfed.audit.replay import main_replay
+
+    return main_replay(Path(args.result_dir))
+
+
 def _audit_verify(args: argparse.Namespace) -> int:
     from zenfed.audit.verify import main_verify
 
@@ -207,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
 
     audit = sub.add_parser("audit", help="audit logs").add_subparsers(dest="audit_command", required=True)
+    p = command("replay", _audit_replay, "re-add every kept encrypted sum and check it against the signed logs",
+                audit)
+    p.add_argument("result_dir", help="a downloaded job result folder")
     p = command("verify", _audit_verify, "verify audit log chains, signatures and cross-checks", audit)
     p.add_argument("path", help="a PARTICIPANT.jsonl log or a job result folder")
     p.add_argument("--root-ca", help="the project's rootCA.pem (default: found next to the logs)")

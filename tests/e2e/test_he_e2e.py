@@ -102,6 +102,11 @@ def test_deployment_server_never_holds_a_secret_key(
     result = load_result(outcome.result_dir)
     assert result["aggregation"] == "fedavg-ckks"
     assert (outcome.result_dir / "adapter" / "adapter_model.safetensors").is_file()
+    # Anyone can re-add the kept ciphertexts with the public context and match the signed logs.
+    from zenfed.audit.replay import replay_result
+
+    replayed = replay_result(outcome.result_dir)
+    assert replayed.ok and replayed.rounds_checked == [1, 2], replayed.problems
     # No file anywhere under the server's kit and workspace (jobs, checkpoints, logs) holds a secret key.
     server_files = [p for p in server_kit.rglob("*") if p.is_file()]
     assert server_files

@@ -7,6 +7,7 @@ plaintext FedAvg of what the sites sent.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -231,6 +232,13 @@ def signed_job(spec: JobSpec, data: Path, root: Path, transport_class: type[InPr
                                      folders=KitFolders(startup=startup, local=local, root=startup.parent,
                                                         run=startup.parent / "run"))
     server_startup = make_kit(root, "server", ca, stem="server")
+    if spec.encryption.enabled:  # one CKKS key pair: the secret in every site's kit, the public one in the server's
+        from zenfed.privacy.he import SERVER_CONTEXT_FILE, make_public_context, make_secret_context, save_context
+
+        secret = make_secret_context()
+        for site in SITES:
+            save_context(secret, root / site / "startup" / SITE_CONTEXT_FILE)
+        save_context(make_public_context(secret), server_startup / SERVER_CONTEXT_FILE)
     server = ServerSession(spec_data=spec.model_dump(mode="json"), job_id="job-1", identity="server",
                            folders=KitFolders(startup=server_startup, local=None, root=root / "server",
                                               run=root / "server" / "run"))
@@ -573,3 +581,43 @@ def test_a_global_with_a_foreign_tensor_is_refused_with_the_reason(tiny_job_spec
     assert len(round_2) == 3 and all(a.error and "does not match this job's LoRA shape" in a.error["message"]
                                      for a in round_2)
     assert run.transport.stopped is not None and not (run.result_dir / RESULT_FILE).exists()
+
+
+def test_anyone_can_re_add_the_kept_ciphertexts_and_a_swapped_one_is_named(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare: an encrypted, signed, audited job
+    from zenfed.audit.replay import main_replay, replay_result
+
+    spec = tiny_job_spec("in-process-replay", encryption={"enabled": True}, federation={"rounds": 2, "min_sites": 3})
+    signed_job(spec, three_site_data, tmp_path)
+    result_dir = tmp_path / "server" / "run"
+
+    # Execute / Assert: the untouched result replays, with no secret key
+    verdict = replay_result(result_dir)
+    assert verdict.ok and verdict.rounds_checked == [1, 2], verdict.problems
+
+    # Execute / Assert: round 2's kept update of site-1 swapped for its round-1 update is named, round 2 first
+    kept = result_dir / "updates"
+    (kept / "round-0002" / "site-1.bin").write_bytes((kept / "round-0001" / "site-1.bin").read_bytes())
+    verdict = replay_result(result_dir)
+    assert not verdict.ok and verdict.first_bad_round == 2
+    assert any("site-1" in p and "not one the server recorded" in p for p in verdict.problems)
+    assert main_replay(result_dir, out=io.StringIO()) == 1
+
+
+def test_a_swap_between_two_sites_of_one_round_is_caught(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare
+    from zenfed.audit.replay import replay_result
+
+    spec = tiny_job_spec("in-process-replay-swap", encryption={"enabled": True},
+                         federation={"rounds": 1, "min_sites": 3})
+    signed_job(spec, three_site_data, tmp_path)
+    kept = tmp_path / "server" / "run" / "updates" / "round-0001"
+    one, two = (kept / "site-1.bin").read_bytes(), (kept / "site-2.bin").read_bytes()
+    (kept / "site-1.bin").write_bytes(two)
+    (kept / "site-2.bin").write_bytes(one)
+
+    # Execute
+    verdict = replay_result(tmp_path / "server" / "run")
+
+    # Assert
+    assert not verdict.ok and verdict.first_bad_round == 1

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from zenfed import protocol as P
+from zenfed.atomic import atomic_write_bytes
 from zenfed.audit import events as E
+from zenfed.audit.replay import kept_update_path
 from zenfed.audit.sink import AuditSink
 from zenfed.digest import sha256_hex
 from zenfed.errors import ZenfedError
@@ -125,6 +127,8 @@ class RoundIntake:
                                     payload=payload)
             weight = self.aggregation.add(site=site, header=header, payload=payload)
             digest = sha256_hex(payload)
+            if self.aggregation.encrypted:  # kept for `zenfed audit replay`: anyone can re-add them
+                atomic_write_bytes(kept_update_path(self.out_dir, self.round, site), payload)
             self.update_hashes.append(digest)
             self.audit.record(E.UPDATE_RECEIVED, site=site, round=self.round, sha256=digest, size=len(payload),
                               kind=P.UPDATE_KIND, encrypted=self.aggregation.encrypted)

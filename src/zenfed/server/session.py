@@ -24,6 +24,7 @@ from typing import Any
 
 from zenfed import protocol as P
 from zenfed.audit import events as E
+from zenfed.audit.replay import REPLAY_CONTEXT, UPDATES_DIR
 from zenfed.audit.sink import AuditSink
 from zenfed.digest import sha256_hex
 from zenfed.errors import ZenfedError
@@ -85,6 +86,7 @@ class ServerSession:
         self._strategy = make_strategy(self.spec)
         context = find_server_context(folders) if self.spec.encryption.enabled else None
         self.aggregation: Aggregation = make_aggregation(self._strategy, job_id=job_id, server_context=context)
+        self._public_context = context
         self._gate: ServerAttestationGate | None = None
         # Where the sites, not the server, hold the global (a site-side optimizer, personal layers),
         # the final adapter comes from a site even in a job in the clear.
@@ -99,6 +101,10 @@ class ServerSession:
             log_path=out_dir / "audit" / f"{self._identity}.jsonl",
         )
         self._gate = ServerAttestationGate(spec=self.spec, workspace_root=self.folders.root, audit=self._audit)
+        if self._public_context is not None:  # public parameters, so that anyone can re-add the kept updates
+            kept = out_dir / UPDATES_DIR
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self._public_context, kept / REPLAY_CONTEXT)
         verifier = UpdateVerifier.from_kit(self.folders.startup)
         if verifier is None:
             _log.warning("no %s in the server kit (simulator?): site signatures are not checked", ROOT_CA)
