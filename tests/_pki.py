@@ -40,4 +40,6 @@ def make_kit(folder: Path, site: str, ca: tuple[rsa.RSAPrivateKey, x509.Certific
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
     (startup / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (startup / "rootCA.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    if stem == "client":  # a site kit, as FLARE lays it out (the audit log reads its role from it)
+        (startup / "fed_client.json").write_text("{}\n")
     return startup

@@ -7,6 +7,7 @@ plaintext FedAvg of what the sites sent.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import shutil
@@ -621,3 +622,33 @@ def test_a_swap_between_two_sites_of_one_round_is_caught(tiny_job_spec, three_si
 
     # Assert
     assert not verdict.ok and verdict.first_bad_round == 1
+
+
+class SendsSite2AnotherGlobal(InProcessTransport):
+    """A deviating server: in round 2 it sends site-2 site-1's own round-1 update as the "global"."""
+
+    def broadcast(self, *, task, message, targets, on_result, **kwargs) -> bool:
+        if task != P.TASK_TRAIN or not message.payload:
+            return super().broadcast(task=task, message=message, targets=targets, on_result=on_result, **kwargs)
+        honest = [site for site in targets if site != "site-2"]
+        ok = super().broadcast(task=task, message=message, targets=honest, on_result=on_result, **kwargs)
+        forged = copy.deepcopy(message)
+        forged.payload = next(a.payload for t, s, a in self.answers if s == "site-1" and t == task and a.payload)
+        forged.header[P.H_PAYLOAD_SHA256] = sha256_hex(forged.payload)
+        return ok and super().broadcast(task=task, message=forged, targets=["site-2"], on_result=on_result, **kwargs)
+
+
+def test_a_site_sent_another_global_than_the_recorded_sum_is_caught(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare
+    from zenfed.audit.verify import verify_result
+
+    spec = tiny_job_spec("in-process-equivocation", federation={"rounds": 2, "min_sites": 3})
+
+    # Execute
+    signed_job(spec, three_site_data, tmp_path, SendsSite2AnotherGlobal)
+
+    # Assert: site-2's own signed log shows what it received; it is not the sum the server recorded
+    verdict = verify_result(tmp_path / "server" / "run")
+    assert not verdict.ok
+    assert any(p.startswith("site-2 received a global in round 2") for p in verdict.problems), verdict.describe()
+    assert not any(p.startswith("site-1 received") for p in verdict.problems)

@@ -46,6 +46,10 @@ LOG_ANCHORED: Final = "log_anchored"
 Pins the head of a site's log as the server saw it, so that records cut from the
 end of that site's log are caught by ``verify_result``.
 """
+GLOBAL_RECEIVED: Final = "global_received"
+"""Site side, for every global a task carries. fields: round (of the task), global_round (rounds
+aggregated into it), sha256 (of the bytes). It must be an output the server recorded
+(``aggregated``): a server that sends sites different sums, or one site's own update, is caught."""
 JOB_RESUMED: Final = "job_resumed"
 """Server side, when a job resumes another run's checkpoint. fields: after_round, previous (list of
 {job, file, seq, sha256}: each earlier run's server log, kept under audit/previous/, and the hash of its
@@ -76,6 +80,7 @@ ALL_EVENTS: Final = frozenset(
         DP_SPENT,
         STRATEGY_STATE,
         LOG_ANCHORED,
+        GLOBAL_RECEIVED,
         JOB_RESUMED,
         JOB_FINISHED,
         LOG_RECOVERED,

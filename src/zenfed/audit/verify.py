@@ -133,6 +133,8 @@ def verify_result(result_dir: Path, *, root_ca_path: Path | None = None) -> Resu
                 explained.append(f"{mismatch.text} ({reason})")
         problems += _check_anchors(records[server], logs)
         problems += _check_closing(records[server], logs[server], result_dir)
+        earlier = [rec for path in sorted((audit / "previous").glob(f"*/{server}.jsonl")) for rec in read_records(path)]
+        problems += _check_globals([*earlier, *records[server]], sites)
         problems += _check_previous(records[server], audit, root)
         return ResultVerdict(result_dir=result_dir, logs=logs, server=server, missing_logs=missing,
                              mismatches=mismatches, problems=problems, matched_updates=matched,
@@ -283,6 +285,24 @@ def _explains(mismatch: _Mismatch, failed: dict[tuple[str, Any], str],
         if last < mismatch.round and later:
             return later[0]
     return None
+
+
+def _check_globals(server_records: list[dict[str, Any]], sites: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Every global a site received is a sum the server recorded: no site was sent another one."""
+    outputs = {(r.get("fields") or {}).get("round"): (r.get("fields") or {}).get("output")
+               for r in server_records if r.get("event") == events.AGGREGATED}
+    out = []
+    for site, records in sorted(sites.items()):
+        for record in records:
+            if record.get("event") != events.GLOBAL_RECEIVED:
+                continue
+            fields = record.get("fields") or {}
+            expected = outputs.get(fields.get("global_round"))
+            if fields.get("sha256") != expected:
+                out.append(f"{site} received a global in round {fields.get('round')} (sha256 "
+                           f"{str(fields.get('sha256'))[:16]}...) that is not the sum of round "
+                           f"{fields.get('global_round')} the server recorded: the server sent it something else")
+    return out
 
 
 def _check_closing(server_records: list[dict[str, Any]], server_log: LogVerdict, result_dir: Path) -> list[str]:

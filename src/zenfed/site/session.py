@@ -223,6 +223,8 @@ class SiteSession:
             raise PolicyError("the global adapter does not match the SHA-256 in its header; refusing it")
         if bool(header.get(P.H_ENCRYPTED)) != (self._encryption is not None):
             raise PolicyError("the task's encryption does not match the job spec; refusing it")
+        self._record(E.GLOBAL_RECEIVED, round=int(header.get(P.H_ROUND, 0)),
+                     global_round=int(header.get(P.H_GLOBAL_ROUND, 0)), sha256=sha256_hex(payload))
         strategy, global_round = self._require(self._strategy), int(header.get(P.H_GLOBAL_ROUND, 0))
         wire = strategy.wire_template(self._initial)
         template = {name: wire[name] for name in sorted(personal.shared(wire))}
