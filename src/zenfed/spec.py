@@ -113,6 +113,10 @@ class TrainingSpec(_Strict):
     seed: int = Field(0, ge=0, description="seed for LoRA initialisation and data order")
 
 
+# Strategies whose sites step their own state with every round's sum: each site must see every round.
+SITE_STATE_STRATEGIES = ("fedavgm", "fedadam", "fedyogi", "scaffold")
+
+
 class ServerOptimizerSpec(_Strict):
     """FedOpt's server optimizer, which the sites run on the decrypted mean (see strategies/fedopt.py)."""
 
@@ -140,6 +144,9 @@ class FederationSpec(_Strict):
         0.01, gt=0, description="FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2"
     )
     server_optimizer: ServerOptimizerSpec = ServerOptimizerSpec()
+    cohort_fraction: float = Field(
+        1.0, gt=0, le=1, description="share of the eligible sites that train each round, drawn from the job's seed"
+    )
     task_timeout_s: int = Field(
         3600, ge=10, description="seconds a round waits for sites before going on without them"
     )
@@ -241,6 +248,9 @@ class JobSpec(_Strict):
     def _consistent(self) -> JobSpec:
         if self.encryption.enabled and self.federation.min_sites > self.encryption.max_sites:
             raise ValueError("federation.min_sites exceeds encryption.max_sites")
+        if self.federation.cohort_fraction < 1 and self.federation.strategy in SITE_STATE_STRATEGIES:
+            raise ValueError(f"federation.strategy {self.federation.strategy!r} keeps state at every site that a "
+                             "site outside a round's cohort cannot follow; use cohort_fraction 1 with it")
         if self.federation.strategy == "scaffold" and self.lora.personal_layers:
             raise ValueError("scaffold does not combine with lora.personal_layers: the control variates of "
                              "personal layers would leave the sites; drop one of them")

@@ -652,3 +652,29 @@ def test_a_site_sent_another_global_than_the_recorded_sum_is_caught(tiny_job_spe
     assert not verdict.ok
     assert any(p.startswith("site-2 received a global in round 2") for p in verdict.problems), verdict.describe()
     assert not any(p.startswith("site-1 received") for p in verdict.problems)
+
+
+def test_a_cohort_fraction_trains_a_seeded_share_of_the_sites_each_round(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare: 3 sites, half of them (at least min_sites 1, so 2) per round
+    spec = tiny_job_spec("in-process-cohort", federation={"rounds": 4, "min_sites": 1, "cohort_fraction": 0.5})
+    policies = builtin_policies(three_site_data, sites=3, dataset="builtin", allow_any_model=True)
+
+    # Execute: the same job twice
+    first = run_in_process(spec, workspace=tmp_path / "a", policies=policies)
+    again = run_in_process(spec, workspace=tmp_path / "b", policies=policies)
+
+    # Assert: two sites train each round, only they got the task, and the draw is the job's, not chance
+    cohorts = [r["contributors"] for r in json.loads((first.result_dir / RESULT_FILE).read_text())["rounds"]]
+    assert all(len(c) == 2 for c in cohorts) and len({tuple(c) for c in cohorts}) > 1
+    asked = {r: sorted(s for t, s, a in first.transport.answers if t == P.TASK_TRAIN and a.header.get(P.H_ROUND) == r)
+             for r in range(1, 5)}
+    assert [asked[r] for r in range(1, 5)] == cohorts
+    assert cohorts == [r["contributors"] for r in json.loads((again.result_dir / RESULT_FILE).read_text())["rounds"]]
+
+
+def test_a_cohort_fraction_is_refused_with_a_strategy_whose_sites_must_see_every_round():
+    # Execute / Assert
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="cohort_fraction 1"):
+        JobSpec.model_validate({"name": "c", "federation": {"strategy": "fedadam", "cohort_fraction": 0.5}})

@@ -17,6 +17,8 @@ tasks: it implements :class:`~zenfed.server.transport.Transport`.
 from __future__ import annotations
 
 import logging
+import math
+import random
 import shutil
 import time
 from pathlib import Path
@@ -241,6 +243,8 @@ class ServerSession:
         intake.begin(task=task, round_index=self._round)
         everyone = sorted(transport.sites())
         targets = targets or (self._gate.eligible(everyone) if self._gate else everyone)
+        if task == P.TASK_TRAIN:
+            targets = self._cohort(targets)
         needed = spec.federation.min_sites if min_sites is None else min_sites
         self._audit.record(E.ROUND_STARTED, round=self._round, task=task, sites=targets)
         if not transport.broadcast(task=task, message=message, targets=targets,
@@ -276,6 +280,19 @@ class ServerSession:
         self._audit.record(E.ROUND_ENDED, round=self._round, task=task,
                            contributors=sorted(self.aggregation.contributors))
         return new_global
+
+    def _cohort(self, eligible: list[str]) -> list[str]:
+        """The sites that train this round: all, or ``cohort_fraction`` of them (at least ``min_sites``).
+
+        Drawn from the job's seed and the round, so the same job picks the same cohorts; recorded in
+        ``round_started``. Sites outside the cohort get no task this round.
+        """
+        fraction = self.spec.federation.cohort_fraction
+        if fraction >= 1:
+            return eligible
+        size = min(len(eligible), max(self.spec.federation.min_sites, math.ceil(fraction * len(eligible))))
+        draw = random.Random(f"zenfed-cohort:{self.spec.training.seed}:{self._round}")
+        return sorted(draw.sample(sorted(eligible), size))
 
     def _release(self, global_state: Any, final_sites: dict[str, dict[str, Any]], transport: Transport) -> Any:
         """Return the final adapter in the clear, if allowed; under encryption ask one site to decrypt it."""
