@@ -64,16 +64,7 @@ def replay_result(result_dir: Path) -> ReplayVerdict:
     Raises:
         AuditError: If the result is not an encrypted job's, or keeps no ciphertexts or context.
     """
-    from zenfed.privacy.he import (
-        EncryptedSum,
-        HEError,
-        expected_ciphertext_bytes,
-        fingerprint,
-        load_context,
-        open_envelope,
-        packing_for,
-        read_envelope,
-    )
+    from zenfed.privacy.he import EncryptedSum, HEError, load_context, open_update, packing_for
     from zenfed.spec import EncryptionSpec
 
     result_dir = Path(result_dir)
@@ -91,7 +82,6 @@ def replay_result(result_dir: Path) -> ReplayVerdict:
         raise AuditError(f"{kept / REPLAY_CONTEXT} is missing: this result keeps no public context to re-add with")
     context = load_context(kept / REPLAY_CONTEXT, require_secret=False)
     packing = packing_for(encryption)
-    print_ = fingerprint(context, packing)
 
     logs = {p.stem: read_records(p) for p in sorted((result_dir / "audit").glob("*.jsonl"))}
     server = next((n for n, recs in logs.items() if any(r.get("event") == events.AGGREGATED for r in recs)), None)
@@ -129,12 +119,9 @@ def replay_result(result_dir: Path) -> ReplayVerdict:
                                     "recorded summing (one dropped, added or swapped)")
         total = EncryptedSum(context=context)
         try:
-            for site, path in ((f.stem, f) for f in files):
-                data = path.read_bytes()
-                n_values = read_envelope(data)[0].n_values
-                _, ciphertext = open_envelope(
-                    data, job=job_id, round=rnd, site=site, fingerprint=print_, n_values=n_values,
-                    ciphertext_bytes=expected_ciphertext_bytes(n_values=n_values, context=context, packing=packing))
+            for path in files:
+                _, ciphertext = open_update(path.read_bytes(), context=context, packing=packing, job=job_id,
+                                            round=rnd, site=path.stem)
                 total.add(ciphertext)
             if sha256_hex(total.to_bytes()) != output:
                 verdict.problems.append(f"round {rnd}: the kept ciphertexts do not add up to the sum the server "

@@ -23,12 +23,10 @@ from zenfed.errors import ZenfedError
 from zenfed.privacy.he import (
     EncryptedSum,
     HEContext,
-    expected_ciphertext_bytes,
     fingerprint,
     load_context,
-    open_envelope,
+    open_update,
     packing_for,
-    read_envelope,
 )
 from zenfed.spec import EncryptionSpec
 from zenfed.strategies import Strategy
@@ -259,15 +257,9 @@ class EncryptedAggregation:
             raise ZenfedError(f"encrypted update from {site} claims weight {weight}; it must be in (0, 1]")
         if self._total + weight > self.packing.max_sites:
             raise ZenfedError(f"the sum would exceed encryption.max_sites={self.packing.max_sites} units of weight")
-        n_values = self.n_values
-        if n_values is None:
-            # The first envelope fixes the update length for the job; every later one must match.
-            n_values = read_envelope(payload)[0].n_values
-        _, ciphertext = open_envelope(
-            payload, job=self.job_id, round=self._round, site=site, fingerprint=self.fingerprint,
-            n_values=n_values,
-            ciphertext_bytes=expected_ciphertext_bytes(n_values=n_values, context=self.context, packing=self.packing),
-        )
+        # The first envelope fixes the update length for the job; every later one must match.
+        n_values, ciphertext = open_update(payload, context=self.context, packing=self.packing, job=self.job_id,
+                                           round=self._round, site=site, n_values=self.n_values)
         self._sum.add(ciphertext)
         self.n_values = n_values
         self._total += weight

@@ -18,6 +18,7 @@ from zenfed.privacy.he.ckks import (
     decrypt_sum,
     expected_ciphertext_bytes,
     fingerprint,
+    open_update,
 )
 from zenfed.privacy.he.context import (
     SERVER_CONTEXT_FILE,
@@ -75,6 +76,7 @@ __all__ = [
     "make_public_context",
     "make_secret_context",
     "open_envelope",
+    "open_update",
     "packing_for",
     "read_envelope",
     "save_context",

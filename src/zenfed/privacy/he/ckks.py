@@ -351,3 +351,32 @@ def decrypt_sum(
         raise HEDecodeError(f"the sum holds {reals.size} slots, the layout needs {needed}")
     values = unpack_values(reals, n_values=layout.n_values, packing=packing, layout=lay)
     return unflatten_update(values / total_weight, layout=layout)
+
+
+def open_update(
+    data: bytes, *, context: HEContext, packing: PackingConfig, job: str, round: int, site: str,
+    n_values: int | None = None,
+) -> tuple[int, bytes]:
+    """Open one site's update envelope for this job, round and site; return its value count and ciphertext.
+
+    Args:
+        data: The envelope bytes the site sent.
+        context: A (public) context of the job's parameters.
+        packing: The job's packing.
+        job: The job id the envelope must name.
+        round: The round it must name.
+        site: The site it must name.
+        n_values: The update length the round expects; the envelope's own if None (the first of a job).
+
+    Raises:
+        EnvelopeError: If any check fails (parameters, length, job, round, site, hash).
+    """
+    from zenfed.privacy.he.envelope import open_envelope, read_envelope
+
+    if n_values is None:
+        n_values = read_envelope(data)[0].n_values
+    _, ciphertext = open_envelope(
+        data, job=job, round=round, site=site, fingerprint=fingerprint(context, packing), n_values=n_values,
+        ciphertext_bytes=expected_ciphertext_bytes(n_values=n_values, context=context, packing=packing),
+    )
+    return n_values, ciphertext
