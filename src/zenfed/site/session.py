@@ -22,13 +22,9 @@ import logging
 import random
 import zlib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 from zenfed import protocol as P
 from zenfed.atomic import atomic_write_bytes
@@ -46,10 +42,11 @@ from zenfed.site.attestation import SiteAttestation
 from zenfed.site.chain import IncomingGlobal, OutgoingUpdate, RoundInfo, UpdateChain
 from zenfed.site.dp import SiteDP
 from zenfed.site.encryption import SiteEncryption, find_site_context
-from zenfed.site.personal import PERSONAL_FILE, PersonalLayers
+from zenfed.site.personal import PersonalLayers
 from zenfed.site.policy import check_job_allowed, load_policy_for
 from zenfed.site.ranks import RankCap
 from zenfed.site.stages import build_update_chain
+from zenfed.site.state import SiteStateStore
 from zenfed.spec import JobSpec, SitePolicy, parse_model
 from zenfed.strategies import Strategy, make_strategy
 from zenfed.types import AdapterState, check_compatible
@@ -57,7 +54,6 @@ from zenfed.update_auth import UpdateSigner
 from zenfed.wire import encode_adapter
 
 TASKS = (P.TASK_ATTEST, P.TASK_TRAIN, P.TASK_EVALUATE, P.TASK_RELEASE)
-STRATEGY_STATE_FILE = "strategy_state.safetensors"
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
@@ -96,6 +92,7 @@ class SiteSession:
         self._initial: AdapterState = {}
         self._signer: UpdateSigner | None = None
         self._started_fresh = False
+        self._store: SiteStateStore | None = None
         self._train: list[Example] = []
         self._valid: list[Example] = []
         self._base_model_sha256: str | None = None
@@ -232,7 +229,9 @@ class SiteSession:
         mean = self._require(self._chain).incoming(incoming, self._round_info(header))
         check_compatible(template, mean, what="the global adapter the server sent")  # no tensor more or less
         shared = strategy.after_decrypt(mean, global_round=global_round)
-        self._keep_strategy_state(strategy, global_round)
+        digest = self._require(self._store).keep(strategy)  # a restarted site resumes it
+        if digest is not None:
+            self._record(E.STRATEGY_STATE, strategy=strategy.name, round=global_round, sha256=digest)
         return personal.for_release(shared) if release else personal.for_training(shared)
 
     def _run(self, task: str, spec: JobSpec, header: dict[str, Any], adapter: AdapterState,
@@ -345,52 +344,24 @@ class SiteSession:
                          max_epsilon_per_job=current.privacy.max_epsilon_per_job,
                          lifetime_epsilon=current.privacy.lifetime_epsilon)
 
-    def _state_dir(self, spec: JobSpec) -> Path:
-        """Where the site keeps what outlives a job run: keyed by the spec, like the server's checkpoint.
-
-        A job resumed after a crash runs under a new job id; its sites find their strategy state
-        and personal layers here, where the per-job run folder would have lost them.
-        """
-        return self.folders.root / "zenfed-state" / f"{spec.name}-{spec.spec_hash()[:16]}"
-
     def _start_site_state(self, spec: JobSpec, *, fresh: bool) -> None:
         """Build the strategy and the personal layers, resumed from the state folder or afresh; then the chain.
 
         Raises:
             PolicyError: If a kept state file cannot be read (it names the file and what to do).
         """
-        folder = self._state_dir(spec)
+        store = SiteStateStore(root=self.folders.root, spec=spec)
         if fresh:
-            for name in (STRATEGY_STATE_FILE, PERSONAL_FILE):
-                (folder / name).unlink(missing_ok=True)
+            store.clear()
             self._started_fresh = True
         strategy = make_strategy(spec)
-        state_file = folder / STRATEGY_STATE_FILE
-        if state_file.is_file():
-            try:
-                strategy.load_state_dict(load_tensors(state_file.read_bytes()))
-            except (SafetensorError, KeyError, ValueError, RuntimeError) as err:
-                raise PolicyError(f"{state_file} cannot be read ({err}); delete it and restart the job from "
-                                  "round 1, or restore it from a backup") from None
+        store.resume(strategy)
         strategy.begin(self._initial)
-        self._strategy = strategy
+        self._store, self._strategy = store, strategy
         self._personal = PersonalLayers(layers=spec.lora.personal_layers, initial_adapter=self._initial,
-                                        folder=folder)
+                                        folder=store.folder)
         self._chain = build_update_chain(dp=self._require(self._dp), encryption=self._encryption, strategy=strategy,
                                          audit=self._require(self._audit), signer=self._signer)
-
-    def _keep_strategy_state(self, strategy: Strategy, global_round: int) -> None:
-        """Keep the strategy's state for the next round (a restarted site resumes it); audit its hash."""
-        state = strategy.state_dict()
-        if state is None:
-            return
-        data = bytes(save_tensors(state))
-        path = self._state_dir(self._require(self._spec)) / STRATEGY_STATE_FILE
-        if path.is_file() and path.read_bytes() == data:
-            return  # the same sum again (final evaluation, then release): nothing new
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
-        self._record(E.STRATEGY_STATE, strategy=strategy.name, round=global_round, sha256=sha256_hex(data))
 
     def _keep_sent(self, rnd: int, payload: bytes) -> None:
         """Keep the site's own copy of what left it, named by round (the site's record, not the server's)."""

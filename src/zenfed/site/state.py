@@ -1,0 +1,74 @@
+"""What a site keeps between rounds beyond one job run: its strategy's state, kept by job spec.
+
+A job resumed after a crash runs under a new job id, so the per-job run folder would lose
+what a site-side optimizer (FedOpt, SCAFFOLD) or the personal layers (``site/personal.py``)
+carry from round to round. Both live in a folder keyed by the job spec, like the server's
+checkpoint; a job that starts afresh clears it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from zenfed.atomic import atomic_write_bytes
+from zenfed.digest import sha256_hex
+from zenfed.errors import PolicyError
+from zenfed.site.personal import PERSONAL_FILE
+from zenfed.spec import JobSpec
+from zenfed.strategies import Strategy
+
+STRATEGY_STATE_FILE = "strategy_state.safetensors"
+
+
+class SiteStateStore:
+    """The state folder of one job spec at one site.
+
+    Args:
+        root: The site's kit folder.
+        spec: The job spec (its name and hash key the folder).
+    """
+
+    def __init__(self, *, root: Path, spec: JobSpec) -> None:
+        self.folder = root / "zenfed-state" / f"{spec.name}-{spec.spec_hash()[:16]}"
+        self.path = self.folder / STRATEGY_STATE_FILE
+        self._kept_sha: str | None = None  # of the state last written or read: an unchanged one is not rewritten
+
+    def clear(self) -> None:
+        """Forget everything an earlier run of this job left (a job that starts afresh)."""
+        for name in (STRATEGY_STATE_FILE, PERSONAL_FILE):
+            (self.folder / name).unlink(missing_ok=True)
+        self._kept_sha = None
+
+    def resume(self, strategy: Strategy) -> None:
+        """Load the kept state into ``strategy``, if there is one.
+
+        Raises:
+            PolicyError: If the file cannot be read (it names the file and what to do).
+        """
+        if not self.path.is_file():
+            return
+        data = self.path.read_bytes()
+        try:
+            strategy.load_state_dict(load_tensors(data))
+        except (SafetensorError, KeyError, ValueError, RuntimeError) as err:
+            raise PolicyError(f"{self.path} cannot be read ({err}); delete it and restart the job from "
+                              "round 1, or restore it from a backup") from None
+        self._kept_sha = sha256_hex(data)
+
+    def keep(self, strategy: Strategy) -> str | None:
+        """Write the strategy's state (0600) if it changed; return its SHA-256, or None if nothing was written."""
+        state = strategy.state_dict()
+        if state is None:
+            return None
+        data = bytes(save_tensors(state))
+        digest = sha256_hex(data)
+        if digest == self._kept_sha:
+            return None  # the same sum again (final evaluation, then release): nothing new
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, data)
+        self._kept_sha = digest
+        return digest
