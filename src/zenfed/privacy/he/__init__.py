@@ -15,6 +15,7 @@ See docs/he.md for the packing, the parameters and the threat model.
 from zenfed.privacy.he.ckks import (
     EncryptedSum,
     Encryptor,
+    MaskSource,
     decrypt_sum,
     expected_ciphertext_bytes,
     fingerprint,
@@ -62,6 +63,7 @@ __all__ = [
     "HESecurityError",
     "HashMismatchError",
     "LengthMismatchError",
+    "MaskSource",
     "PackingConfig",
     "ParameterMismatchError",
     "ReplayError",

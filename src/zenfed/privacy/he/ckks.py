@@ -22,7 +22,7 @@ import atexit
 import hashlib
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -34,11 +34,18 @@ from zenfed.digest import canonical_json
 from zenfed.privacy.he.context import HEContext, context_from_bytes, context_to_bytes
 from zenfed.privacy.he.errors import HEError, HEKeyError
 from zenfed.privacy.he.pack import (
+    WEIGHT_FIELDS,
     UpdateLayout,
     flatten_update,
+    pack_ints,
     pack_values,
+    quantise,
+    summed_count_and_weight,
     unflatten_update,
+    unmask_slots,
+    unpack_ints,
     unpack_values,
+    weight_fields,
 )
 from zenfed.privacy.he.params import PackingConfig, SlotLayout, slot_layout
 from zenfed.privacy.he.seal import SealKit
@@ -60,16 +67,28 @@ __all__ = [
     "CHUNK_CIPHERTEXTS",
     "EncryptedSum",
     "Encryptor",
+    "MaskSource",
     "UpdateLayout",
     "decrypt_sum",
     "expected_ciphertext_bytes",
     "fingerprint",
     "flatten_update",
     "pack_values",
+    "slot_count",
     "split_chunks",
     "unflatten_update",
     "unpack_values",
 ]
+
+
+MaskSource = Callable[[int, int], np.ndarray]
+"""``mask(n_slots, mask_bits)``: a site's mask, uint64 values uniform in [0, 2^mask_bits)."""
+
+
+def slot_count(n_values: int, *, packing: PackingConfig, layout: SlotLayout) -> int:
+    """Packed reals an update of ``n_values`` values fills (a masked one also carries its weight)."""
+    fields = n_values + (WEIGHT_FIELDS if packing.masked else 0)
+    return -(-fields // layout.fields_per_slot)
 
 
 def fingerprint(context: HEContext, packing: PackingConfig) -> str:
@@ -87,6 +106,7 @@ def fingerprint(context: HEContext, packing: PackingConfig) -> str:
                 "max_sites": packing.max_sites,
                 "clip": repr(float(packing.clip)),
                 "layout": [lay.fields_per_slot, lay.field_bits, lay.scale_bits],
+                **({"masked": lay.mask_bits} if packing.masked else {}),
             }
         )
     ).hexdigest()
@@ -106,7 +126,7 @@ def expected_ciphertext_bytes(
     """
     lay = slot_layout(context.params, packing)
     params = context.params
-    n_reals = -(-n_values // lay.fields_per_slot)
+    n_reals = slot_count(n_values, packing=packing, layout=lay)
     n_ct = -(-n_reals // params.poly_modulus_degree)
     polys = 2 if summed else 1
     words = polys * params.poly_modulus_degree * (len(params.coeff_mod_bit_sizes) - 1)
@@ -225,24 +245,55 @@ class Encryptor:
             self._pool = None
 
     def encrypt(
-        self, update: Mapping[str, torch.Tensor], *, weight: float, layout: UpdateLayout
+        self, update: Mapping[str, torch.Tensor], *, weight: float, layout: UpdateLayout,
+        mask: MaskSource | None = None,
     ) -> bytes:
-        """Weight, quantise, pack and encrypt ``update``; return the ciphertext blob.
+        """Weight, quantise, pack, mask (if the packing is masked) and encrypt ``update``.
 
         Args:
             update: Named float tensors, matching ``layout``.
             weight: This site's weight, applied before encryption; in (0, 1] when quantising.
             layout: Names and shapes, identical at every site.
+            mask: This site's pairwise mask; required exactly when the packing is masked.
+
+        Returns:
+            The ciphertext blob.
 
         """
         values = _weighted(flatten_update(update, layout=layout), weight, self.packing, self.layout)
-        return self.encrypt_vector(values)
+        if not self.packing.masked:
+            if mask is not None:
+                raise HEError("a mask was given, but the packing has no room for masks (masked=False)")
+            return self.encrypt_vector(values)
+        if mask is None:
+            raise HEError("this job sums under pairwise masks; an update must be masked before encryption")
+        if values.size == 0:
+            raise HEError("the update has no values; nothing to encrypt")
+        fields = np.concatenate([quantise(values, packing=self.packing),
+                                 weight_fields(weight, packing=self.packing)])
+        slots = pack_ints(fields, layout=self.layout)
+        return self.encrypt_slots(np.mod(slots + self._mask(mask, slots.size), self.layout.mask_modulus))
+
+    def encrypt_correction(self, n_values: int, mask: MaskSource) -> bytes:
+        """Encrypt a mask correction alone (a survivor's share of a dropped site's masks)."""
+        count = slot_count(n_values, packing=self.packing, layout=self.layout)
+        return self.encrypt_slots(self._mask(mask, count))
+
+    def _mask(self, mask: MaskSource, count: int) -> np.ndarray:
+        values = np.asarray(mask(count, self.layout.mask_bits))
+        if values.shape != (count,) or (values.size and int(values.max()) >= self.layout.mask_modulus):
+            raise HEError(f"the mask must hold {count} values below 2^{self.layout.mask_bits}")
+        return values.astype(np.int64)
 
     def encrypt_vector(self, values: np.ndarray) -> bytes:
         """Encrypt an already weighted flat vector; return the ciphertext blob."""
         if values.size == 0:
             raise HEError("the update has no values; nothing to encrypt")
-        slots = pack_values(values, packing=self.packing, layout=self.layout)
+        return self.encrypt_slots(pack_values(values, packing=self.packing, layout=self.layout))
+
+    def encrypt_slots(self, slots: np.ndarray) -> bytes:
+        """Encrypt packed reals (exact integers, or values at scale 2^40 when unquantised)."""
+        slots = slots.astype(np.float64)
         per_chunk = CHUNK_CIPHERTEXTS * self._kit.reals_per_ciphertext
         jobs = [
             (slots[i : i + per_chunk], self.layout.scale_bits, self._bits)
@@ -330,27 +381,64 @@ def decrypt_sum(
     context: HEContext,
     packing: PackingConfig,
     layout: UpdateLayout,
-    total_weight: float,
+    total_weight: float | None,
+    contributors: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Decrypt a summed blob, unpack it and divide by ``total_weight``: the weighted mean.
+    """Decrypt a summed blob, unpack it and divide by the total weight: the weighted mean.
+
+    Args:
+        blob: The summed ciphertexts.
+        context: A site's secret context.
+        packing: The job's packing.
+        layout: Names and shapes of the update.
+        total_weight: The plain total weight; None for a masked sum, which carries its own.
+        contributors: For a masked sum, how many updates the server says it holds (checked).
 
     Raises:
         HEKeyError: If ``context`` has no secret key.
-        HEDecodeError: If the blob is undecodable.
+        HEDecodeError: If the blob is undecodable, or a masked sum's count or weight is off
+            (its masks did not cancel: an incomplete or foreign sum).
 
     """
     if not context.has_secret_key:
         raise HEKeyError("decrypting needs a site's secret context; the server cannot decrypt")
-    if not (math.isfinite(total_weight) and total_weight > 0):
-        raise HEError(f"total_weight must be a positive number, got {total_weight}")
     lay = slot_layout(context.params, packing)
     with SealKit(context) as kit:
         reals = np.concatenate([kit.decrypt(expand_ciphertexts(c)[1]) for c in split_chunks(blob)])
-    needed = -(-layout.n_values // lay.fields_per_slot)
+    needed = slot_count(layout.n_values, packing=packing, layout=lay)
     if reals.size < needed:
         raise HEDecodeError(f"the sum holds {reals.size} slots, the layout needs {needed}")
-    values = unpack_values(reals, n_values=layout.n_values, packing=packing, layout=lay)
+    if packing.masked:
+        slots = unmask_slots(np.rint(reals[:needed]).astype(np.int64), layout=lay)
+        fields = unpack_ints(slots, n_fields=layout.n_values + WEIGHT_FIELDS, layout=lay)
+        total_weight = masked_total_weight(fields[layout.n_values:], packing, contributors=contributors)
+        values = fields[: layout.n_values].astype(np.float64) * packing.step
+    else:
+        if total_weight is None or not (math.isfinite(total_weight) and total_weight > 0):
+            raise HEError(f"total_weight must be a positive number, got {total_weight}")
+        values = unpack_values(reals, n_values=layout.n_values, packing=packing, layout=lay)
     return unflatten_update(values / total_weight, layout=layout)
+
+
+def masked_total_weight(fields: np.ndarray, packing: PackingConfig, *, contributors: int | None) -> float:
+    """The total weight a masked sum carries in its last fields, after checking its site count.
+
+    A sum whose masks did not cancel holds uniform noise there: its count lands in
+    [1, max_sites] with odds of about max_sites / 2^field_bits.
+
+    Raises:
+        HEDecodeError: If the count is off (or differs from ``contributors``) or the weight is
+            not in (0, count].
+    """
+    count, weight = summed_count_and_weight(fields, packing=packing)
+    if not 1 <= count <= packing.max_sites or (contributors is not None and count != contributors) or not (
+            0 < weight <= count + 1e-6):
+        raise HEDecodeError(
+            f"the decrypted sum counts {count} site(s) with weight {weight:.4g}"
+            f"{f', the server says {contributors}' if contributors is not None else ''}: its pairwise masks "
+            "did not cancel (a sum that misses a site's update or correction, or one site's ciphertext)"
+        )
+    return weight
 
 
 def open_update(

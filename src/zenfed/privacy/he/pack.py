@@ -70,26 +70,56 @@ def unflatten_update(vector: np.ndarray, *, layout: UpdateLayout) -> dict[str, t
     return out
 
 
-def pack_values(values: np.ndarray, *, packing: PackingConfig, layout: SlotLayout) -> np.ndarray:
-    """Quantise weighted values and pack them into slot reals (float64, exact integers)."""
-    if packing.quant_bits is None:
-        return values.astype(np.float64)
-    q = np.rint(np.clip(values, -packing.clip, packing.clip) / packing.step).astype(np.int64)
+# A masked update ends with three fields: 1 (the sum counts its sites) and its weight in fixed point.
+WEIGHT_FIELDS = 3
+
+
+def quantise(values: np.ndarray, *, packing: PackingConfig) -> np.ndarray:
+    """Clip values to [-clip, clip] and round them to multiples of the step: int64 in [-Q, Q]."""
+    return np.rint(np.clip(values, -packing.clip, packing.clip) / packing.step).astype(np.int64)
+
+
+def weight_fields(weight: float, *, packing: PackingConfig) -> np.ndarray:
+    """A count of 1 and a weight in (0, 1] as ``hi + lo / Q = weight * Q``: summable, exact to 1/Q^2."""
+    q = packing.quant_max
+    hi = round(weight * q)
+    lo = round((weight * q - hi) * q)
+    return np.array([1, hi, lo], dtype=np.int64)
+
+
+def summed_count_and_weight(fields: np.ndarray, *, packing: PackingConfig) -> tuple[int, float]:
+    """The number of sites and the total weight that summed :func:`weight_fields` stand for."""
+    q = packing.quant_max
+    return int(fields[0]), (float(fields[1]) + float(fields[2]) / q) / q
+
+
+def pack_ints(q: np.ndarray, *, layout: SlotLayout) -> np.ndarray:
+    """Pack signed integer fields, ``fields_per_slot`` to an int64 slot (``field_bits`` apart)."""
     per = layout.fields_per_slot
     q = np.concatenate([q, np.zeros((-q.size) % per, dtype=np.int64)]).reshape(-1, per)
     slots = q[:, -1].copy()
     for j in range(per - 2, -1, -1):
         slots = (slots << layout.field_bits) + q[:, j]
-    return slots.astype(np.float64)
+    return slots
 
 
-def unpack_values(
-    slots: np.ndarray, *, n_values: int, packing: PackingConfig, layout: SlotLayout
-) -> np.ndarray:
-    """Inverse of :func:`pack_values` for a sum of packed slots; returns float64 values."""
+def pack_values(values: np.ndarray, *, packing: PackingConfig, layout: SlotLayout) -> np.ndarray:
+    """Quantise weighted values and pack them into slot reals (float64, exact integers)."""
     if packing.quant_bits is None:
-        return slots[:n_values].astype(np.float64)
-    rest = np.rint(slots).astype(np.int64)
+        return values.astype(np.float64)
+    return pack_ints(quantise(values, packing=packing), layout=layout).astype(np.float64)
+
+
+def unmask_slots(slots: np.ndarray, *, layout: SlotLayout) -> np.ndarray:
+    """Reduce summed masked slots modulo M and centre them: the masks are gone, the packed sum is left."""
+    modulus = np.int64(layout.mask_modulus)
+    reduced = np.mod(slots, modulus)
+    return np.where(reduced >= modulus // 2, reduced - modulus, reduced)
+
+
+def unpack_ints(slots: np.ndarray, *, n_fields: int, layout: SlotLayout) -> np.ndarray:
+    """Inverse of :func:`pack_ints` for a sum of packed int64 slots."""
+    rest = slots.astype(np.int64)
     width, half = layout.field_bits, np.int64(1) << (layout.field_bits - 1)
     mask = (np.int64(1) << width) - 1
     fields = np.empty((rest.size, layout.fields_per_slot), dtype=np.int64)
@@ -98,4 +128,14 @@ def unpack_values(
         fields[:, j] = low
         rest = (rest - low) >> width
     fields[:, -1] = rest
-    return fields.reshape(-1)[:n_values].astype(np.float64) * (packing.clip / packing.quant_max)
+    return fields.reshape(-1)[:n_fields]
+
+
+def unpack_values(
+    slots: np.ndarray, *, n_values: int, packing: PackingConfig, layout: SlotLayout
+) -> np.ndarray:
+    """Inverse of :func:`pack_values` for a sum of packed slots; returns float64 values."""
+    if packing.quant_bits is None:
+        return slots[:n_values].astype(np.float64)
+    fields = unpack_ints(np.rint(slots).astype(np.int64), n_fields=n_values, layout=layout)
+    return fields.astype(np.float64) * (packing.clip / packing.quant_max)

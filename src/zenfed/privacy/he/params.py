@@ -118,14 +118,19 @@ class PackingConfig:
         quant_bits: Bits of a quantised value (2..24), or None for one float per slot.
         max_sites: Most sites whose updates may be summed; sets the headroom.
         clip: Values are clipped to [-clip, clip] before quantisation (quantised mode only).
+        masked: Pairwise masks hide each packed real modulo 2^mask_bits (``zenfed.privacy.pairwise``);
+            the sum then also carries the sites' weights, and one correction per survivor.
 
     """
 
     quant_bits: int | None = 16
     max_sites: int = 64
     clip: float = 0.05
+    masked: bool = False
 
     def __post_init__(self) -> None:
+        if self.masked and self.quant_bits is None:
+            raise HEError("pairwise masks work on quantised integers; set quant_bits (e.g. 16)")
         if self.quant_bits is not None and not 2 <= self.quant_bits <= 24:
             raise HEError(f"quant_bits must be 2..24 or None (off), got {self.quant_bits}")
         if not 1 <= self.max_sites <= 4096:
@@ -154,6 +159,12 @@ class SlotLayout:
     field_bits: int
     scale_bits: int
     value_bits: int
+    mask_bits: int = 0
+
+    @property
+    def mask_modulus(self) -> int:
+        """M = 2^mask_bits: a masked real is a packed integer plus a mask, modulo M (0: unmasked)."""
+        return 1 << self.mask_bits if self.mask_bits else 0
 
 
 def _min_scale_bits(params: HEParams, max_sites: int) -> int:
@@ -180,18 +191,25 @@ def slot_layout(params: HEParams, packing: PackingConfig) -> SlotLayout:
     headroom = math.ceil(math.log2(packing.max_sites))
     top_bits = packing.quant_bits - 1 + headroom  # |sum of max_sites fields| < 2^top_bits
     field_bits = top_bits + 1
-    min_scale = _min_scale_bits(params, packing.max_sites)
-    limit = min(_MAX_VALUE_BITS, budget - min_scale)
+    # Masked: a real is uniform in [0, M) with M = 2^(value_bits + 1), the sum adds up to
+    # max_sites updates and as many corrections, so it needs log2(2 max_sites) bits more.
+    summands = 2 * packing.max_sites if packing.masked else packing.max_sites
+    mask_room = 1 + math.ceil(math.log2(summands)) if packing.masked else 0
+    min_scale = _min_scale_bits(params, summands)
+    limit = min(_MAX_VALUE_BITS, budget - min_scale) - mask_room
     if top_bits > limit:
         raise HEError(
             f"{packing.quant_bits}-bit values for {packing.max_sites} sites do not fit one slot "
-            f"at N={params.poly_modulus_degree}; lower quant_bits or max_sites"
+            f"at N={params.poly_modulus_degree}"
+            f"{' with pairwise masks' if packing.masked else ''}; lower quant_bits or max_sites"
         )
     fields = 1 + (limit - top_bits) // field_bits
     value_bits = field_bits * (fields - 1) + top_bits
-    return SlotLayout(fields, field_bits, budget - value_bits, value_bits)
+    mask_bits = value_bits + 1 if packing.masked else 0
+    return SlotLayout(fields, field_bits, budget - value_bits - mask_room, value_bits, mask_bits)
 
 
 def packing_for(encryption: Any) -> PackingConfig:
     """The packing every participant of a job uses, from the job spec's ``encryption`` section."""
-    return PackingConfig(quant_bits=encryption.quant_bits, max_sites=encryption.max_sites, clip=encryption.clip)
+    return PackingConfig(quant_bits=encryption.quant_bits, max_sites=encryption.max_sites, clip=encryption.clip,
+                         masked=getattr(encryption, "secure_aggregation", "none") == "pairwise")
