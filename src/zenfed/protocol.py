@@ -17,6 +17,9 @@ TASK_TRAIN = "zenfed_train"
 TASK_EVALUATE = "zenfed_evaluate"
 TASK_ATTEST = "zenfed_attest"  # fresh, nonce-bound TEE evidence before model data moves
 TASK_RELEASE = "zenfed_release"  # one site returns the decrypted final adapter, if all sites allow it
+TASK_KEYS = "zenfed_keys"  # pairwise masks: each site announces its X25519 public key, signed
+TASK_UNMASK = "zenfed_unmask"  # pairwise masks: survivors cancel their masks with the round's dropped sites
+SITE_TASKS = (TASK_ATTEST, TASK_KEYS, TASK_TRAIN, TASK_UNMASK, TASK_EVALUATE, TASK_RELEASE)
 
 # Keys inside the Shareable.
 KEY_HEADER = "zenfed_header"
@@ -37,6 +40,11 @@ H_HAS_GLOBAL = "has_global"
 H_ENCRYPTED = "encrypted"  # the payload is a CKKS sum (sites decrypt and divide)
 H_TOTAL_WEIGHT = "total_weight"
 H_GLOBAL_ROUND = "global_round"  # how many rounds were aggregated into the global this task carries
+H_CONTRIBUTORS = "contributors"  # how many updates the sum holds (a masked sum carries its own count)
+H_COHORT = "cohort"  # pairwise masks: the sites of this round, fixed before any site masks
+H_PEER_KEYS = "peer_keys"  # pairwise masks: {site: signed key announcement} for the cohort
+H_DROPPED = "dropped"  # pairwise masks: the cohort's sites whose masks the survivors must cancel
+H_PAIRWISE_KEY = "pairwise_key"  # a site's announced X25519 public key (base64)
 
 # Header fields, task result (site -> server).
 H_SITE = "site"

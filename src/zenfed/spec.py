@@ -204,6 +204,18 @@ class EncryptionSpec(_Strict):
     weight_unit: int = Field(
         1000, ge=1, description="training examples that count as weight 1 (a site's weight is capped at 1)"
     )
+    secure_aggregation: Literal["none", "pairwise"] = Field(
+        "none", description="'pairwise': sites mask their updates so that only the round's sum decrypts "
+        "(no key holder reads one site's update; weights travel inside the sum); 'none': CKKS alone"
+    )
+
+    @model_validator(mode="after")
+    def _masks_need_quantised_values(self) -> EncryptionSpec:
+        if self.secure_aggregation == "pairwise" and not self.enabled:
+            raise ValueError("secure_aggregation 'pairwise' masks the encrypted sum; set enabled: true")
+        if self.secure_aggregation == "pairwise" and self.quant_bits is None:
+            raise ValueError("secure_aggregation 'pairwise' masks quantised integers; set quant_bits (e.g. 16)")
+        return self
 
 
 class AttestationSpec(_Strict):

@@ -33,6 +33,7 @@ from zenfed.errors import ZenfedError
 from zenfed.signing import RSA_PSS, SigningKeyError, keys_match, load_private_key, sign, verify
 
 STATEMENT_FORMAT = "zenfed-update-signature/1"
+CORRECTION_FORMAT = "zenfed-mask-correction/1"
 SITE_KEY, SITE_CERT, ROOT_CA = "client.key", "client.crt", "rootCA.pem"
 
 
@@ -46,6 +47,14 @@ def update_statement(*, job_id: str, round_index: int, site: str, payload: bytes
         "format": STATEMENT_FORMAT, "job": job_id, "round": round_index, "site": site,
         "payload_sha256": sha256_hex(payload), "payload_bytes": len(payload),
         "weight": header.get(P.H_WEIGHT), "num_examples": header.get(P.H_NUM_EXAMPLES),
+    })
+
+
+def correction_statement(*, job_id: str, round_index: int, site: str, payload: bytes) -> bytes:
+    """The bytes a site signs for a mask correction (a statement no update signature can stand in for)."""
+    return canonical_json({
+        "format": CORRECTION_FORMAT, "job": job_id, "round": round_index, "site": site,
+        "payload_sha256": sha256_hex(payload), "payload_bytes": len(payload),
     })
 
 
@@ -106,20 +115,36 @@ class UpdateVerifier:
         Raises:
             UpdateAuthError: With the reason, if the update is unsigned or any check fails.
         """
+        statement = update_statement(job_id=job_id, round_index=round_index, site=site, payload=payload,
+                                     header=header)
+        self.check_signed(site=site, statement=statement, header=header, what="update", now=now)
+
+    def check_signed(self, *, site: str, statement: bytes, header: dict[str, Any], what: str,
+                     now: dt.datetime | None = None) -> None:
+        """Check that ``site`` signed ``statement`` (its signature and certificate are in ``header``).
+
+        Args:
+            site: Who must have signed.
+            statement: The bytes the verifier recomputed from what arrived.
+            header: Holds the signature and the certificate.
+            what: What was signed ("update", "pairwise key", ...), for the message.
+            now: The time to check the certificate's validity at (default: now).
+
+        Raises:
+            UpdateAuthError: With the reason, if it is unsigned or any check fails.
+        """
         signature_b64, cert_pem = header.get(P.H_SIGNATURE), header.get(P.H_SITE_CERT)
         if not isinstance(signature_b64, str) or not isinstance(cert_pem, str):
-            raise UpdateAuthError(f"the update from {site} is not signed; every update must carry its "
-                                  "site's signature (is the site provisioned by this project?)")
+            raise UpdateAuthError(f"the {what} from {site} is not signed; it must carry its site's "
+                                  "signature (is the site provisioned by this project?)")
         cert = self._certificate(site, cert_pem, now or dt.datetime.now(dt.UTC))
         try:
             signature = base64.b64decode(signature_b64, validate=True)
         except (binascii.Error, ValueError):
-            raise UpdateAuthError(f"the signature on the update from {site} is not base64") from None
-        statement = update_statement(job_id=job_id, round_index=round_index, site=site, payload=payload,
-                                     header=header)
+            raise UpdateAuthError(f"the signature on the {what} from {site} is not base64") from None
         if not verify(cert.public_key(), RSA_PSS, statement, signature):
-            raise UpdateAuthError(f"the signature on the update from {site} does not match what arrived: "
-                                  "the update, its weight or its round was changed on the way")
+            raise UpdateAuthError(f"the signature on the {what} from {site} does not match what arrived: "
+                                  f"the {what}, its weight or its round was changed on the way")
 
     def _certificate(self, site: str, cert_pem: str, now: dt.datetime) -> x509.Certificate:
         try:

@@ -19,7 +19,6 @@ import yaml
 
 from _pki import make_ca, make_kit
 from zenfed import protocol as P
-from zenfed.data import make_builtin
 from zenfed.digest import sha256_hex
 from zenfed.jobs.in_process import run_in_process
 from zenfed.jobs.simulate import builtin_policies
@@ -41,13 +40,6 @@ from zenfed.spec import DatasetLocation, JobSpec
 from zenfed.wire import decode_adapter
 
 SITES = ("site-1", "site-2", "site-3")
-
-
-@pytest.fixture(scope="module")
-def three_site_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data3")
-    make_builtin(out, sites=3, train_per_site=40, valid_per_site=8, test_per_task=4, seed=0)
-    return out
 
 
 def run_job(spec: JobSpec, data: Path, root: Path, *, encrypted: bool, release: bool = True,

@@ -58,6 +58,18 @@ JOB_FINISHED: Final = "job_finished"
 """Server side, the last record of a finished job. fields: job_id, rounds, result_sha256 (of
 zenfed_result.json). A server log of a finished job that does not end with it lost records
 from its end; a result file whose hash differs was changed after the job."""
+PAIRWISE_KEY: Final = "pairwise_key"
+"""Site side, when it announces its X25519 key for pairwise masks. fields: public_sha256, signed."""
+PAIRWISE_KEYS: Final = "pairwise_keys"
+"""Server side, the key directory it forwards. fields: announced ({site: public key sha256}), refused ({site: reason})."""
+MASKS_APPLIED: Final = "masks_applied"
+"""Site side, each masked round. fields: round, cohort, announced ({site: public key sha256} it masked with),
+announcements_signed (checked against the root CA)."""
+MASKS_CORRECTED: Final = "masks_corrected"
+"""Site side, a correction it sent. fields: round, dropped, survivors."""
+MASKS_RECOVERED: Final = "masks_recovered"
+"""Server side, a round whose dropped sites' masks the survivors cancelled. fields: round, dropped,
+survivors, corrections (list of sha256)."""
 LOG_RECOVERED: Final = "log_recovered"
 """Written on reopen after a crash: fields: moved_to, bytes, sha256 of the partial tail."""
 
@@ -83,6 +95,11 @@ ALL_EVENTS: Final = frozenset(
         GLOBAL_RECEIVED,
         JOB_RESUMED,
         JOB_FINISHED,
+        PAIRWISE_KEY,
+        PAIRWISE_KEYS,
+        MASKS_APPLIED,
+        MASKS_CORRECTED,
+        MASKS_RECOVERED,
         LOG_RECOVERED,
     }
 )

@@ -8,8 +8,10 @@ needs no secret key. For each round the server's signed log summed (``aggregated
    (``update_received``) and, where the site's own signed log is in the result, one that
    site sent (``update_sent``): a dropped, substituted or re-used update is named;
 2. the kept hashes are exactly the inputs the server says it summed;
-3. opening each envelope for this job, round and site, and adding the ciphertexts, gives
-   the sum whose hash the server recorded as the round's output.
+3. opening each envelope for this job, round and site, and adding the ciphertexts (with
+   the survivors' mask corrections of a round where a site dropped, each one the server
+   recorded and its site's log sent), gives the sum whose hash the server recorded as the
+   round's output.
 
 Size: an update is about 0.95 bytes per float32 byte of the adapter, times sites and
 rounds (the demo keeps 3 sites x 4 rounds).
@@ -32,11 +34,13 @@ from zenfed.errors import ZenfedError
 
 UPDATES_DIR = "updates"  # the kept ciphertexts of an encrypted job, one folder per round
 REPLAY_CONTEXT = "server_public.context"  # beside them: the public CKKS parameters
+CORRECTIONS_DIR = "corrections"  # in a round's folder: survivors' pairwise-mask corrections, if a site dropped
 
 
-def kept_update_path(out_dir: Path, round_index: int, site: str) -> Path:
-    """Where a job result keeps one site's encrypted update of one round."""
-    return out_dir / UPDATES_DIR / f"round-{round_index:04d}" / f"{site}.bin"
+def kept_update_path(out_dir: Path, round_index: int, site: str, *, correction: bool = False) -> Path:
+    """Where a job result keeps one site's encrypted update (or mask correction) of one round."""
+    folder = out_dir / UPDATES_DIR / f"round-{round_index:04d}"
+    return (folder / CORRECTIONS_DIR if correction else folder) / f"{site}.bin"
 
 
 @dataclass
@@ -90,6 +94,8 @@ def replay_result(result_dir: Path) -> ReplayVerdict:
     received = _hashes(logs[server], events.UPDATE_RECEIVED, site_field=True)
     sent = {(site, rnd, sha) for site, recs in logs.items() if site != server
             for (_, rnd, sha) in _hashes(recs, events.UPDATE_SENT, site_name=site)}
+    corrected = {(site, rnd, sha) for site, recs in logs.items() if site != server
+                 for (_, rnd, sha) in _hashes(recs, events.MASKS_CORRECTED, site_name=site)}
     sites_with_logs = {site for site in logs if site != server}
 
     verdict = ReplayVerdict()
@@ -117,9 +123,12 @@ def replay_result(result_dir: Path) -> ReplayVerdict:
         if sorted(hashes.values()) != inputs:
             verdict.problems.append(f"round {rnd}: the kept updates are not the {len(inputs)} inputs the server "
                                     "recorded summing (one dropped, added or swapped)")
+        corrections = sorted((folder / CORRECTIONS_DIR).glob("*.bin"))
+        verdict.problems += _check_corrections(rnd, corrections, sorted(fields.get("corrections") or []),
+                                               corrected, sites_with_logs)
         total = EncryptedSum(context=context)
         try:
-            for path in files:
+            for path in [*files, *corrections]:
                 _, ciphertext = open_update(path.read_bytes(), context=context, packing=packing, job=job_id,
                                             round=rnd, site=path.stem)
                 total.add(ciphertext)
@@ -129,6 +138,20 @@ def replay_result(result_dir: Path) -> ReplayVerdict:
         except (HEError, ZenfedError) as err:
             verdict.problems.append(f"round {rnd}: a kept update does not open for this job, round and site: {err}")
     return verdict
+
+
+def _check_corrections(rnd: int, files: list[Path], recorded: list[str], corrected: set[tuple[str, Any, Any]],
+                       sites_with_logs: set[str]) -> list[str]:
+    """Problems with a round's kept mask corrections: each one recorded by the server and sent by its site."""
+    problems = []
+    hashes = {f.stem: sha256_hex(f.read_bytes()) for f in files}
+    if sorted(hashes.values()) != recorded:
+        problems.append(f"round {rnd}: the kept mask corrections are not the {len(recorded)} the server recorded "
+                        "adding (one dropped, added or swapped)")
+    for site, sha in sorted(hashes.items()):
+        if site in sites_with_logs and (site, rnd, sha) not in corrected:
+            problems.append(f"round {rnd}: {site}'s own log never sent the mask correction {sha[:16]}...")
+    return problems
 
 
 def _hashes(records: Iterable[dict[str, Any]], event: str, *, site_field: bool = False,

@@ -40,7 +40,7 @@ def job_configs(spec: JobSpec) -> dict[str, dict[str, Any]]:
     site = {
         "format_version": 2,
         "executors": [{
-            "tasks": [P.TASK_ATTEST, P.TASK_TRAIN, P.TASK_EVALUATE, P.TASK_RELEASE],
+            "tasks": list(P.SITE_TASKS),
             "executor": {"id": "zenfed_executor", "path": EXECUTOR_CLASS, "args": {"spec": spec_data}},
         }],
         "task_data_filters": [],

@@ -48,8 +48,8 @@ class Aggregation(Protocol):
         """Start a new, empty sum for a round."""
         ...
 
-    def add(self, *, site: str, header: dict[str, Any], payload: bytes) -> float:
-        """Validate and fold in one site's update; return the weight it counted with."""
+    def add(self, *, site: str, header: dict[str, Any], payload: bytes) -> float | None:
+        """Validate and fold in one site's update; return the weight it counted with (None: hidden)."""
         ...
 
     @property
@@ -58,8 +58,8 @@ class Aggregation(Protocol):
         ...
 
     @property
-    def total_weight(self) -> float:
-        """Sum of their weights."""
+    def total_weight(self) -> float | None:
+        """Sum of their weights (None where the weights travel inside a masked sum)."""
         ...
 
     @property
@@ -198,10 +198,17 @@ class PlainAggregation:
 
 @dataclass(frozen=True)
 class EncryptedGlobal:
-    """The global adapter as the server holds it: a ciphertext sum and its plain total weight."""
+    """The global adapter as the server holds it: a ciphertext sum, its count and plain total weight.
+
+    Attributes:
+        ciphertext: The summed ciphertexts.
+        total_weight: The plain total weight; None under pairwise masks (the sum carries it).
+        contributors: How many updates the sum holds (a masked sum's own count must match).
+    """
 
     ciphertext: bytes
-    total_weight: float
+    total_weight: float | None
+    contributors: int = 0
 
 
 class EncryptedAggregation:
@@ -210,7 +217,9 @@ class EncryptedAggregation:
     Each site weights its adapter, packs and encrypts it, and wraps it in an
     envelope naming job, round, site and HE parameters. The server checks the
     envelope, adds the ciphertext into one running sum, and sends that sum back
-    with the plain total weight; sites decrypt and divide. The server only ever
+    with the plain total weight; sites decrypt and divide. Under pairwise masks
+    the weights travel inside the sum, and survivors' mask corrections are added
+    to it like updates (``add_correction``). The server only ever
     loads a public context: ``load_context(..., require_secret=False)`` refuses a
     secret key.
 
@@ -234,13 +243,21 @@ class EncryptedAggregation:
         self._sum = EncryptedSum(context=self.context)
         self._total = 0.0
         self._contributors: list[str] = []
+        self._corrections: list[str] = []
+
+    @property
+    def masked(self) -> bool:
+        """True where sites mask their updates pairwise (weights inside the sum)."""
+        return self.packing.masked
 
     def task_payload(self, global_state: Any) -> tuple[dict[str, Any], bytes | None]:
-        """Send the encrypted sum and its plain total weight (nothing in round 1)."""
+        """Send the encrypted sum, its count and plain total weight (nothing in round 1)."""
         header: dict[str, Any] = {P.H_ENCRYPTED: True}
         if global_state is None:
             return header, None
-        header[P.H_TOTAL_WEIGHT] = global_state.total_weight
+        header[P.H_CONTRIBUTORS] = global_state.contributors
+        if global_state.total_weight is not None:
+            header[P.H_TOTAL_WEIGHT] = global_state.total_weight
         return header, global_state.ciphertext
 
     def begin(self, *, round_index: int) -> None:
@@ -249,22 +266,51 @@ class EncryptedAggregation:
         self._sum = EncryptedSum(context=self.context)
         self._total = 0.0
         self._contributors = []
+        self._corrections = []
 
-    def add(self, *, site: str, header: dict[str, Any], payload: bytes) -> float:
+    def add(self, *, site: str, header: dict[str, Any], payload: bytes) -> float | None:
         """Check the envelope (job, round, site, parameters, length, hash) and add its ciphertext."""
-        weight = float(header.get(P.H_WEIGHT, 0.0))
-        if not 0.0 < weight <= 1.0:
-            raise ZenfedError(f"encrypted update from {site} claims weight {weight}; it must be in (0, 1]")
-        if self._total + weight > self.packing.max_sites:
-            raise ZenfedError(f"the sum would exceed encryption.max_sites={self.packing.max_sites} units of weight")
+        weight: float | None = None
+        if self.masked:
+            if len(self._contributors) + 1 > self.packing.max_sites:
+                raise ZenfedError(f"the sum would exceed encryption.max_sites={self.packing.max_sites} updates")
+        else:
+            weight = float(header.get(P.H_WEIGHT, 0.0))
+            if not 0.0 < weight <= 1.0:
+                raise ZenfedError(f"encrypted update from {site} claims weight {weight}; it must be in (0, 1]")
+            if self._total + weight > self.packing.max_sites:
+                raise ZenfedError(f"the sum would exceed encryption.max_sites={self.packing.max_sites} units of "
+                                  "weight")
         # The first envelope fixes the update length for the job; every later one must match.
         n_values, ciphertext = open_update(payload, context=self.context, packing=self.packing, job=self.job_id,
                                            round=self._round, site=site, n_values=self.n_values)
         self._sum.add(ciphertext)
         self.n_values = n_values
-        self._total += weight
+        self._total += weight or 0.0
         self._contributors.append(site)
         return weight
+
+    def add_correction(self, *, site: str, payload: bytes) -> None:
+        """Add a survivor's mask correction (checked like an update: its envelope names job, round, site).
+
+        Raises:
+            ZenfedError: If the job has no pairwise masks, the site did not contribute this round, or
+                already corrected.
+        """
+        if not self.masked:
+            raise ZenfedError("a mask correction arrived, but this job has no pairwise masks")
+        if site not in self._contributors or site in self._corrections:
+            raise ZenfedError(f"a mask correction from {site}, which sent no update this round or already "
+                              "corrected; refused")
+        _, ciphertext = open_update(payload, context=self.context, packing=self.packing, job=self.job_id,
+                                    round=self._round, site=site, n_values=self.n_values)
+        self._sum.add(ciphertext)
+        self._corrections.append(site)
+
+    @property
+    def corrections(self) -> list[str]:
+        """Sites whose mask corrections were added this round."""
+        return list(self._corrections)
 
     @property
     def count(self) -> int:
@@ -272,9 +318,9 @@ class EncryptedAggregation:
         return len(self._contributors)
 
     @property
-    def total_weight(self) -> float:
-        """Their total (plain) weight."""
-        return self._total
+    def total_weight(self) -> float | None:
+        """Their total (plain) weight; None under pairwise masks."""
+        return None if self.masked else self._total
 
     @property
     def contributors(self) -> list[str]:
@@ -285,7 +331,8 @@ class EncryptedAggregation:
         """The encrypted sum and its total weight."""
         if not self._contributors:
             raise ZenfedError("no site update was accepted this round")
-        return EncryptedGlobal(ciphertext=self._sum.to_bytes(), total_weight=self._total)
+        return EncryptedGlobal(ciphertext=self._sum.to_bytes(), total_weight=self.total_weight,
+                               contributors=len(self._contributors))
 
     def digest(self, global_state: Any) -> str:
         """SHA-256 of the summed ciphertext."""
@@ -295,7 +342,7 @@ class EncryptedAggregation:
         """The ciphertext sum; never a plaintext adapter."""
         return global_state.ciphertext, {
             "kind": "ckks_sum", "total_weight": global_state.total_weight, "n_values": self.n_values,
-            "fingerprint": self.fingerprint,
+            "fingerprint": self.fingerprint, "contributors": global_state.contributors,
         }
 
     def from_checkpoint(self, payload: bytes, meta: dict[str, Any]) -> EncryptedGlobal:
@@ -303,7 +350,9 @@ class EncryptedAggregation:
         if meta.get("kind") != "ckks_sum" or meta.get("fingerprint") != self.fingerprint:
             raise ZenfedError("the checkpoint does not hold a ciphertext sum under this job's HE parameters")
         self.n_values = meta.get("n_values")
-        return EncryptedGlobal(ciphertext=payload, total_weight=float(meta["total_weight"]))
+        total = meta.get("total_weight")
+        return EncryptedGlobal(ciphertext=payload, total_weight=None if total is None else float(total),
+                               contributors=int(meta.get("contributors", 0)))
 
 
 def make_aggregation(strategy: Strategy, *, job_id: str, server_context: Path | None) -> Aggregation:

@@ -24,7 +24,7 @@ from zenfed.protocol import Message
 from zenfed.server.aggregation import Aggregation
 from zenfed.spec import JobSpec
 from zenfed.types import AdapterState
-from zenfed.update_auth import UpdateVerifier
+from zenfed.update_auth import UpdateVerifier, correction_statement
 from zenfed.wire import decode_adapter
 
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -56,6 +56,7 @@ class RoundIntake:
         self.round = 0
         self.sites: dict[str, dict[str, Any]] = {}
         self.update_hashes: list[str] = []
+        self.correction_hashes: list[str] = []
         self.released: AdapterState | None = None
         self.base_model_sha256: str | None = None
         self.responded: set[str] = set()  # every site that answered this task, accepted or not
@@ -63,7 +64,7 @@ class RoundIntake:
     def begin(self, *, task: str, round_index: int) -> None:
         """Start taking answers to ``task`` in round ``round_index``."""
         self.task, self.round = task, round_index
-        self.sites, self.update_hashes, self.released = {}, [], None
+        self.sites, self.update_hashes, self.correction_hashes, self.released = {}, [], [], None
         self.responded = set()
         self.aggregation.begin(round_index=round_index)
 
@@ -132,13 +133,39 @@ class RoundIntake:
             self.update_hashes.append(digest)
             self.audit.record(E.UPDATE_RECEIVED, site=site, round=self.round, sha256=digest, size=len(payload),
                               kind=P.UPDATE_KIND, encrypted=self.aggregation.encrypted)
-            metrics.update(num_examples=int(header[P.H_NUM_EXAMPLES]), weight=weight, update_sha256=digest,
-                           update_bytes=len(payload))
+            metrics.update(weight=weight, update_sha256=digest, update_bytes=len(payload))
+            if header.get(P.H_NUM_EXAMPLES) is not None:  # under pairwise masks it stays at the site
+                metrics["num_examples"] = int(header[P.H_NUM_EXAMPLES])
             if header.get(P.H_TRAIN_LOSS) is not None:  # A site under DP withholds it.
                 metrics["train_loss"] = float(header[P.H_TRAIN_LOSS])
         if header.get(P.H_BASE_MODEL_SHA256):
             self.base_model_sha256 = str(header[P.H_BASE_MODEL_SHA256])
         self.sites[site] = metrics
+
+    def accept_correction(self, site: str, answer: Message) -> None:
+        """Validate a survivor's mask correction and add it to the round's sum; reject a bad one, never raise."""
+        self.keep_site_log(site, answer)
+        try:
+            if answer.status != P.STATUS_OK or answer.refusal:
+                raise ZenfedError(answer.refusal or f"the site returned {answer.status}: {answer.error}")
+            header, payload = answer.header or {}, answer.payload
+            if header.get(P.H_ROUND) != self.round or header.get(P.H_JOB_ID) != self.job_id:
+                raise ZenfedError("the mask correction is for another job or round (a replay or a stale answer)")
+            if not isinstance(payload, bytes) or sha256_hex(payload) != header.get(P.H_PAYLOAD_SHA256):
+                raise ZenfedError("the mask correction does not match the SHA-256 in its header")
+            if self.verifier is not None:
+                self.verifier.check_signed(site=site, header=header, what="mask correction",
+                                           statement=correction_statement(job_id=self.job_id, round_index=self.round,
+                                                                          site=site, payload=payload))
+            add_correction = getattr(self.aggregation, "add_correction", None)
+            if add_correction is None:
+                raise ZenfedError("a mask correction arrived, but this job's sum is not masked")
+            add_correction(site=site, payload=payload)
+            atomic_write_bytes(kept_update_path(self.out_dir, self.round, site, correction=True), payload)
+            self.correction_hashes.append(sha256_hex(payload))
+        except (ZenfedError, ValueError, TypeError, KeyError) as err:
+            _log.error("round %d: rejected the mask correction of %s: %s", self.round, site, err)
+            self.audit.record(E.ERROR, kind="correction_rejected", site=site, round=self.round, message=str(err)[:500])
 
     def keep_site_log(self, site: str, answer: Message) -> None:
         """Keep the signed log a site attached to its answer (the latest copy wins)."""

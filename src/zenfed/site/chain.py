@@ -3,18 +3,19 @@
 Outgoing, after local training, each stage takes the update and returns it::
 
     delta -> clip -> DP noise -> DP spend -> weight -> encrypt -> envelope      (encrypted job)
+    delta -> ... -> weight -> mask -> encrypt -> envelope                        (pairwise masks)
     delta -> clip -> DP noise -> DP spend -> encode                             (job in the clear)
 
 Incoming, the global the server sends walks the same chain backwards
 (envelope, then decrypt or decode). :func:`build_update_chain` is the one
 place that knows which stages a job runs and in which order; the session only
 runs the chain. A new mechanism (say, pairwise masks before encryption) is one
-more :class:`Stage` inserted there.
+more :class:`Stage` inserted there, as ``mask`` is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +27,19 @@ from zenfed.types import AdapterState
 
 @dataclass(frozen=True)
 class RoundInfo:
-    """Which job, round and site an update belongs to (stages bind their output to it)."""
+    """Which job, round and site an update belongs to (stages bind their output to it).
+
+    Attributes:
+        job_id: The job.
+        round: The round of the task.
+        site: This site.
+        task: The task's header (the round's cohort and keys, for the mask stage).
+    """
 
     job_id: str
     round: int
     site: str
+    task: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -43,6 +52,7 @@ class OutgoingUpdate:
         num_examples: Training examples behind the update.
         header: Result header fields stages add (weight, DP spend, training loss).
         weight: The weight the site applies before encrypting (1 in the clear).
+        mask: This site's pairwise mask for the round, once the mask stage made it.
         ciphertext: The encrypted, weighted adapter, once a stage encrypted it.
         n_values: How many values the ciphertext holds.
         payload: The bytes that leave the site, once the last stage wrote them.
@@ -53,6 +63,7 @@ class OutgoingUpdate:
     num_examples: int
     header: dict[str, Any] = field(default_factory=dict)
     weight: float = 1.0
+    mask: Callable[[int, int], Any] | None = None
     ciphertext: bytes | None = None
     n_values: int = 0
     payload: bytes | None = None

@@ -9,6 +9,8 @@ from zenfed.kit_files import KitFolders, find_kit_file
 from zenfed.privacy.he import (
     SITE_CONTEXT_FILE,
     Encryptor,
+    HEDecodeError,
+    MaskSource,
     UpdateLayout,
     decrypt_sum,
     fingerprint,
@@ -42,16 +44,27 @@ class SiteEncryption:
         self.packing = packing_for(spec.encryption)
         self.fingerprint = fingerprint(self.context, self.packing)
 
-    def decrypt_global(self, payload: bytes, *, template: AdapterState, total_weight: float) -> AdapterState:
+    def decrypt_global(self, payload: bytes, *, template: AdapterState, total_weight: float | None,
+                       contributors: int | None = None) -> AdapterState:
         """Decrypt the summed global and divide by the total weight: the weighted mean adapter.
 
+        Args:
+            payload: The summed ciphertexts.
+            template: Names and shapes of the global.
+            total_weight: The plain total weight; None for a masked sum, which carries its own.
+            contributors: How many updates the server says a masked sum holds.
+
         Raises:
-            PolicyError: If a value lies beyond the clip bound every packed update obeys: the
-                sum was tampered with, or mixes in something that is not a weighted update.
+            PolicyError: If a value lies beyond the clip bound every packed update obeys, or a masked
+                sum's masks did not cancel: the sum was tampered with, is incomplete, or mixes in
+                something that is not a weighted update.
         """
         layout = UpdateLayout.from_update(template)
-        mean = decrypt_sum(payload, context=self.context, packing=self.packing, layout=layout,
-                           total_weight=total_weight)
+        try:
+            mean = decrypt_sum(payload, context=self.context, packing=self.packing, layout=layout,
+                               total_weight=total_weight, contributors=contributors)
+        except HEDecodeError as err:
+            raise PolicyError(f"refusing the global: {err}") from None
         step = self.packing.step
         if step is not None:
             # Each site clips its values to [-clip, clip] and weights them by w <= 1, so the
@@ -66,11 +79,18 @@ class SiteEncryption:
                 )
         return mean
 
-    def encrypt(self, adapter: AdapterState, *, weight: float) -> tuple[bytes, int]:
-        """Weight, pack and encrypt the adapter; return the ciphertext and its number of values."""
+    def encrypt(self, adapter: AdapterState, *, weight: float, mask: MaskSource | None = None) -> tuple[bytes, int]:
+        """Weight, pack, mask (under pairwise masks) and encrypt the adapter; return the ciphertext and its size."""
         layout = UpdateLayout.from_update(adapter)
         with Encryptor(context=self.context, packing=self.packing) as encryptor:
-            return encryptor.encrypt(adapter, weight=weight, layout=layout), layout.n_values
+            return encryptor.encrypt(adapter, weight=weight, layout=layout, mask=mask), layout.n_values
+
+    def encrypt_correction(self, n_values: int, correction: MaskSource) -> tuple[bytes, int]:
+        """Encrypt a mask correction the size of an update of ``n_values`` values."""
+        if n_values <= 0:
+            raise PolicyError("no masked update was sent this round; there is nothing to correct")
+        with Encryptor(context=self.context, packing=self.packing) as encryptor:
+            return encryptor.encrypt_correction(n_values, correction), n_values
 
     def envelope(self, ciphertext: bytes, *, n_values: int, job_id: str, round_index: int, site: str) -> bytes:
         """Wrap a ciphertext in the envelope that binds it to job, round, site and HE parameters."""

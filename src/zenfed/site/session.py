@@ -42,6 +42,7 @@ from zenfed.site.attestation import SiteAttestation
 from zenfed.site.chain import IncomingGlobal, OutgoingUpdate, RoundInfo, UpdateChain
 from zenfed.site.dp import SiteDP
 from zenfed.site.encryption import SiteEncryption, find_site_context
+from zenfed.site.masking import SiteMasking
 from zenfed.site.personal import PersonalLayers
 from zenfed.site.policy import check_job_allowed, load_policy_for
 from zenfed.site.ranks import RankCap
@@ -50,10 +51,10 @@ from zenfed.site.state import SiteStateStore
 from zenfed.spec import JobSpec, SitePolicy, parse_model
 from zenfed.strategies import Strategy, make_strategy
 from zenfed.types import AdapterState, check_compatible
-from zenfed.update_auth import UpdateSigner
+from zenfed.update_auth import UpdateSigner, UpdateVerifier, correction_statement
 from zenfed.wire import encode_adapter
 
-TASKS = (P.TASK_ATTEST, P.TASK_TRAIN, P.TASK_EVALUATE, P.TASK_RELEASE)
+TASKS = P.SITE_TASKS
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
@@ -83,6 +84,8 @@ class SiteSession:
         self._audit: AuditSink | None = None
         self._attestation: SiteAttestation | None = None
         self._encryption: SiteEncryption | None = None
+        self._masking: SiteMasking | None = None
+        self._last_sent_values = 0
         self._strategy: Strategy | None = None
         self._engine: Engine | None = None
         self._dp: SiteDP | None = None
@@ -111,11 +114,15 @@ class SiteSession:
                 return self._answer_attestation(message)
             # No model data moves until the server has proven its TEE, where this site requires it.
             self._require(self._attestation).check_server(message.server_evidence)
-            self._load(spec, policy)
             if message.header.get(P.H_SPEC_HASH) != spec.spec_hash():
                 raise PolicyError("the task does not carry this job's spec hash; refusing it")
+            if task == P.TASK_KEYS:
+                return self._announce_key(message)
+            self._load(spec, policy)
             if task == P.TASK_RELEASE:
                 return self._release(message)
+            if task == P.TASK_UNMASK:
+                return self._correct_masks(message)
             adapter = self._incoming_adapter(message)
             return self._run(task, spec, message.header, adapter, should_abort)
         except PolicyError as err:
@@ -150,6 +157,13 @@ class SiteSession:
         )
         if spec.encryption.enabled:
             self._encryption = SiteEncryption(spec=spec, context_path=find_site_context(self.folders))
+        self._signer = UpdateSigner.from_kit(self.folders.startup)
+        if spec.encryption.secure_aggregation == "pairwise":
+            self._masking = SiteMasking(
+                site=self.site, job_id=self.job_id, job_folder=self.folders.run, max_sites=spec.encryption.max_sites,
+                min_sites=spec.federation.min_sites, signer=self._signer,
+                verifier=UpdateVerifier.from_kit(self.folders.startup), audit=self._audit,
+            )
         self._strategy = make_strategy(spec)
         self._spec, self._policy = spec, policy
         return spec, policy
@@ -173,7 +187,6 @@ class SiteSession:
         self._record(E.POLICY_DECISION, decision="accepted", subject="privacy budget",
                      reason="the job's planned epsilon fits this site's limits", plan=plan)
         self._dp = dp
-        self._signer = UpdateSigner.from_kit(self.folders.startup)
         model_dir = resolve_base_model(spec.model.base)
         self._base_model_sha256 = model_fingerprint(model_dir)
         self._rank_cap = RankCap.for_site(spec, policy.max_lora_rank)
@@ -202,6 +215,32 @@ class SiteSession:
             reply.refusal = str(err)  # The server records why this site cannot attest.
         reply.audit_log = self._log_bytes()  # An excluded site's log still reaches the job result.
         return reply
+
+    def _announce_key(self, message: Message) -> Message:
+        """Announce this site's pairwise key for the job, signed with its provisioned key."""
+        if self._masking is None:
+            raise PolicyError("the server asked for a pairwise key, but this job does not use pairwise masks")
+        header = {P.H_JOB_ID: message.header.get(P.H_JOB_ID), P.H_SITE: self.site, **self._masking.announce()}
+        return Message(header=header)
+
+    def _correct_masks(self, message: Message) -> Message:
+        """Send the encrypted correction that cancels this site's masks with the round's dropped sites."""
+        header, masking = message.header, self._masking
+        if masking is None:
+            raise PolicyError("the server asked for a mask correction, but this job does not use pairwise masks")
+        encryption, info = self._require(self._encryption), self._round_info(header)
+        correction = masking.correction_for(info.round, header)
+        ciphertext, n_values = encryption.encrypt_correction(self._last_sent_values, correction)
+        payload = encryption.envelope(ciphertext, n_values=n_values, job_id=info.job_id, round_index=info.round,
+                                      site=self.site)
+        digest = sha256_hex(payload)
+        out: dict[str, Any] = {P.H_JOB_ID: info.job_id, P.H_ROUND: info.round, P.H_SITE: self.site,
+                               P.H_PAYLOAD_SHA256: digest, P.H_PAYLOAD_BYTES: len(payload)}
+        if self._signer is not None:
+            out.update(self._signer.sign(correction_statement(job_id=info.job_id, round_index=info.round,
+                                                              site=self.site, payload=payload)))
+        self._record(E.MASKS_CORRECTED, round=info.round, dropped=correction.dropped, sha256=digest)
+        return Message(header=out, payload=payload)
 
     def _incoming_adapter(self, message: Message, *, release: bool = False) -> AdapterState:
         """The site's adapter for a task: the shared global with this site's personal layers.
@@ -293,8 +332,10 @@ class SiteSession:
             raise ZenfedError("the update chain wrote no payload")
         out.update(update.header)
         digest = sha256_hex(payload)
-        out.update({P.H_NUM_EXAMPLES: trained.num_examples, P.H_STEPS: trained.steps,
-                    P.H_PAYLOAD_SHA256: digest, P.H_PAYLOAD_BYTES: len(payload)})
+        out.update({P.H_STEPS: trained.steps, P.H_PAYLOAD_SHA256: digest, P.H_PAYLOAD_BYTES: len(payload)})
+        if update.mask is None:  # under pairwise masks the size of the site's data stays at the site
+            out[P.H_NUM_EXAMPLES] = trained.num_examples
+        self._last_sent_values = update.n_values
         self._keep_sent(info.round, payload)
         self._record(E.UPDATE_SENT, round=info.round, sha256=digest, size=len(payload), kind=P.UPDATE_KIND,
                      encrypted=self._encryption is not None, stages=self._require(self._chain).names)
@@ -329,7 +370,7 @@ class SiteSession:
         return self._rank_cap.cut(adapter) if self._rank_cap else adapter
 
     def _round_info(self, header: dict[str, Any]) -> RoundInfo:
-        return RoundInfo(job_id=str(header[P.H_JOB_ID]), round=int(header[P.H_ROUND]), site=self.site)
+        return RoundInfo(job_id=str(header[P.H_JOB_ID]), round=int(header[P.H_ROUND]), site=self.site, task=header)
 
     def _reload_budget(self, dp: SiteDP) -> None:
         """Budgets site IT edits in the site policy take effect from the next round."""
@@ -361,7 +402,8 @@ class SiteSession:
         self._personal = PersonalLayers(layers=spec.lora.personal_layers, initial_adapter=self._initial,
                                         folder=store.folder)
         self._chain = build_update_chain(dp=self._require(self._dp), encryption=self._encryption, strategy=strategy,
-                                         audit=self._require(self._audit), signer=self._signer)
+                                         audit=self._require(self._audit), signer=self._signer,
+                                         masking=self._masking)
 
     def _keep_sent(self, rnd: int, payload: bytes) -> None:
         """Keep the site's own copy of what left it, named by round (the site's record, not the server's)."""

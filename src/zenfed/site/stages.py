@@ -13,6 +13,7 @@ from zenfed.audit.sink import AuditSink
 from zenfed.site.chain import IncomingGlobal, OutgoingUpdate, RoundInfo, Stage, UpdateChain
 from zenfed.site.dp import SiteDP
 from zenfed.site.encryption import SiteEncryption
+from zenfed.site.masking import SiteMasking
 from zenfed.strategies import Strategy
 from zenfed.update_auth import UpdateSigner, update_statement
 from zenfed.wire import decode_adapter, encode_adapter
@@ -70,17 +71,39 @@ class DPSpendStage(Stage):
 
 
 class WeightStage(Stage):
-    """Under encryption: the site's weight, which it applies itself (the server cannot read the update)."""
+    """Under encryption: the site's weight, which it applies itself (the server cannot read the update).
+
+    Args:
+        strategy: Decides the weight.
+        in_the_clear: Send the weight in the header (plain CKKS sums); under pairwise masks it
+            travels inside the masked sum instead.
+    """
 
     name = "weight"
 
-    def __init__(self, strategy: Strategy) -> None:
+    def __init__(self, strategy: Strategy, *, in_the_clear: bool = True) -> None:
         self.strategy = strategy
+        self.in_the_clear = in_the_clear
 
     def outgoing(self, update: OutgoingUpdate, info: RoundInfo) -> OutgoingUpdate:
-        """Set the weight the next stage multiplies by, and send it in the clear."""
+        """Set the weight the next stage multiplies by."""
         update.weight = self.strategy.site_weight(num_examples=update.num_examples)
-        update.header[P.H_WEIGHT] = update.weight
+        if self.in_the_clear:
+            update.header[P.H_WEIGHT] = update.weight
+        return update
+
+
+class MaskStage(Stage):
+    """Pairwise masks: check the round's cohort and keys, and hand the encrypt stage this site's mask."""
+
+    name = "mask"
+
+    def __init__(self, masking: SiteMasking) -> None:
+        self.masking = masking
+
+    def outgoing(self, update: OutgoingUpdate, info: RoundInfo) -> OutgoingUpdate:
+        """Make the round's mask; the update's size and weight no longer leave the site in the clear."""
+        update.mask = self.masking.masker_for(info.round, info.task).mask
         return update
 
 
@@ -93,14 +116,19 @@ class EncryptStage(Stage):
         self.encryption = encryption
 
     def outgoing(self, update: OutgoingUpdate, info: RoundInfo) -> OutgoingUpdate:
-        """Encrypt ``weight * adapter``."""
-        update.ciphertext, update.n_values = self.encryption.encrypt(update.adapter(), weight=update.weight)
+        """Encrypt ``weight * adapter`` (masked, where the mask stage ran)."""
+        update.ciphertext, update.n_values = self.encryption.encrypt(update.adapter(), weight=update.weight,
+                                                                     mask=update.mask)
         return update
 
     def incoming(self, message: IncomingGlobal, info: RoundInfo) -> IncomingGlobal:
-        """Decrypt the sum and divide by its total weight: the weighted mean adapter."""
+        """Decrypt the sum and divide by its total weight (a masked sum carries its own): the mean adapter."""
+        header = message.header
+        total = header.get(P.H_TOTAL_WEIGHT)
+        count = header.get(P.H_CONTRIBUTORS)
         message.adapter = self.encryption.decrypt_global(
-            message.payload, template=message.template, total_weight=float(message.header[P.H_TOTAL_WEIGHT]))
+            message.payload, template=message.template, total_weight=None if total is None else float(total),
+            contributors=None if count is None else int(count))
         return message
 
 
@@ -133,7 +161,8 @@ class SignStage(Stage):
         """Sign the statement over the payload, its weight and the round."""
         if update.payload is None:
             raise ValueError("the sign stage needs the payload written before it")
-        update.header[P.H_NUM_EXAMPLES] = update.num_examples
+        if update.mask is None:  # under pairwise masks the size of a site's data stays at the site
+            update.header[P.H_NUM_EXAMPLES] = update.num_examples
         statement = update_statement(job_id=info.job_id, round_index=info.round, site=info.site,
                                      payload=update.payload, header=update.header)
         update.header.update(self.signer.sign(statement))
@@ -157,7 +186,8 @@ class EncodeStage(Stage):
 
 
 def build_update_chain(*, dp: SiteDP, encryption: SiteEncryption | None, strategy: Strategy,
-                       audit: AuditSink, signer: UpdateSigner | None = None) -> UpdateChain:
+                       audit: AuditSink, signer: UpdateSigner | None = None,
+                       masking: SiteMasking | None = None) -> UpdateChain:
     """Return the stages a job runs at a site, in outgoing order.
 
     Args:
@@ -166,6 +196,7 @@ def build_update_chain(*, dp: SiteDP, encryption: SiteEncryption | None, strateg
         strategy: The job's algorithm (it decides the site's weight).
         audit: Where the DP spend is recorded.
         signer: The site's provisioned key; None where the kit has none (the simulator).
+        masking: The site's pairwise masks, where the job sums under them.
     """
     stages: list[Stage] = []
     if dp.level == "client":
@@ -173,7 +204,10 @@ def build_update_chain(*, dp: SiteDP, encryption: SiteEncryption | None, strateg
     if dp.level != "none":
         stages.append(DPSpendStage(dp, audit))
     if encryption is not None:
-        stages += [WeightStage(strategy), EncryptStage(encryption), EnvelopeStage(encryption)]
+        stages.append(WeightStage(strategy, in_the_clear=masking is None))
+        if masking is not None:
+            stages.append(MaskStage(masking))
+        stages += [EncryptStage(encryption), EnvelopeStage(encryption)]
     else:
         stages.append(EncodeStage())
     if signer is not None:

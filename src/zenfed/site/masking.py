@@ -1,0 +1,152 @@
+"""A site's side of pairwise masking: its key for the job, the peers' signed keys, and its corrections.
+
+The site makes its X25519 key in its own job folder (0600 in 0700) and
+announces the public half signed with its provisioned key. Before masking a
+round it checks the cohort the server announced (it names this site and fits
+the packing) and every peer's key announcement against the project's root CA:
+a server cannot slip in a key of its own. It answers a correction request only
+for the round it just masked, once, for sites of that round's cohort, and only
+if the survivors still number at least ``min_sites``: a server cannot shrink a
+sum to one site by declaring the others dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zenfed import protocol as P
+from zenfed.audit import events as E
+from zenfed.audit.sink import AuditSink
+from zenfed.errors import PolicyError
+from zenfed.privacy.pairwise import (
+    CorrectionMask,
+    PairwiseError,
+    PairwiseMasker,
+    check_cohort,
+    key_fingerprint,
+    key_statement,
+    load_or_create_key,
+    parse_public_key,
+    public_key_text,
+)
+from zenfed.update_auth import UpdateAuthError, UpdateSigner, UpdateVerifier
+
+KEY_FOLDER = "pairwise-key"  # inside the site's folder for the job
+
+
+@dataclass
+class _MaskedRound:
+    round: int
+    cohort: list[str]
+    masker: PairwiseMasker
+    corrected: bool = False
+
+
+class SiteMasking:
+    """One site's pairwise masks for one job.
+
+    Args:
+        site: This site's name.
+        job_id: The job.
+        job_folder: The site's folder for this job (its key is kept under it).
+        max_sites: The packing's headroom (the largest cohort).
+        min_sites: The fewest survivors a correction may leave.
+        signer: This site's provisioned key; None in the simulator.
+        verifier: The project's root CA, to check peers' keys; None in the simulator.
+        audit: This site's audit log.
+    """
+
+    def __init__(self, *, site: str, job_id: str, job_folder: Path, max_sites: int, min_sites: int,
+                 signer: UpdateSigner | None, verifier: UpdateVerifier | None, audit: AuditSink) -> None:
+        self.site = site
+        self.job_id = job_id
+        self.max_sites = max_sites
+        self.min_sites = min_sites
+        self._key = load_or_create_key(job_folder / KEY_FOLDER)
+        self._public = public_key_text(self._key)
+        self._signer = signer
+        self._verifier = verifier
+        self._audit = audit
+        self._last: _MaskedRound | None = None
+
+    def announce(self) -> dict[str, Any]:
+        """The header fields that announce this site's public key, signed where the site has a key."""
+        fields: dict[str, Any] = {P.H_PAIRWISE_KEY: self._public}
+        if self._signer is not None:
+            fields.update(self._signer.sign(key_statement(job_id=self.job_id, site=self.site,
+                                                          public_key=self._public)))
+        self._audit.record(E.PAIRWISE_KEY, public_sha256=key_fingerprint(self._public),
+                           signed=self._signer is not None)
+        return fields
+
+    def masker_for(self, round_index: int, task: Mapping[str, Any]) -> PairwiseMasker:
+        """Check the round's cohort and its keys, record them, and return this site's masker.
+
+        Raises:
+            PolicyError: If the cohort or any key announcement does not check out.
+        """
+        try:
+            cohort = check_cohort(task.get(P.H_COHORT) or [], site=self.site, max_sites=self.max_sites)
+        except PairwiseError as err:
+            raise PolicyError(f"refusing to mask round {round_index}: {err}") from None
+        announcements = task.get(P.H_PEER_KEYS)
+        if not isinstance(announcements, Mapping) or sorted(announcements) != cohort:
+            raise PolicyError(f"refusing to mask round {round_index}: the task's key announcements do not cover "
+                              f"exactly the cohort {cohort}")
+        own = announcements[self.site]
+        if not isinstance(own, Mapping) or own.get(P.H_PAIRWISE_KEY) != self._public:
+            raise PolicyError(f"refusing to mask round {round_index}: the task names another pairwise key for "
+                              f"{self.site} than the one it announced (a substituted key)")
+        peers = {peer: self._checked_key(peer, announcements[peer]) for peer in cohort if peer != self.site}
+        masker = PairwiseMasker(key=self._key, site=self.site, peers=peers, job_id=self.job_id,
+                                round_index=round_index)
+        self._last = _MaskedRound(round=round_index, cohort=cohort, masker=masker)
+        self._audit.record(E.MASKS_APPLIED, round=round_index, cohort=cohort,
+                           announced={s: key_fingerprint(str(announcements[s][P.H_PAIRWISE_KEY])) for s in cohort},
+                           announcements_signed=self._verifier is not None)
+        return masker
+
+    def correction_for(self, round_index: int, task: Mapping[str, Any]) -> CorrectionMask:
+        """The correction that cancels this site's masks with the round's dropped sites.
+
+        Raises:
+            PolicyError: If the request is not for the round this site just masked, comes twice,
+                names a site outside its cohort, or would leave fewer than ``min_sites`` survivors.
+        """
+        last = self._last
+        dropped = sorted(str(s) for s in task.get(P.H_DROPPED) or [])
+        if last is None or last.round != round_index:
+            raise PolicyError(f"refusing a mask correction for round {round_index}: this site did not mask "
+                              "that round (or restarted since)")
+        if last.corrected:
+            raise PolicyError(f"refusing a second mask correction for round {round_index}")
+        survivors = sorted(set(last.cohort) - set(dropped))
+        if not dropped or not set(dropped) < set(last.cohort) or self.site in dropped:
+            raise PolicyError(f"refusing a mask correction for round {round_index}: dropped sites {dropped} are "
+                              f"not other sites of its cohort {last.cohort}")
+        if len(survivors) < max(2, self.min_sites):
+            raise PolicyError(f"refusing a mask correction for round {round_index}: it would leave "
+                              f"{len(survivors)} site(s) in the sum, fewer than min_sites {self.min_sites}")
+        correction = last.masker.correction(dropped)
+        last.corrected = True
+        self._audit.record(E.MASKS_CORRECTED, round=round_index, dropped=dropped, survivors=survivors)
+        return correction
+
+    def _checked_key(self, peer: str, announcement: Any) -> Any:
+        if not isinstance(announcement, Mapping):
+            raise PolicyError(f"the key announcement of {peer} is malformed")
+        text = announcement.get(P.H_PAIRWISE_KEY)
+        if self._verifier is not None:
+            try:
+                self._verifier.check_signed(site=peer, statement=key_statement(
+                    job_id=self.job_id, site=peer, public_key=str(text)), header=dict(announcement),
+                    what="pairwise key")
+            except UpdateAuthError as err:
+                raise PolicyError(f"refusing to mask with {peer}: {err}") from None
+        try:
+            return parse_public_key(text, site=peer)
+        except PairwiseError as err:
+            raise PolicyError(str(err)) from None
