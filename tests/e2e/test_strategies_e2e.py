@@ -1,4 +1,7 @@
-"""The federated algorithms through real FLARE: FFA-LoRA in the simulator, FedAdam on a provisioned deployment."""
+"""The federated algorithms through real FLARE: FFA-LoRA in the simulator, FedAdam on a provisioned deployment.
+
+Both run under pairwise masks: signed key announcements and masked sums travel through FLARE.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ def _spec(model: Path, *, name: str, federation: dict, dp: bool = False) -> JobS
         "name": name, "model": {"base": str(model)}, "lora": {"rank": 4, "alpha": 8},
         "training": {"local_steps": 4, "batch_size": 8, "seq_len": 128, "learning_rate": 0.01},
         "federation": {"rounds": 2, "min_sites": 2, **federation},
-        "evaluation": {"max_examples": 8, "max_new_tokens": 4}, "encryption": {"enabled": True},
+        "evaluation": {"max_examples": 8, "max_new_tokens": 4},
+        "encryption": {"enabled": True, "secure_aggregation": "pairwise", "max_sites": 8},
         "privacy": {"level": "record", "noise_multiplier": 0.8} if dp else {"level": "none"},
     })
 
@@ -86,3 +90,9 @@ def test_fedadam_on_a_deployment_steps_identically_at_every_site(tiny_setup: tup
                         if r["event"] == "strategy_state"]
     assert [rnd for rnd, _ in states["site-1"]] == [1, 2]
     assert states["site-1"] == states["site-2"]
+    # Each site masked both rounds with both sites' keys, checked against the project's root CA
+    for site in ("site-1", "site-2"):
+        lines = (outcome.result_dir / "audit" / f"{site}.jsonl").read_text().splitlines()
+        applied = [json.loads(line)["fields"] for line in lines if '"masks_applied"' in line]
+        assert [a["cohort"] for a in applied] == [["site-1", "site-2"]] * 2
+        assert all(a["announcements_signed"] for a in applied)

@@ -98,8 +98,8 @@ def test_one_masked_ciphertext_decrypts_to_noise(contexts):
     with pytest.raises(HEDecodeError, match="masks did not cancel"):
         decrypt_sum(blob, context=secret, packing=packing, layout=layout, total_weight=None)
     # ... and the raw slots, read as the packed values they hide, do not correlate with the update.
-    from zenfed.privacy.he.seal import SealKit
     from zenfed.privacy.he.ckks import split_chunks
+    from zenfed.privacy.he.seal import SealKit
     from zenfed.privacy.he.wire import expand_ciphertexts
 
     with SealKit(secret) as kit:

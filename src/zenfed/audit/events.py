@@ -61,7 +61,8 @@ from its end; a result file whose hash differs was changed after the job."""
 PAIRWISE_KEY: Final = "pairwise_key"
 """Site side, when it announces its X25519 key for pairwise masks. fields: public_sha256, signed."""
 PAIRWISE_KEYS: Final = "pairwise_keys"
-"""Server side, the key directory it forwards. fields: announced ({site: public key sha256}), refused ({site: reason})."""
+"""Server side, the key directory it forwards. fields: announced ({site: public key sha256}),
+refused ({site: reason})."""
 MASKS_APPLIED: Final = "masks_applied"
 """Site side, each masked round. fields: round, cohort, announced ({site: public key sha256} it masked with),
 announcements_signed (checked against the root CA)."""
