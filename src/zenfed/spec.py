@@ -327,6 +327,10 @@ class SitePolicy(_Strict):
     allow_plaintext_release: bool = Field(
         True, description="with encryption on, agree that the final adapter is released in the clear"
     )
+    report_metrics: bool = Field(
+        True, description="send validation loss and accuracy and the training loss to the server in the clear; "
+        "false keeps them in this site's own log"
+    )
 
     def dataset(self, name: str) -> DatasetLocation:
         """Return the location of dataset ``name``, or raise a PolicyError naming the fix."""

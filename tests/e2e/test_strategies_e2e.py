@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 
@@ -18,6 +19,20 @@ from zenfed.engines.tiny import build_tiny_model
 from zenfed.jobs import export_job
 from zenfed.jobs.simulate import builtin_policies, run_simulation
 from zenfed.jobs.submit import load_result, submit
+from zenfed.privacy.he import (
+    SITE_CONTEXT_FILE,
+    EncryptedSum,
+    HEDecodeError,
+    UpdateLayout,
+    decrypt_sum,
+    load_context,
+    packing_for,
+    read_envelope,
+)
+from zenfed.privacy.he.ckks import slot_count, split_chunks
+from zenfed.privacy.he.params import slot_layout
+from zenfed.privacy.he.seal import SealKit
+from zenfed.privacy.he.wire import expand_ciphertexts
 from zenfed.provisioning.deploy import down, up
 from zenfed.provisioning.project import provision
 from zenfed.spec import JobSpec
@@ -96,3 +111,34 @@ def test_fedadam_on_a_deployment_steps_identically_at_every_site(tiny_setup: tup
         applied = [json.loads(line)["fields"] for line in lines if '"masks_applied"' in line]
         assert [a["cohort"] for a in applied] == [["site-1", "site-2"]] * 2
         assert all(a["announcements_signed"] for a in applied)
+    _attacker_reads_only_noise(deployment, outcome.result_dir)
+
+
+def _attacker_reads_only_noise(deployment, result_dir: Path) -> None:
+    """With site-1's kit (the CKKS key) and the server's kept ciphertexts, try to read site-2's round-1 update."""
+    key = load_context(Path(deployment.site_kits["site-1"]) / "startup" / SITE_CONTEXT_FILE, require_secret=True)
+    kept = result_dir / "updates" / "round-0001"
+    spec = JobSpec.model_validate(load_result(result_dir)["job"]["spec"])
+    layout = slot_layout(key.params, packing_for(spec.encryption))
+
+    def slots(blob: bytes) -> np.ndarray:
+        with SealKit(key) as kit:
+            return np.rint(np.concatenate([kit.decrypt(expand_ciphertexts(c)[1]) for c in split_chunks(blob)]))
+
+    theirs = read_envelope((kept / "site-2.bin").read_bytes())[1]
+    total = EncryptedSum(context=key)
+    for name in ("site-1.bin", "site-2.bin"):
+        total.add(read_envelope((kept / name).read_bytes())[1])
+    n = read_envelope((kept / "site-2.bin").read_bytes())[0].n_values
+    used = slot_count(n, packing=packing_for(spec.encryption), layout=layout)  # the rest is padding
+    seen, summed = slots(theirs)[:used], slots(total.to_bytes())[:used]
+    modulus = layout.mask_modulus
+    summed = np.where(np.mod(summed, modulus) >= modulus // 2, np.mod(summed, modulus) - modulus,
+                      np.mod(summed, modulus))  # the round's (unmasked) sum, which the key holder may read
+    assert seen.min() >= 0 and seen.max() < modulus and abs(seen.mean() / modulus - 0.5) < 0.1
+    # With two sites the sum is half site-2's update: unmasked, the two would correlate strongly.
+    corr = float(np.corrcoef(seen, summed)[0, 1])
+    assert abs(corr) < 4 / np.sqrt(used), corr
+    with pytest.raises(HEDecodeError, match="masks did not cancel"):
+        decrypt_sum(theirs, context=key, packing=packing_for(spec.encryption),
+                    layout=UpdateLayout((("u", (n,)),)), total_weight=None)

@@ -174,3 +174,28 @@ def test_pairwise_masks_run_in_the_simulator_layout_with_record_dp(tiny_job_spec
     assert result["final"]["adapter_dir"] is not None
     moved = released_adapter(tmp_path)
     assert all(torch.isfinite(t).all() for t in moved.values())
+
+
+def test_a_site_that_withholds_its_metrics_sends_none_and_the_job_goes_on(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare: site-3's policy keeps its metrics at the site
+    from zenfed.jobs.in_process import run_in_process
+    from zenfed.jobs.simulate import builtin_policies
+
+    spec = tiny_job_spec("masked-quiet-site", encryption=PAIRWISE, federation={"rounds": 1, "min_sites": 3})
+    policies = builtin_policies(three_site_data, sites=3, dataset="builtin", allow_any_model=True)
+    policies["site-3"] = policies["site-3"].model_copy(update={"report_metrics": False})
+
+    # Execute
+    run = run_in_process(spec, workspace=tmp_path, policies=policies)
+
+    # Assert: site-3 sent no loss or accuracy; the others' averages stand without it
+    assert run.transport.stopped is None
+    for task, site, answer in run.transport.answers:
+        if task in (P.TASK_TRAIN, P.TASK_EVALUATE):
+            quiet = site == "site-3"
+            assert (answer.header[P.H_EVAL_LOSS] is None) == quiet
+            assert (answer.header[P.H_EVAL_ACCURACY] is None) == quiet
+            assert P.H_TRAIN_LOSS not in answer.header or not quiet
+    result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
+    assert result["final"]["sites"]["site-3"]["eval_loss"] is None
+    assert isinstance(result["final"]["eval_loss"], float)

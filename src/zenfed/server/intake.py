@@ -31,6 +31,11 @@ _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _log = logging.getLogger(__name__)
 
 
+def _metric(value: Any) -> float | None:
+    """A metric a site reported, or None where its policy withholds it (``report_metrics: false``)."""
+    return None if value is None else float(value)
+
+
 class RoundIntake:
     """Accepts the sites' answers to one task at a time.
 
@@ -114,7 +119,7 @@ class RoundIntake:
             self.released = decode_adapter(payload)
             return
         metrics: dict[str, Any] = {
-            "eval_loss": float(header[P.H_EVAL_LOSS]), "accuracy": float(header[P.H_EVAL_ACCURACY]),
+            "eval_loss": _metric(header.get(P.H_EVAL_LOSS)), "accuracy": _metric(header.get(P.H_EVAL_ACCURACY)),
             "eval_examples": int(header[P.H_EVAL_EXAMPLES]), "release_ok": header.get(P.H_RELEASE_OK) is True,
             "engine": str(header.get(P.H_ENGINE, "unknown")),
         }

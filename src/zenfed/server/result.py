@@ -18,12 +18,16 @@ _EVAL_KEYS = ("eval_loss", "accuracy", "eval_examples")
 
 
 def weighted_eval(round_sites: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Return the sites' evaluation, weighted by each site's number of eval examples."""
-    total = sum(m["eval_examples"] for m in round_sites.values())
+    """Return the sites' evaluation, weighted by each site's number of eval examples.
+
+    Sites whose policy withholds their metrics are left out.
+    """
+    reporting = [m for m in round_sites.values() if m.get("eval_loss") is not None and m.get("accuracy") is not None]
+    total = sum(m["eval_examples"] for m in reporting)
     if not total:
         return {}
-    return {"eval_loss": sum(m["eval_loss"] * m["eval_examples"] for m in round_sites.values()) / total,
-            "accuracy": sum(m["accuracy"] * m["eval_examples"] for m in round_sites.values()) / total}
+    return {"eval_loss": sum(m["eval_loss"] * m["eval_examples"] for m in reporting) / total,
+            "accuracy": sum(m["accuracy"] * m["eval_examples"] for m in reporting) / total}
 
 
 def round_record(rnd: int, started: float, aggregation: Aggregation, round_sites: dict[str, dict[str, Any]],

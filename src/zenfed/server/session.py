@@ -37,7 +37,7 @@ from zenfed.server.aggregation import Aggregation, make_aggregation
 from zenfed.server.attestation_gate import AttestationQuorumError, ServerAttestationGate
 from zenfed.server.checkpoint import CheckpointStore, RunState
 from zenfed.server.intake import RoundIntake
-from zenfed.server.masking import KeyDirectory
+from zenfed.server.masking import MaskedRounds
 from zenfed.server.result import RESULT_FILE, build_result, round_record, round_summary, weighted_eval
 from zenfed.server.transport import Transport
 from zenfed.spec import JobSpec, parse_model
@@ -91,8 +91,8 @@ class ServerSession:
         self.aggregation: Aggregation = make_aggregation(self._strategy, job_id=job_id, server_context=context)
         self._public_context = context
         self._gate: ServerAttestationGate | None = None
-        self._masked = bool(getattr(self.aggregation, "masked", False))
-        self._keys: KeyDirectory | None = None
+        self._masks = MaskedRounds(spec=self.spec, job_id=job_id) if getattr(self.aggregation, "masked", False) \
+            else None
         self._verifier: UpdateVerifier | None = None
         # Where the sites, not the server, hold the global (a site-side optimizer, personal layers),
         # the final adapter comes from a site even in a job in the clear.
@@ -112,6 +112,8 @@ class ServerSession:
             kept.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self._public_context, kept / REPLAY_CONTEXT)
         verifier = self._verifier = UpdateVerifier.from_kit(self.folders.startup)
+        if self._masks is not None:
+            self._masks.open(verifier=verifier, audit=self._audit)
         if verifier is None:
             _log.warning("no %s in the server kit (simulator?): site signatures are not checked", ROOT_CA)
         self._intake = RoundIntake(spec=self.spec, job_id=self.job_id, out_dir=out_dir, audit=self._audit,
@@ -155,7 +157,8 @@ class ServerSession:
             started = time.time()
             if not self._attest(rnd, transport):
                 return
-            if self._masked and self._keys is None and not self._collect_keys(transport):
+            if self._masks is not None and not self._masks.keys_collected and not self._masks.collect_keys(
+                    transport, sites=self._eligible(transport), round_index=rnd, evidence=self._server_evidence):
                 return
             new_global = self._run_round(P.TASK_TRAIN, global_state, transport)
             if new_global is None:
@@ -228,29 +231,6 @@ class ServerSession:
         self._phase = "train"
         return True
 
-    def _collect_keys(self, transport: Transport) -> bool:
-        """Ask every eligible site for its signed pairwise key, once per run of the job; False if too few came."""
-        self._phase = "keys"
-        sites = self._eligible(transport)
-        directory = KeyDirectory(job_id=self.job_id, verifier=self._verifier, audit=self._audit)
-        header = {P.H_JOB_ID: self.job_id, P.H_ROUND: self._round, P.H_SPEC_HASH: self.spec.spec_hash()}
-        if not transport.broadcast(task=P.TASK_KEYS, message=Message(header=header,
-                                                                     server_evidence=self._server_evidence or None),
-                                   targets=sites, min_responses=len(sites),
-                                   timeout_s=min(self.spec.federation.task_timeout_s, 300), wait_after_min_s=0,
-                                   on_result=directory.accept):
-            return False
-        directory.record()
-        if len(directory.sites) < self.spec.federation.min_sites:
-            text = (f"only {len(directory.sites)} site(s) announced a valid pairwise key, fewer than min_sites "
-                    f"{self.spec.federation.min_sites}")
-            self._audit.record(E.ERROR, kind="too_few_sites", round=self._round, message=text)
-            transport.stop(f"{text}; stopping the job")
-            return False
-        self._keys = directory
-        self._phase = "train"
-        return True
-
     def _eligible(self, transport: Transport) -> list[str]:
         everyone = sorted(transport.sites())
         return self._gate.eligible(everyone) if self._gate else everyone
@@ -277,7 +257,8 @@ class ServerSession:
         targets = targets or self._eligible(transport)
         if task == P.TASK_TRAIN:
             targets = self._cohort(targets)
-            if self._masked and not self._fix_masked_cohort(targets, header, transport):
+            if self._masks is not None and not self._masks.fix_cohort(targets, header, round_index=self._round,
+                                                                      transport=transport):
                 return None
         needed = spec.federation.min_sites if min_sites is None else min_sites
         self._audit.record(E.ROUND_STARTED, round=self._round, task=task, sites=targets)
@@ -298,7 +279,8 @@ class ServerSession:
         if task == P.TASK_RELEASE:
             return True
         dropped = sorted(set(targets) - set(self.aggregation.contributors))
-        if task == P.TASK_TRAIN and self._masked and dropped and not self._recover_masks(dropped, transport):
+        if task == P.TASK_TRAIN and self._masks is not None and dropped and not self._masks.recover(
+                dropped, intake=intake, round_index=self._round, evidence=self._server_evidence, transport=transport):
             return None
         self._last_eval = weighted_eval(intake.sites)
         self._audit.record(E.EVALUATED, round=self._round - 1 if task == P.TASK_TRAIN else self._round,
@@ -331,56 +313,6 @@ class ServerSession:
         size = min(len(eligible), max(self.spec.federation.min_sites, math.ceil(fraction * len(eligible))))
         draw = random.Random(f"zenfed-cohort:{self.spec.training.seed}:{self._round}")
         return sorted(draw.sample(sorted(eligible), size))
-
-    def _fix_masked_cohort(self, cohort: list[str], header: dict[str, Any], transport: Transport) -> bool:
-        """Fix a masked round's cohort before any site masks: only sites with keys, at most ``max_sites``.
-
-        The cohort and its signed keys go into the task header; False (job stopped) if it cannot be formed.
-        """
-        keys = self._keys
-        if keys is None:
-            raise ZenfedError("a masked round started before the pairwise keys were collected")
-        without = sorted(set(cohort) - keys.sites)
-        if without:
-            _log.warning("round %d: left out of the masked cohort (no valid pairwise key): %s", self._round,
-                         ", ".join(without))
-        cohort[:] = [site for site in cohort if site in keys.sites]
-        limit = self.spec.encryption.max_sites
-        if len(cohort) > limit:
-            text = (f"round {self._round}: {len(cohort)} sites would train, but the packing has headroom for "
-                    f"encryption.max_sites={limit}; raise max_sites or set federation.cohort_fraction")
-            self._audit.record(E.ERROR, kind="cohort_too_large", round=self._round, message=text)
-            transport.stop(text)
-            return False
-        header[P.H_COHORT] = list(cohort)
-        header[P.H_PEER_KEYS] = keys.announcements(cohort)
-        return True
-
-    def _recover_masks(self, dropped: list[str], transport: Transport) -> bool:
-        """Have every survivor cancel its masks with the dropped sites; False (job stopped) if one does not."""
-        intake, survivors = self._require_intake(), sorted(self.aggregation.contributors)
-        self._phase = "unmask"
-        _log.warning("round %d: %s dropped after the cohort was fixed; asking %d survivor(s) for mask "
-                     "corrections", self._round, ", ".join(dropped), len(survivors))
-        header = {P.H_JOB_ID: self.job_id, P.H_ROUND: self._round, P.H_SPEC_HASH: self.spec.spec_hash(),
-                  P.H_DROPPED: dropped}
-        if not transport.broadcast(task=P.TASK_UNMASK, message=Message(header=header,
-                                                                       server_evidence=self._server_evidence or None),
-                                   targets=survivors, min_responses=len(survivors),
-                                   timeout_s=self.spec.federation.task_timeout_s, wait_after_min_s=0,
-                                   on_result=intake.accept_correction):
-            return False
-        missing = sorted(set(survivors) - set(getattr(self.aggregation, "corrections", [])))
-        if missing:
-            text = (f"round {self._round}: {', '.join(missing)} sent no valid mask correction for the dropped "
-                    f"{', '.join(dropped)}; the round's sum cannot be unmasked")
-            self._audit.record(E.ERROR, kind="mask_recovery_failed", round=self._round, message=text)
-            transport.stop(f"{text}; stopping the job (resubmit it to resume from the last round)")
-            return False
-        self._audit.record(E.MASKS_RECOVERED, round=self._round, dropped=dropped, survivors=survivors,
-                           corrections=sorted(intake.correction_hashes))
-        self._phase = "train"
-        return True
 
     def _release(self, global_state: Any, final_sites: dict[str, dict[str, Any]], transport: Transport) -> Any:
         """Return the final adapter in the clear, if allowed; under encryption ask one site to decrypt it."""

@@ -281,7 +281,9 @@ class SiteSession:
                                      max_new_tokens=spec.evaluation.max_new_tokens)
         out: dict[str, Any] = {
             P.H_JOB_ID: header[P.H_JOB_ID], P.H_ROUND: rnd, P.H_SITE: self.site,
-            P.H_EVAL_LOSS: evaluation.loss, P.H_EVAL_ACCURACY: evaluation.accuracy,
+            # A site whose policy withholds metrics still says how many examples it scored.
+            P.H_EVAL_LOSS: evaluation.loss if policy.report_metrics else None,
+            P.H_EVAL_ACCURACY: evaluation.accuracy if policy.report_metrics else None,
             P.H_EVAL_EXAMPLES: evaluation.num_examples, P.H_BASE_MODEL_SHA256: self._base_model_sha256,
             P.H_RELEASE_OK: policy.allow_plaintext_release, P.H_ENGINE: policy.engine or spec.model.engine,
         }
@@ -325,7 +327,8 @@ class SiteSession:
         base = {name: start[name] if name in start else torch.zeros_like(tensor) for name, tensor in sent.items()}
         update = OutgoingUpdate.from_training(global_adapter=base, local_adapter=sent,
                                               num_examples=trained.num_examples)
-        update.header[P.H_TRAIN_LOSS] = trained.train_loss
+        if self._require(self._policy).report_metrics:
+            update.header[P.H_TRAIN_LOSS] = trained.train_loss
         update = self._require(self._chain).outgoing(update, info)
         payload = update.payload
         if payload is None:

@@ -412,7 +412,7 @@ def decrypt_sum(
         slots = unmask_slots(np.rint(reals[:needed]).astype(np.int64), layout=lay)
         fields = unpack_ints(slots, n_fields=layout.n_values + WEIGHT_FIELDS, layout=lay)
         total_weight = masked_total_weight(fields[layout.n_values:], packing, contributors=contributors)
-        values = fields[: layout.n_values].astype(np.float64) * packing.step
+        values = fields[: layout.n_values].astype(np.float64) * (packing.clip / packing.quant_max)
     else:
         if total_weight is None or not (math.isfinite(total_weight) and total_weight > 0):
             raise HEError(f"total_weight must be a positive number, got {total_weight}")
