@@ -158,10 +158,15 @@ def test_a_substituted_key_is_refused_by_every_site(tiny_job_spec, three_site_da
     assert sum("signature on the pairwise key from site-2" in str(r) for r in refusals) == 2
 
 
-def test_pairwise_masks_run_in_the_simulator_layout_with_record_dp(tiny_job_spec, three_site_data, tmp_path):
-    # Prepare: no provisioned kits (keys travel unsigned there, and say so), record-level DP on
-    spec = tiny_job_spec("masked-sim-dp", encryption=PAIRWISE, federation={"rounds": 2, "min_sites": 3},
-                         privacy={"level": "record", "noise_multiplier": 0.8, "clip_norm": 1.0})
+@pytest.mark.parametrize(("privacy", "weighting"), [
+    ({"level": "record", "noise_multiplier": 0.8, "clip_norm": 1.0}, "samples"),
+    ({"level": "client", "noise_multiplier": 1.0, "clip_norm": 0.5, "client_mode": "distributed"}, "uniform"),
+], ids=["record-dp", "distributed-client-dp"])
+def test_pairwise_masks_run_in_the_simulator_layout_with_dp(tiny_job_spec, three_site_data, tmp_path, privacy,
+                                                            weighting):
+    # Prepare: no provisioned kits (keys travel unsigned there, and say so), DP on
+    spec = tiny_job_spec("masked-sim-dp", encryption=PAIRWISE, privacy=privacy,
+                         federation={"rounds": 2, "min_sites": 3, "weighting": weighting})
 
     # Execute
     server, transport = run_job(spec, three_site_data, tmp_path, encrypted=True)
