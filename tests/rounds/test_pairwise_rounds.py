@@ -105,10 +105,17 @@ def test_a_masked_job_sums_to_the_unmasked_one_and_hides_sizes_and_weights(tiny_
         decrypt_sum(ciphertext, context=secret, packing=packing_for(masked.encryption), layout=layout,
                     total_weight=None)
 
-    # Assert: the audit trail verifies and every kept sum re-adds
+    # Assert: the audit trail verifies and every kept sum re-adds; the report says the record counts were withheld
     out = tmp_path / "masked" / "server" / "run"
     assert verify_result(out).ok
     assert replay_result(out).ok
+    from zenfed.audit.controls import controls_table
+    from zenfed.audit.evidence import collect
+
+    rows = controls_table(collect(out)[0])
+    governance = [r for r in rows if "Training examples per site" in r["evidence"]]
+    assert governance and "withheld (pairwise masks" in governance[0]["evidence"]
+    assert governance[0]["status"] == "evidenced"
 
 
 def test_a_site_lost_after_the_cohort_is_fixed_is_unmasked_by_the_survivors(tiny_job_spec, three_site_data,

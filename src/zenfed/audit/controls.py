@@ -123,10 +123,14 @@ def _data_governance(report: dict[str, Any]) -> tuple[str, str]:
     rounds = report["curves"]["rounds"]
     last = rounds[-1]["sites"] if rounds else {}
     counts = {s: v["num_examples"] for s, v in last.items() if v["num_examples"] is not None}
-    text = ("Training examples per site (last round): "
-            + (", ".join(f"{s}: {n}" for s, n in sorted(counts.items())) or "unrecorded")
-            + "; data were not pooled: each site trained on its own records.")
-    return (EVIDENCED if counts else MISSING), text
+    masked = any(m["params"].get("secure_aggregation") == "pairwise" for m in report["privacy"]["mechanisms"])
+    listed = ", ".join(f"{s}: {n}" for s, n in sorted(counts.items()))
+    if not listed:
+        listed = "withheld (pairwise masks keep each site's record count inside the encrypted sum)" if masked \
+            else "unrecorded"
+    text = (f"Training examples per site (last round): {listed}; data were not pooled: each site trained on "
+            "its own records.")
+    return (EVIDENCED if counts or (masked and last) else MISSING), text
 
 
 def _record_keeping(report: dict[str, Any]) -> tuple[str, str]:
