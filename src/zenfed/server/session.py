@@ -91,8 +91,8 @@ class ServerSession:
         self.aggregation: Aggregation = make_aggregation(self._strategy, job_id=job_id, server_context=context)
         self._public_context = context
         self._gate: ServerAttestationGate | None = None
-        self._masks = MaskedRounds(spec=self.spec, job_id=job_id) if getattr(self.aggregation, "masked", False) \
-            else None
+        pairwise = self.spec.encryption.secure_aggregation == "pairwise"
+        self._masks = MaskedRounds(spec=self.spec, job_id=job_id) if pairwise else None
         self._verifier: UpdateVerifier | None = None
         # Where the sites, not the server, hold the global (a site-side optimizer, personal layers),
         # the final adapter comes from a site even in a job in the clear.

@@ -212,4 +212,4 @@ def slot_layout(params: HEParams, packing: PackingConfig) -> SlotLayout:
 def packing_for(encryption: Any) -> PackingConfig:
     """The packing every participant of a job uses, from the job spec's ``encryption`` section."""
     return PackingConfig(quant_bits=encryption.quant_bits, max_sites=encryption.max_sites, clip=encryption.clip,
-                         masked=getattr(encryption, "secure_aggregation", "none") == "pairwise")
+                         masked=encryption.secure_aggregation == "pairwise")
