@@ -150,6 +150,11 @@ class FederationSpec(_Strict):
     task_timeout_s: int = Field(
         3600, ge=10, description="seconds a round waits for sites before going on without them"
     )
+    lost_site_grace_s: int = Field(
+        20, ge=1, le=3600,
+        description="seconds a site whose job process is gone (crashed, killed) may take to come back before "
+                    "rounds go on without it",
+    )
 
 
 class DataSpec(_Strict):

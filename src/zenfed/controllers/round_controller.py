@@ -13,6 +13,7 @@ from typing import Any
 
 from nvflare.apis.client import Client
 from nvflare.apis.controller_spec import ClientTask, Task
+from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller
@@ -41,6 +42,7 @@ class FedLoRAController(Controller):
         super().__init__(task_check_period=task_check_period)
         self._spec_data = spec
         self._session: ServerSession | None = None
+        self._lost: dict[str, str] = {}  # site -> why FLARE counts it lost (its job process is gone)
 
     # -- FLARE lifecycle -------------------------------------------------------------------
     def start_controller(self, fl_ctx: FLContext) -> None:
@@ -70,12 +72,30 @@ class FedLoRAController(Controller):
         self.log_warning(fl_ctx, f"ignored a late result for {task_name} from {client.name}")
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        """Report progress to ``show_stats`` (used by ``zenfed submit``'s progress bar)."""
+        """Track lost sites; report progress to ``show_stats`` (used by ``zenfed submit``'s progress bar).
+
+        FLARE fires ``CLIENT_DISCONNECTED`` once a site's job process has been reported gone for the
+        job's ``lost_site_grace_s`` (the site launcher reports a killed job process that way instead of
+        failing the job); later rounds leave that site out, and the session records why.
+        """
         super().handle_event(event_type, fl_ctx)
+        if event_type == EventType.CLIENT_DISCONNECTED:
+            site = str(fl_ctx.get_prop(FLContextKey.DISCONNECTED_CLIENT_NAME))
+            grace = self._require_session().spec.federation.lost_site_grace_s
+            self._lost[site] = (f"{site} is lost: its job process is gone (crashed, killed or cut off) and did not "
+                                f"come back within lost_site_grace_s={grace} s")
+            remaining = [c.name for c in fl_ctx.get_engine().get_clients() if c.name not in self._lost]
+            self._require_session().site_lost(site, self._lost[site], remaining=len(remaining))
+        elif event_type == EventType.CLIENT_RECONNECTED:
+            self._lost.pop(str(fl_ctx.get_prop(FLContextKey.RECONNECTED_CLIENT_NAME)), None)
         if event_type == InfoCollector.EVENT_TYPE_GET_STATS and self._session is not None:
             collector = fl_ctx.get_prop(InfoCollector.CTX_KEY_STATS_COLLECTOR, None)
             if isinstance(collector, GroupInfoCollector):
                 collector.add_info(group_name="zenfed", info=self._session.progress())
+
+    def lost(self) -> dict[str, str]:
+        """Sites whose job process FLARE counts as gone, with why."""
+        return dict(self._lost)
 
     def _require_session(self) -> ServerSession:
         if self._session is None:
@@ -92,8 +112,13 @@ class _FlareTransport:
         self._abort = abort_signal
 
     def sites(self) -> list[str]:
-        """The connected sites."""
-        return sorted(c.name for c in self._fl_ctx.get_engine().get_clients())
+        """The connected sites, less those whose job process FLARE counts as gone."""
+        lost = self._controller.lost()
+        return sorted(c.name for c in self._fl_ctx.get_engine().get_clients() if c.name not in lost)
+
+    def lost(self) -> dict[str, str]:
+        """The sites FLARE counts as lost, with why."""
+        return self._controller.lost()
 
     def broadcast(self, *, task: str, message: Message, targets: Sequence[str], min_responses: int,
                   timeout_s: float, wait_after_min_s: float, on_result: ResultCallback) -> bool:

@@ -36,6 +36,10 @@ def job_configs(spec: JobSpec) -> dict[str, dict[str, Any]]:
         "format_version": 2,
         "workflows": [{"id": "zenfed_controller", "path": CONTROLLER_CLASS, "args": {"spec": spec_data}}],
         "components": [],
+        # FLARE reads these from the server app's config: how soon a site whose job process is gone
+        # counts as lost, and how long after a task starts FLARE may end it for lost sites.
+        "dead_client_grace_period": spec.federation.lost_site_grace_s,
+        "dead_client_check_lead_time": min(30, spec.federation.lost_site_grace_s),
     }
     site = {
         "format_version": 2,

@@ -4,7 +4,10 @@
   ``zenfed.`` (jobs carry no code, so FLARE builds zenfed's classes from the
   installed package) and, on the server, a job store and snapshot store inside
   the kit instead of ``/tmp/nvflare``.
-- Sites: ``local/zenfed_site.yaml``, the site policy, which site IT may edit.
+- Sites: ``local/zenfed_site.yaml``, the site policy, which site IT may edit,
+  and zenfed's job launcher in ``resources.json``, so a site whose job process
+  dies is dropped from the job instead of failing it
+  (``zenfed.executors.site_launcher``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from zenfed.spec import SitePolicy, parse_model
 
 RESOURCES = "resources.json"
 RESOURCES_DEFAULT = "resources.json.default"
+SITE_LAUNCHER = "zenfed.executors.site_launcher.SiteJobLauncher"
+FLARE_SITE_LAUNCHER = "nvflare.app_common.job_launcher.client_process_launcher.ClientProcessJobLauncher"
 
 
 class ZenfedKitBuilder(Builder):
@@ -74,6 +79,10 @@ class ZenfedKitBuilder(Builder):
             allow.append(ZENFED_PREFIX)
         resources["class_allow_list"] = allow
         resources.setdefault("class_list_enforcement_mode", "enforce")
+        if not server_stores:
+            for component in resources.get("components", []):
+                if component.get("path") == FLARE_SITE_LAUNCHER:
+                    component["path"] = SITE_LAUNCHER
         if server_stores and final_kit is not None:
             root = final_kit
             for component in resources.get("components", []):

@@ -137,6 +137,25 @@ class ServerSession:
             "accuracy": self._last_eval.get("accuracy"),
         }
 
+    def site_lost(self, site: str, reason: str, *, remaining: int) -> None:
+        """Record, once, that a site's job process is gone: later rounds go on without it.
+
+        If fewer than ``min_sites`` remain, also record that the job stops (the carrier stops it;
+        the checkpoint of the last finished round is kept).
+
+        Args:
+            site: The site.
+            reason: What the carrier saw (e.g. FLARE's dead-job report and its grace period).
+            remaining: Sites still in the job.
+        """
+        _log.warning("site lost in round %d: %s", self._round, reason)
+        self._audit.record(E.ERROR, kind="site_lost", site=site, round=self._round, message=reason)
+        needed = self.spec.federation.min_sites
+        if remaining < needed:
+            text = (f"round {self._round}: {site} was lost and only {remaining} site(s) remain, fewer than "
+                    f"min_sites={needed}; the job stops, keeping the checkpoint after round {self._global_round}")
+            self._audit.record(E.ERROR, kind="too_few_sites", round=self._round, message=text)
+
     # -- the workflow --------------------------------------------------------------------------
     def run(self, transport: Transport) -> None:
         """Run the rounds, resuming from a checkpoint if one exists, then evaluate, release, write the result."""
@@ -266,9 +285,10 @@ class ServerSession:
                                    min_responses=min(needed, len(targets)), timeout_s=spec.federation.task_timeout_s,
                                    wait_after_min_s=spec.federation.task_timeout_s, on_result=intake.accept):
             return None
+        lost = transport.lost()
         for site in sorted(set(targets) - intake.responded):
-            reason = (f"{site} did not answer {task} in round {self._round} (crashed, cut off, or past the "
-                      "task timeout); the round went on without it")
+            why = f": {lost[site]}" if site in lost else " (crashed, cut off, or past the task timeout)"
+            reason = f"{site} did not answer {task} in round {self._round}{why}; the round went on without it"
             _log.warning(reason)
             self._audit.record(E.ERROR, kind="no_answer", site=site, round=self._round, task=task, message=reason)
         if intake.answered < needed:

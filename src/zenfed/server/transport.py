@@ -42,6 +42,10 @@ class Transport(Protocol):
         """
         ...
 
+    def lost(self) -> dict[str, str]:
+        """Return the sites the carrier has given up on (their job process is gone), with why."""
+        ...
+
     def stop(self, reason: str) -> None:
         """Stop the job: it cannot go on (too few sites, attestation quorum missed)."""
         ...
@@ -68,6 +72,7 @@ class InProcessTransport:
         self.unreachable = set(unreachable)
         self.stopped: str | None = None
         self.answers: list[tuple[str, str, Message]] = []  # (task, site, answer), in arrival order
+        self.lost_sites: dict[str, str] = {}  # what a test declares lost, as FLARE's dead-job report would
 
     def sites(self) -> list[str]:
         """Every site with a handler."""
@@ -85,6 +90,10 @@ class InProcessTransport:
             self.answers.append((task, site, answer))
             on_result(site, answer)
         return self.stopped is None
+
+    def lost(self) -> dict[str, str]:
+        """The sites declared lost (none unless a test says so)."""
+        return dict(self.lost_sites)
 
     def stop(self, reason: str) -> None:
         """Remember why the job stopped; later broadcasts send nothing."""

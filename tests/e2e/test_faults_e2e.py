@@ -1,0 +1,133 @@
+"""Faults on a real loopback deployment: a site's job process killed mid-round.
+
+Three provisioned sites, pairwise masks inside the CKKS sum, ``min_sites: 2``.
+``kill -9`` of site-3's job process (a child of the site process ``zenfed up``
+started) once round 2 starts: the job must go on with site-1 and site-2, recover
+site-3's masks, finish, and say in its audit log who was lost, when and why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from zenfed import protocol as P
+from zenfed.audit.verify import verify_result
+from zenfed.data import make_builtin
+from zenfed.demo import loopback_project
+from zenfed.engines.tiny import build_tiny_model
+from zenfed.jobs import export_job
+from zenfed.jobs.submit import load_result, submit
+from zenfed.provisioning.deploy import _tracked, down, up
+from zenfed.provisioning.project import provision
+from zenfed.spec import JobSpec
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+VICTIM = "site-3"
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _round_started(server_kit: Path, rnd: int) -> bool:
+    """Whether the server's log (the only one with ``round_started``) in its run folder shows round ``rnd``."""
+    return any(r["event"] == "round_started" and r["fields"].get("round") == rnd
+               for log in server_kit.glob("*/zenfed/audit/*.jsonl") for r in _records(log))
+
+
+def _job_process(site_pid: int) -> psutil.Process:
+    """The site's job process: the child of the site process ``up`` started that runs FLARE's worker."""
+    for proc in psutil.Process(site_pid).children(recursive=True):
+        if any("worker_process" in part for part in proc.cmdline()):
+            return proc
+    raise AssertionError(f"no job process under site pid {site_pid}")
+
+
+def test_a_site_killed_mid_round_is_dropped_and_the_masked_job_finishes(tmp_path: Path) -> None:
+    # Prepare: three sites, masks, min_sites 2
+    model = build_tiny_model(tmp_path / "tiny")
+    data = tmp_path / "data"
+    make_builtin(data, sites=3, train_per_site=60, valid_per_site=8, test_per_task=4)
+    deployment = provision(loopback_project("faults-e2e", data_dir=data, sites=3), out=tmp_path / "ws")
+    spec = JobSpec.model_validate({
+        "name": "site-killed", "model": {"base": str(model)}, "lora": {"rank": 4, "alpha": 8},
+        "training": {"local_steps": 3, "batch_size": 8, "seq_len": 128, "learning_rate": 0.01},
+        "federation": {"rounds": 3, "min_sites": 2, "lost_site_grace_s": 5},
+        "evaluation": {"max_examples": 4, "max_new_tokens": 2},
+        "encryption": {"enabled": True, "secure_aggregation": "pairwise", "max_sites": 4},
+    })
+    job = export_job(spec, out=tmp_path / "jobs" / "site-killed")
+    server_kit = Path(deployment.server_kit)
+
+    # Execute: submit, and kill site-3's job process as soon as the server starts round 2
+    up(deployment, progress=False)
+    outcome: dict[str, Any] = {}
+    try:
+        def run() -> None:
+            try:
+                outcome["result"] = submit(job, admin_kit=deployment.admin_kit(),
+                                           results_root=tmp_path / "results", progress=False, timeout_s=600)
+            except BaseException as err:  # noqa: BLE001 - handed to the test thread
+                outcome["error"] = err
+
+        submitter = threading.Thread(target=run, daemon=True)
+        submitter.start()
+        site_pid = int(_tracked(deployment)[VICTIM]["pid"])
+        killed_at = None
+        deadline = time.time() + 300
+        while killed_at is None and time.time() < deadline and submitter.is_alive():
+            if _round_started(server_kit, 2):
+                victim = _job_process(site_pid)
+                os.kill(victim.pid, signal.SIGKILL)
+                killed_at = time.time()
+            time.sleep(0.05)
+        assert killed_at is not None, "round 2 never started"
+        submitter.join(timeout=600)
+        finished_at = time.time()
+        still_up = {name for name, entry in _tracked(deployment).items() if psutil.pid_exists(int(entry["pid"]))}
+    finally:
+        down(deployment, progress=False)
+
+    # Assert: the job finished with site-1 and site-2, and says who was lost, when and why
+    assert "error" not in outcome, outcome.get("error")
+    result_dir = outcome["result"].result_dir
+    result = load_result(result_dir)
+    assert len(result["rounds"]) == 3
+    assert (result_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert VICTIM in still_up  # only its job process died; the site process stayed up
+    verdict = verify_result(result_dir)
+    server = _records(result_dir / "audit" / f"{verdict.server}.jsonl")
+    ended = {r["fields"]["round"]: r["fields"].get("contributors") for r in server
+             if r["event"] == "round_ended" and r["fields"].get("task") == P.TASK_TRAIN}
+    lost_round = min(rnd for rnd, who in ended.items() if VICTIM not in who)
+    assert lost_round == 2, ended
+    assert ended[3] == ["site-1", "site-2"]
+    errors = [r["fields"] for r in server if r["event"] == "error"]
+    lost = [e for e in errors if e["kind"] == "site_lost"]
+    assert [e["site"] for e in lost] == [VICTIM] and "job process is gone" in lost[0]["message"]
+    silent = [e for e in errors if e["kind"] == "no_answer" and e["site"] == VICTIM]
+    assert silent and silent[0]["round"] == 2 and "job process is gone" in silent[0]["message"]
+    assert not [e for e in errors if e["kind"] == "too_few_sites"]
+    recovered = [r["fields"] for r in server if r["event"] == "masks_recovered"]
+    assert recovered and recovered[0]["round"] == 2 and recovered[0]["dropped"] == [VICTIM]
+    started_3 = [r["fields"]["sites"] for r in server if r["event"] == "round_started" and r["fields"]["round"] == 3
+                 and r["fields"]["task"] == P.TASK_TRAIN]
+    assert started_3 == [["site-1", "site-2"]]
+    assert verdict.ok, verdict.describe()
+    recovered_at = next(r["time"] for r in server if r["event"] == "round_ended" and r["fields"]["round"] == 2)
+    print(f"site killed -> round 2 went on without it after "
+          f"{datetime.fromisoformat(recovered_at.replace('Z', '+00:00')).timestamp() - killed_at:.1f} s; "
+          f"job finished {finished_at - killed_at:.0f} s after the kill")
