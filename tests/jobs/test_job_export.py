@@ -68,6 +68,20 @@ def test_the_folder_holds_meta_and_app_configs_and_no_code(exported):
     assert meta["deploy_map"] == {"app": ["@ALL"]}
 
 
+def test_the_server_config_tells_flare_how_soon_a_site_is_lost(tmp_path):
+    # Prepare
+    data = small_spec("grace").model_dump(mode="json")
+    data["federation"]["lost_site_grace_s"] = 7
+    spec = JobSpec.model_validate(data)
+
+    # Execute
+    server = json.loads((export_job(spec, out=tmp_path / "job") / "app/config/config_fed_server.json").read_text())
+
+    # Assert: FLARE reads these names from the server app's config
+    assert server["dead_client_grace_period"] == 7
+    assert server["dead_client_check_lead_time"] == 7
+
+
 def test_every_named_class_is_zenfed_or_nvflare_and_importable(exported):
     # Prepare
     configs = [json.loads(p.read_text()) for p in sorted((exported / "app" / "config").glob("*.json"))]

@@ -82,6 +82,19 @@ def test_every_kit_allows_zenfed_classes(deployment):
         assert any(p.startswith("nvflare.") for p in resources["class_allow_list"])
 
 
+def test_sites_launch_jobs_with_zenfeds_launcher_and_the_server_with_flares(deployment):
+    # Prepare
+    def launchers(kit) -> list[str]:
+        resources = json.loads(Path(kit, "local", "resources.json").read_text())
+        return [c["path"] for c in resources["components"] if c.get("id") == "process_launcher"]
+
+    # Execute / Assert: a killed site job process is then a lost site, not a failed job
+    for kit in deployment.site_kits.values():
+        assert launchers(kit) == ["zenfed.executors.site_launcher.SiteJobLauncher"]
+    assert launchers(deployment.server_kit) == [
+        "nvflare.app_common.job_launcher.server_process_launcher.ServerProcessJobLauncher"]
+
+
 def test_the_servers_job_and_snapshot_stores_lie_inside_the_workspace(deployment):
     # Prepare
     ws = Path(deployment.workspace).resolve()

@@ -163,6 +163,58 @@ def test_too_few_sites_stops_the_job_with_the_reason(tiny_job_spec, three_site_d
     assert not (tmp_path / "server" / "run" / RESULT_FILE).exists()
 
 
+class Site3LostInRound2(InProcessTransport):
+    """FLARE's dead-job report, in-process: site-3's job process is gone during round 2."""
+
+    REASON = "site-3 is lost: its job process is gone (crashed, killed or cut off)"
+
+    def broadcast(self, *, task, message, **kwargs) -> bool:
+        if task == P.TASK_TRAIN and message.header.get(P.H_ROUND) == 2:
+            self.unreachable.add("site-3")
+            self.lost_sites["site-3"] = self.REASON
+        return super().broadcast(task=task, message=message, **kwargs)
+
+
+def test_a_lost_site_is_named_with_its_reason_and_left_out_of_later_rounds(tiny_job_spec, three_site_data,
+                                                                            tmp_path):
+    # Prepare
+    spec = tiny_job_spec("in-process-lost", federation={"rounds": 3, "min_sites": 2})
+
+    # Execute
+    server, _ = signed_job(spec, three_site_data, tmp_path, Site3LostInRound2)
+
+    # Assert: round 2 went on without site-3 and said why; round 3 did not ask it
+    log = server.folders.run / "audit" / "server.jsonl"
+    silent = [r["fields"] for r in audit_records(log, "error") if r["fields"]["kind"] == "no_answer"]
+    assert [(e["site"], e["round"]) for e in silent] == [("site-3", 2)]
+    assert Site3LostInRound2.REASON in silent[0]["message"]
+    started = {r["fields"]["round"]: r["fields"]["sites"] for r in audit_records(log, "round_started")
+               if r["fields"]["task"] == P.TASK_TRAIN}
+    assert started == {1: list(SITES), 2: list(SITES), 3: ["site-1", "site-2"]}
+    result = json.loads((server.folders.run / RESULT_FILE).read_text())
+    assert [r["contributors"] for r in result["rounds"]] == [list(SITES), ["site-1", "site-2"], ["site-1", "site-2"]]
+
+
+def test_losing_a_site_below_min_sites_records_why_the_job_stops(tiny_job_spec, tmp_path):
+    # Prepare
+    spec = tiny_job_spec("lost-below-quorum", federation={"rounds": 2, "min_sites": 3})
+    startup = make_kit(tmp_path, "server", make_ca(), stem="server")
+    server = ServerSession(spec_data=spec.model_dump(mode="json"), job_id="job-1", identity="server",
+                           folders=KitFolders(startup=startup, local=None, root=tmp_path, run=tmp_path / "run"))
+    server.start(sites=list(SITES))
+
+    # Execute
+    server.site_lost("site-2", "site-2 is lost: its job process is gone", remaining=2)
+    server.site_lost("site-3", "site-3 is lost: its job process is gone", remaining=3)
+    server.close()
+
+    # Assert: both losses recorded; only the one that broke the quorum says the job stops
+    errors = [r["fields"] for r in audit_records(tmp_path / "run" / "audit" / "server.jsonl", "error")]
+    assert [(e["kind"], e.get("site")) for e in errors] == [
+        ("site_lost", "site-2"), ("too_few_sites", None), ("site_lost", "site-3")]
+    assert "only 2 site(s) remain, fewer than min_sites=3" in errors[1]["message"]
+
+
 # -- helpers -----------------------------------------------------------------------------------
 def server_checkpoint(server: ServerSession) -> tuple[bytes, dict]:
     state = server._checkpoints.load()

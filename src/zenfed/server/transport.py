@@ -75,8 +75,8 @@ class InProcessTransport:
         self.lost_sites: dict[str, str] = {}  # what a test declares lost, as FLARE's dead-job report would
 
     def sites(self) -> list[str]:
-        """Every site with a handler."""
-        return sorted(self.handlers)
+        """Every site with a handler, less those declared lost."""
+        return sorted(set(self.handlers) - set(self.lost_sites))
 
     def broadcast(self, *, task: str, message: Message, targets: Sequence[str], min_responses: int,
                   timeout_s: float, wait_after_min_s: float, on_result: ResultCallback) -> bool:

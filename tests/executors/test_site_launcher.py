@@ -1,0 +1,57 @@
+"""The site job launcher: a job process ended by a signal is a lost site, any other ending is FLARE's."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+from nvflare.apis.job_launcher_spec import JobReturnCode
+from nvflare.app_common.job_launcher.process_launcher import ProcessHandle
+
+from zenfed.executors.site_launcher import LostSiteHandle, exit_code_after_signal, signal_name
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (None, None), (0, 0), (1, 1), (103, 103), (-9, JobReturnCode.UNKNOWN), (-11, JobReturnCode.UNKNOWN),
+])
+def test_only_a_signal_reads_as_unknown(raw, expected):
+    assert exit_code_after_signal(raw) == expected
+
+
+def test_signals_are_named():
+    assert signal_name(-9) == "SIGKILL"
+    assert signal_name(-200) == "signal 200"
+
+
+def _handle(code: str) -> tuple[subprocess.Popen, LostSiteHandle]:
+    process = subprocess.Popen([sys.executable, "-c", code])
+    return process, LostSiteHandle(ProcessHandle(process=process), "job-1")
+
+
+def test_a_killed_job_process_is_reported_as_unknown_not_as_a_failure(caplog):
+    # Prepare: a job process that would run for a minute
+    process, handle = _handle("import time; time.sleep(60)")
+    assert process.poll() is None
+
+    # Execute: kill -9 by the PID this test started
+    process.send_signal(signal.SIGKILL)
+    handle.wait()
+
+    # Assert: FLARE's client then reports no failure, and the site log says why
+    assert handle.poll() == JobReturnCode.UNKNOWN
+    assert "ended by SIGKILL" in caplog.text
+
+
+@pytest.mark.parametrize(("code", "expected"), [
+    ("raise SystemExit(0)", JobReturnCode.SUCCESS),
+    ("raise SystemExit(1)", JobReturnCode.EXECUTION_ERROR),
+])
+def test_a_job_process_that_exits_keeps_flares_reading(code, expected):
+    # Execute
+    _, handle = _handle(code)
+    handle.wait()
+
+    # Assert: a deliberate exit (an error FLARE should act on) is not hidden
+    assert handle.poll() == expected
