@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,15 +26,16 @@ from zenfed.audit.verify import verify_result
 from zenfed.data import make_builtin
 from zenfed.demo import loopback_project
 from zenfed.engines.tiny import build_tiny_model
+from zenfed.errors import JobError
 from zenfed.jobs import export_job
-from zenfed.jobs.submit import load_result, submit
+from zenfed.jobs.submit import SubmitResult, load_result, submit
 from zenfed.provisioning.deploy import _tracked, down, up
 from zenfed.provisioning.project import provision
 from zenfed.spec import JobSpec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
-VICTIM = "site-3"
+VICTIM = "site-3"  # the site whose job process the three-site test kills
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -56,23 +58,39 @@ def _job_process(site_pid: int) -> psutil.Process:
     raise AssertionError(f"no job process under site pid {site_pid}")
 
 
-def test_a_site_killed_mid_round_is_dropped_and_the_masked_job_finishes(tmp_path: Path) -> None:
-    # Prepare: three sites, masks, min_sites 2
-    model = build_tiny_model(tmp_path / "tiny")
-    data = tmp_path / "data"
+@dataclass
+class KillRun:
+    """What a deployment run with one site's job process killed left."""
+
+    result: SubmitResult | None
+    error: BaseException | None
+    killed_at: float
+    finished_at: float
+    site_still_up: bool
+
+
+@pytest.fixture(scope="module")
+def tiny_three_sites(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("faults")
+    model = build_tiny_model(root / "tiny")
+    data = root / "data"
     make_builtin(data, sites=3, train_per_site=60, valid_per_site=8, test_per_task=4)
-    deployment = provision(loopback_project("faults-e2e", data_dir=data, sites=3), out=tmp_path / "ws")
+    return model, data
+
+
+def _kill_in_round_2(tmp_path: Path, model: Path, data: Path, *, sites: int, min_sites: int) -> KillRun:
+    """Run a 3-round masked job on ``sites`` provisioned sites; kill the last site's job process in round 2."""
+    victim = f"site-{sites}"
+    deployment = provision(loopback_project("faults-e2e", data_dir=data, sites=sites), out=tmp_path / "ws")
     spec = JobSpec.model_validate({
         "name": "site-killed", "model": {"base": str(model)}, "lora": {"rank": 4, "alpha": 8},
         "training": {"local_steps": 3, "batch_size": 8, "seq_len": 128, "learning_rate": 0.01},
-        "federation": {"rounds": 3, "min_sites": 2, "lost_site_grace_s": 5},
+        "federation": {"rounds": 3, "min_sites": min_sites, "lost_site_grace_s": 5},
         "evaluation": {"max_examples": 4, "max_new_tokens": 2},
         "encryption": {"enabled": True, "secure_aggregation": "pairwise", "max_sites": 4},
     })
     job = export_job(spec, out=tmp_path / "jobs" / "site-killed")
     server_kit = Path(deployment.server_kit)
-
-    # Execute: submit, and kill site-3's job process as soon as the server starts round 2
     up(deployment, progress=False)
     outcome: dict[str, Any] = {}
     try:
@@ -85,29 +103,36 @@ def test_a_site_killed_mid_round_is_dropped_and_the_masked_job_finishes(tmp_path
 
         submitter = threading.Thread(target=run, daemon=True)
         submitter.start()
-        site_pid = int(_tracked(deployment)[VICTIM]["pid"])
+        site_pid = int(_tracked(deployment)[victim]["pid"])
         killed_at = None
         deadline = time.time() + 300
         while killed_at is None and time.time() < deadline and submitter.is_alive():
             if _round_started(server_kit, 2):
-                victim = _job_process(site_pid)
-                os.kill(victim.pid, signal.SIGKILL)
+                os.kill(_job_process(site_pid).pid, signal.SIGKILL)
                 killed_at = time.time()
             time.sleep(0.05)
         assert killed_at is not None, "round 2 never started"
         submitter.join(timeout=600)
         finished_at = time.time()
-        still_up = {name for name, entry in _tracked(deployment).items() if psutil.pid_exists(int(entry["pid"]))}
+        still_up = psutil.pid_exists(site_pid)
     finally:
         down(deployment, progress=False)
+    return KillRun(result=outcome.get("result"), error=outcome.get("error"), killed_at=killed_at,
+                   finished_at=finished_at, site_still_up=still_up)
+
+
+def test_a_site_killed_mid_round_is_dropped_and_the_masked_job_finishes(tiny_three_sites, tmp_path: Path) -> None:
+    # Execute: three sites, min_sites 2; site-3's job process killed when round 2 starts
+    run = _kill_in_round_2(tmp_path, *tiny_three_sites, sites=3, min_sites=2)
+    killed_at, finished_at = run.killed_at, run.finished_at
 
     # Assert: the job finished with site-1 and site-2, and says who was lost, when and why
-    assert "error" not in outcome, outcome.get("error")
-    result_dir = outcome["result"].result_dir
+    assert run.error is None and run.result is not None, run.error
+    result_dir = run.result.result_dir
     result = load_result(result_dir)
     assert len(result["rounds"]) == 3
     assert (result_dir / "adapter" / "adapter_model.safetensors").is_file()
-    assert VICTIM in still_up  # only its job process died; the site process stayed up
+    assert run.site_still_up  # only its job process died; the site process stayed up
     verdict = verify_result(result_dir)
     server = _records(result_dir / "audit" / f"{verdict.server}.jsonl")
     ended = {r["fields"]["round"]: r["fields"].get("contributors") for r in server
@@ -131,3 +156,17 @@ def test_a_site_killed_mid_round_is_dropped_and_the_masked_job_finishes(tmp_path
     print(f"site killed -> round 2 went on without it after "
           f"{datetime.fromisoformat(recovered_at.replace('Z', '+00:00')).timestamp() - killed_at:.1f} s; "
           f"job finished {finished_at - killed_at:.0f} s after the kill")
+
+
+def test_a_site_killed_below_min_sites_stops_the_job_with_the_reason(tiny_three_sites, tmp_path: Path) -> None:
+    # Execute: two sites, min_sites 2; site-2's job process killed when round 2 starts
+    run = _kill_in_round_2(tmp_path, *tiny_three_sites, sites=2, min_sites=2)
+
+    # Assert: the submitter is told why, in one line; round 1 stays checkpointed for a resubmission
+    assert run.result is None and isinstance(run.error, JobError)
+    message = str(run.error)
+    assert "site-2 was lost and only 1 site(s) remain, fewer than min_sites=2" in message
+    assert "keeping the checkpoint after round 1" in message
+    checkpoints = list((tmp_path / "ws").glob("faults-e2e/prod_*/*/zenfed-checkpoints/*/state.json"))
+    assert checkpoints and json.loads(checkpoints[0].read_text())["completed_round"] == 1
+    print(f"site killed -> job stopped {run.finished_at - run.killed_at:.0f} s after the kill: {message}")

@@ -12,6 +12,7 @@ from typing import Any
 from zenfed.errors import DeploymentError, JobError
 
 TERMINAL = ("FINISHED", "ABORTED", "FAILED")  # FLARE statuses start with one of these.
+RESULT_NAME = "zenfed_result.json"
 
 
 @dataclass(frozen=True)
@@ -117,9 +118,39 @@ def submit(
         _lift_zenfed_outputs(target)
     finally:
         session.close()
-    if not status.startswith("FINISHED"):
-        raise JobError(f"job {job_id} ended as {status}; its downloaded workspace is in {target}")
+    if not status.startswith("FINISHED") or not (target / RESULT_NAME).is_file():
+        why = why_it_stopped(target)
+        raise JobError(f"job {job_id} ended as {status} without a result"
+                       + (f": {why}" if why else "")
+                       + f"; its downloaded workspace and audit logs are in {target}")
     return SubmitResult(job_id=job_id, status=status, result_dir=target)
+
+
+# The server's error kinds that explain why a job stopped, most telling first.
+_STOP_KINDS = ("too_few_sites", "attestation_quorum", "cohort_too_large", "mask_recovery_failed", "site_lost",
+               "no_answer", "result_rejected", "correction_rejected", "attestation_evidence")
+
+
+def why_it_stopped(result_dir: Path, *, most: int = 3) -> str:
+    """The server's recorded reasons a job stopped (from the audit log in its downloaded result), or "".
+
+    Args:
+        result_dir: The downloaded job result.
+        most: How many reasons to give.
+    """
+    reasons: list[tuple[int, str]] = []
+    for log in sorted((result_dir / "audit").glob("*.jsonl")):
+        for line in log.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            fields = record.get("fields") or {}
+            kind = str(fields.get("kind", ""))
+            if record.get("event") == "error" and kind in _STOP_KINDS and fields.get("message"):
+                reasons.append((_STOP_KINDS.index(kind), str(fields["message"])))
+    ordered = [text for _, text in sorted(reasons, key=lambda item: item[0])]
+    return "; ".join(list(dict.fromkeys(ordered))[:most])
 
 
 def _lift_zenfed_outputs(target: Path) -> None:
