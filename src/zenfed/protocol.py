@@ -21,6 +21,11 @@ TASK_KEYS = "zenfed_keys"  # pairwise masks: each site announces its X25519 publ
 TASK_UNMASK = "zenfed_unmask"  # pairwise masks: survivors cancel their masks with the round's dropped sites
 SITE_TASKS = (TASK_ATTEST, TASK_KEYS, TASK_TRAIN, TASK_UNMASK, TASK_EVALUATE, TASK_RELEASE)
 
+# Keys zenfed adds to the FLARE meta of a job a server crash interrupted (``zenfed submit`` follows them).
+META_INTERRUPTED = "zenfed_interrupted"  # why the job ended
+META_RESUMED_AS = "zenfed_resumed_as"  # the job id that resumes it from its checkpoint
+META_RESUMES = "zenfed_resumes"  # how many interruptions in a row the resumed job carries
+
 # Keys inside the Shareable.
 KEY_HEADER = "zenfed_header"
 KEY_PAYLOAD = "zenfed_payload"

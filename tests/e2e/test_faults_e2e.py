@@ -28,7 +28,7 @@ from zenfed.demo import loopback_project
 from zenfed.engines.tiny import build_tiny_model
 from zenfed.errors import JobError
 from zenfed.jobs import export_job
-from zenfed.jobs.submit import SubmitResult, load_result, submit
+from zenfed.jobs.submit import SubmitResult, load_result, open_session, submit
 from zenfed.provisioning.deploy import _tracked, down, up
 from zenfed.provisioning.project import provision
 from zenfed.spec import JobSpec
@@ -170,3 +170,78 @@ def test_a_site_killed_below_min_sites_stops_the_job_with_the_reason(tiny_three_
     checkpoints = list((tmp_path / "ws").glob("faults-e2e/prod_*/*/zenfed-checkpoints/*/state.json"))
     assert checkpoints and json.loads(checkpoints[0].read_text())["completed_round"] == 1
     print(f"site killed -> job stopped {run.finished_at - run.killed_at:.0f} s after the kill: {message}")
+
+
+def test_a_server_killed_mid_job_comes_back_and_the_job_resumes_from_its_checkpoint(tiny_three_sites,
+                                                                                     tmp_path: Path) -> None:
+    # Prepare: two sites, masks, three rounds
+    model, data = tiny_three_sites
+    deployment = provision(loopback_project("faults-e2e", data_dir=data, sites=2), out=tmp_path / "ws")
+    spec = JobSpec.model_validate({
+        "name": "server-killed", "model": {"base": str(model)}, "lora": {"rank": 4, "alpha": 8},
+        "training": {"local_steps": 3, "batch_size": 8, "seq_len": 128, "learning_rate": 0.01},
+        "federation": {"rounds": 3, "min_sites": 2, "lost_site_grace_s": 5},
+        "evaluation": {"max_examples": 4, "max_new_tokens": 2},
+        "encryption": {"enabled": True, "secure_aggregation": "pairwise", "max_sites": 4},
+    })
+    job = export_job(spec, out=tmp_path / "jobs" / "server-killed")
+    server_kit = Path(deployment.server_kit)
+
+    # Execute: kill the server and everything under it (a crashed machine) once round 2 starts, then `up` again
+    up(deployment, progress=False)
+    outcome: dict[str, Any] = {}
+    try:
+        def run() -> None:
+            try:
+                outcome["result"] = submit(job, admin_kit=deployment.admin_kit(),
+                                           results_root=tmp_path / "results", progress=False, timeout_s=600)
+            except BaseException as err:  # noqa: BLE001 - handed to the test thread
+                outcome["error"] = err
+
+        submitter = threading.Thread(target=run, daemon=True)
+        submitter.start()
+        deadline = time.time() + 300
+        while not _round_started(server_kit, 2) and time.time() < deadline and submitter.is_alive():
+            time.sleep(0.05)
+        leader = psutil.Process(int(_tracked(deployment)[deployment.server]["pid"]))
+        family = [leader, *leader.children(recursive=True)]
+        for proc in family:
+            proc.send_signal(signal.SIGKILL)
+        psutil.wait_procs(family, timeout=30)
+        killed_at = time.time()
+        up(deployment, progress=False)  # starts the server only: the sites are still up
+        restarted_at = time.time()
+        submitter.join(timeout=600)
+        finished_at = time.time()
+        session = open_session(Path(deployment.admin_kit()), timeout_s=30)
+        try:
+            jobs = {j["job_id"]: session.get_job_meta(j["job_id"]) for j in session.list_jobs()}
+        finally:
+            session.close()
+    finally:
+        down(deployment, progress=False)
+
+    # Assert: the interrupted job is ended with the reason and names the job that resumed it
+    interrupted = [meta for meta in jobs.values() if meta.get(P.META_RESUMED_AS)]
+    assert len(interrupted) == 1 and interrupted[0]["status"] == "FINISHED:ABNORMAL"
+    assert "the server stopped while this job ran" in interrupted[0][P.META_INTERRUPTED]
+    assert not [meta for meta in jobs.values() if meta["status"] == "RUNNING"]
+
+    # Assert: the submitter followed the resumed job to its result, which holds every round's trail
+    assert outcome.get("error") is None and outcome.get("result") is not None, outcome.get("error")
+    result_dir = outcome["result"].result_dir
+    result = load_result(result_dir)
+    assert [r["round"] for r in result["rounds"]] == [1, 2, 3]
+    assert outcome["result"].job_id == interrupted[0][P.META_RESUMED_AS]
+    verdict = verify_result(result_dir)
+    assert verdict.ok, verdict.describe()
+    server = _records(result_dir / "audit" / f"{verdict.server}.jsonl")
+    resumed = [r["fields"] for r in server if r["event"] == "job_resumed"]
+    assert resumed and resumed[0]["after_round"] == 1 and resumed[0]["previous"]
+    kept = list((result_dir / "audit" / "previous").glob("*/*.jsonl"))
+    assert any(r["event"] == "round_ended" and r["fields"]["round"] == 1 for log in kept for r in _records(log))
+    trained = [r["fields"]["round"] for r in server
+               if r["event"] == "round_ended" and r["fields"]["task"] == P.TASK_TRAIN]
+    assert trained == [2, 3]  # round 1 came from the checkpoint, not trained again
+    print(f"server killed -> back up in {restarted_at - killed_at:.0f} s; resumed job finished "
+          f"{finished_at - killed_at:.0f} s after the kill")

@@ -82,7 +82,7 @@ def test_every_kit_allows_zenfed_classes(deployment):
         assert any(p.startswith("nvflare.") for p in resources["class_allow_list"])
 
 
-def test_sites_launch_jobs_with_zenfeds_launcher_and_the_server_with_flares(deployment):
+def test_sites_launch_jobs_with_zenfeds_launcher_and_the_server_recovers_interrupted_jobs(deployment):
     # Prepare
     def launchers(kit) -> list[str]:
         resources = json.loads(Path(kit, "local", "resources.json").read_text())
@@ -93,6 +93,10 @@ def test_sites_launch_jobs_with_zenfeds_launcher_and_the_server_with_flares(depl
         assert launchers(kit) == ["zenfed.executors.site_launcher.SiteJobLauncher"]
     assert launchers(deployment.server_kit) == [
         "nvflare.app_common.job_launcher.server_process_launcher.ServerProcessJobLauncher"]
+    server = json.loads(Path(deployment.server_kit, "local", "resources.json").read_text())
+    recovery = [c for c in server["components"] if c["id"] == "zenfed_interrupted_jobs"]
+    assert [(c["path"], c["args"]) for c in recovery] == [
+        ("zenfed.controllers.interrupted_jobs.InterruptedJobRecovery", {"resume": True})]
 
 
 def test_the_servers_job_and_snapshot_stores_lie_inside_the_workspace(deployment):

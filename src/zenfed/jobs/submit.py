@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zenfed import protocol as P
 from zenfed.errors import DeploymentError, JobError
 
 TERMINAL = ("FINISHED", "ABORTED", "FAILED")  # FLARE statuses start with one of these.
@@ -40,6 +41,25 @@ def open_session(admin_kit: Path, timeout_s: float) -> Any:
         raise DeploymentError(
             f"cannot reach the server with the admin kit {admin_kit}: {err}; is the deployment up (`zenfed up`)?"
         ) from None
+
+
+def _reconnect(session: Any, admin: Path, *, deadline: float) -> Any:
+    """Open a new session once the server answers again; give up at ``deadline``.
+
+    Raises:
+        JobError: If the server is not back by ``deadline``.
+    """
+    try:
+        session.close()
+    except Exception:  # The old session's connection is already gone.
+        pass
+    while True:
+        try:
+            return open_session(admin, timeout_s=10.0)
+        except DeploymentError as err:
+            if time.time() > deadline:
+                raise JobError(f"the server did not come back before the submit timeout: {err}") from None
+            time.sleep(3.0)
 
 
 def _progress(session: Any, job_id: str) -> dict[str, Any]:
@@ -74,7 +94,8 @@ def submit(
     job = Path(job_dir).resolve()
     if not (job / "meta.json").is_file():
         raise JobError(f"{job} is not a FLARE job folder (no meta.json); make one with `zenfed job export`")
-    session = open_session(Path(admin_kit).resolve(), timeout_s=30.0)
+    admin = Path(admin_kit).resolve()
+    session = open_session(admin, timeout_s=30.0)
     try:
         job_id = session.submit_job(str(job))
         status = "SUBMITTED"
@@ -84,9 +105,26 @@ def submit(
         with Progress(*columns, disable=not progress, transient=False) as bar:
             task = bar.add_task(f"job {job_id[:8]}", total=None, info="submitted")
             live = bar.console.is_terminal
+
+            def say(text: str) -> None:
+                if progress:
+                    bar.console.print(f"zenfed: {text}")
             last_line = ""
             while True:
-                status = str(session.get_job_meta(job_id).get("status", ""))
+                try:
+                    meta = session.get_job_meta(job_id)
+                except Exception as err:  # The Flare API raises several unrelated types when the server is gone.
+                    until = time.strftime("%H:%M:%S", time.localtime(deadline))
+                    say(f"lost the server ({type(err).__name__}); waiting until {until} for it to come back "
+                        "(restart it with `zenfed up WS`)")
+                    session = _reconnect(session, admin, deadline=deadline)
+                    continue
+                status = str(meta.get("status", ""))
+                if meta.get(P.META_RESUMED_AS):
+                    say(f"job {job_id[:8]}: {meta.get(P.META_INTERRUPTED, 'interrupted')}; following it")
+                    job_id = str(meta[P.META_RESUMED_AS])
+                    bar.update(task, description=f"job {job_id[:8]}")
+                    continue
                 info = _progress(session, job_id) if status == "RUNNING" else {}
                 if info.get("rounds"):
                     done = info["round"] - (0 if info.get("phase") in ("evaluate", "done") else 1)

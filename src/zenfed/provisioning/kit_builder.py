@@ -3,7 +3,8 @@
 - Server and sites: ``local/resources.json`` whose class allow-list admits
   ``zenfed.`` (jobs carry no code, so FLARE builds zenfed's classes from the
   installed package) and, on the server, a job store and snapshot store inside
-  the kit instead of ``/tmp/nvflare``.
+  the kit instead of ``/tmp/nvflare``, and the component that ends and resumes
+  the jobs a server crash interrupted (``zenfed.controllers.interrupted_jobs``).
 - Sites: ``local/zenfed_site.yaml``, the site policy, which site IT may edit,
   and zenfed's job launcher in ``resources.json``, so a site whose job process
   dies is dropped from the job instead of failing it
@@ -30,6 +31,8 @@ from zenfed.spec import SitePolicy, parse_model
 RESOURCES = "resources.json"
 RESOURCES_DEFAULT = "resources.json.default"
 SITE_LAUNCHER = "zenfed.executors.site_launcher.SiteJobLauncher"
+INTERRUPTED_JOBS = {"id": "zenfed_interrupted_jobs",
+                    "path": "zenfed.controllers.interrupted_jobs.InterruptedJobRecovery", "args": {"resume": True}}
 FLARE_SITE_LAUNCHER = "nvflare.app_common.job_launcher.client_process_launcher.ClientProcessJobLauncher"
 
 
@@ -83,6 +86,10 @@ class ZenfedKitBuilder(Builder):
             for component in resources.get("components", []):
                 if component.get("path") == FLARE_SITE_LAUNCHER:
                     component["path"] = SITE_LAUNCHER
+        if server_stores:
+            components = resources.setdefault("components", [])
+            if not any(c.get("id") == INTERRUPTED_JOBS["id"] for c in components):
+                components.append(dict(INTERRUPTED_JOBS))
         if server_stores and final_kit is not None:
             root = final_kit
             for component in resources.get("components", []):

@@ -1,0 +1,83 @@
+"""Jobs a server crash left RUNNING: ended with the reason, resumed as a clone, not resumed in a crash loop."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.job_def import RunStatus
+
+from zenfed import protocol as P
+from zenfed.controllers.interrupted_jobs import InterruptedJobRecovery
+
+
+class JobStore:
+    """FLARE's job manager as the component uses it, in memory."""
+
+    def __init__(self, jobs: dict[str, dict]) -> None:
+        self.meta = jobs
+
+    def get_jobs_by_status(self, statuses, fl_ctx):
+        wanted = {s.value for s in statuses}
+        return [SimpleNamespace(job_id=jid, meta=dict(meta)) for jid, meta in self.meta.items()
+                if meta["status"] in wanted]
+
+    def clone(self, from_jid, meta, fl_ctx):
+        jid = f"{from_jid}-again"
+        self.meta[jid] = {**meta, "job_id": jid, "status": RunStatus.SUBMITTED.value}
+        return self.meta[jid]
+
+    def update_meta(self, jid, meta, fl_ctx):
+        self.meta[jid].update(meta)
+
+    def set_status(self, jid, status, fl_ctx):
+        self.meta[jid]["status"] = status.value
+
+
+def _context(store: JobStore) -> FLContext:
+    fl_ctx = FLContext()
+    engine = SimpleNamespace(get_component=lambda name: store, fire_event=lambda *args, **kwargs: None)
+    fl_ctx.set_prop(ReservedKey.ENGINE, engine, private=True)
+    return fl_ctx
+
+
+def test_a_job_left_running_is_ended_with_the_reason_and_resumed_by_its_submitter():
+    # Prepare
+    store = JobStore({
+        "j1": {"status": RunStatus.RUNNING.value, "name": "demo", "min_clients": 2, "submitter_name": "admin@x"},
+        "j2": {"status": RunStatus.FINISHED_COMPLETED.value, "name": "done"},
+    })
+
+    # Execute
+    done = InterruptedJobRecovery().recover(_context(store))
+
+    # Assert
+    assert done == [("j1", "j1-again")]
+    assert store.meta["j1"]["status"] == RunStatus.FINISHED_ABNORMAL.value
+    assert "the server stopped while this job ran" in store.meta["j1"][P.META_INTERRUPTED]
+    assert store.meta["j1"][P.META_RESUMED_AS] == "j1-again"
+    clone = store.meta["j1-again"]
+    assert clone["status"] == RunStatus.SUBMITTED.value and clone["cloned_from"] == "j1"
+    assert clone["submitter_name"] == "admin@x" and clone["min_clients"] == 2 and clone[P.META_RESUMES] == 1
+    assert store.meta["j2"]["status"] == RunStatus.FINISHED_COMPLETED.value
+
+
+def test_a_job_interrupted_again_and_again_is_ended_but_not_resumed():
+    # Prepare: the third resumed run of a job was interrupted too
+    store = JobStore({"j3": {"status": RunStatus.DISPATCHED.value, P.META_RESUMES: 3}})
+
+    # Execute
+    done = InterruptedJobRecovery(max_resumes=3).recover(_context(store))
+
+    # Assert
+    assert done == [("j3", None)]
+    assert store.meta["j3"]["status"] == RunStatus.FINISHED_ABNORMAL.value
+    assert "not resumed: it was interrupted 4 times in a row" in store.meta["j3"][P.META_INTERRUPTED]
+    assert P.META_RESUMED_AS not in store.meta["j3"]
+
+
+def test_resuming_can_be_turned_off():
+    store = JobStore({"j4": {"status": RunStatus.RUNNING.value}})
+    assert InterruptedJobRecovery(resume=False).recover(_context(store)) == [("j4", None)]
+    assert set(store.meta) == {"j4"} and store.meta["j4"]["status"] == RunStatus.FINISHED_ABNORMAL.value
