@@ -150,6 +150,11 @@ class FederationSpec(_Strict):
     task_timeout_s: int = Field(
         3600, ge=10, description="seconds a round waits for sites before going on without them"
     )
+    straggler_grace_s: int | None = Field(
+        None, ge=0,
+        description="once min_sites have answered a task, seconds to wait for the others before going on without "
+                    "them (stragglers, hung or cut-off sites); default: task_timeout_s",
+    )
     lost_site_grace_s: int = Field(
         20, ge=1, le=3600,
         description="seconds a site whose job process is gone (crashed, killed) may take to come back before "

@@ -78,19 +78,31 @@ def tiny_three_sites(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     return model, data
 
 
-def _kill_in_round_2(tmp_path: Path, model: Path, data: Path, *, sites: int, min_sites: int) -> KillRun:
-    """Run a 3-round masked job on ``sites`` provisioned sites; kill the last site's job process in round 2."""
+def _kill_in_round_2(tmp_path: Path, model: Path, data: Path, *, sites: int, min_sites: int,
+                     sig: signal.Signals = signal.SIGKILL, federation: dict[str, Any] | None = None,
+                     outcome_wait_s: int | None = None) -> KillRun:
+    """Run a 3-round masked job on ``sites`` provisioned sites; signal the last site's job process in round 2.
+
+    ``SIGKILL`` is a crash; ``SIGSTOP`` a hung process (or one cut off: it never answers, yet its site
+    still looks connected).
+    """
     victim = f"site-{sites}"
     deployment = provision(loopback_project("faults-e2e", data_dir=data, sites=sites), out=tmp_path / "ws")
     spec = JobSpec.model_validate({
         "name": "site-killed", "model": {"base": str(model)}, "lora": {"rank": 4, "alpha": 8},
         "training": {"local_steps": 3, "batch_size": 8, "seq_len": 128, "learning_rate": 0.01},
-        "federation": {"rounds": 3, "min_sites": min_sites, "lost_site_grace_s": 5},
+        "federation": {"rounds": 3, "min_sites": min_sites, "lost_site_grace_s": 5, **(federation or {})},
         "evaluation": {"max_examples": 4, "max_new_tokens": 2},
         "encryption": {"enabled": True, "secure_aggregation": "pairwise", "max_sites": 4},
     })
     job = export_job(spec, out=tmp_path / "jobs" / "site-killed")
     server_kit = Path(deployment.server_kit)
+    if outcome_wait_s is not None:  # as an operator would edit the server kit's resources.json
+        resources = json.loads((server_kit / "local" / "resources.json").read_text())
+        for component in resources["components"]:
+            if component["id"] == "zenfed_site_outcome_wait":
+                component["args"]["wait_s"] = outcome_wait_s
+        (server_kit / "local" / "resources.json").write_text(json.dumps(resources))
     up(deployment, progress=False)
     outcome: dict[str, Any] = {}
     try:
@@ -108,7 +120,7 @@ def _kill_in_round_2(tmp_path: Path, model: Path, data: Path, *, sites: int, min
         deadline = time.time() + 300
         while killed_at is None and time.time() < deadline and submitter.is_alive():
             if _round_started(server_kit, 2):
-                os.kill(_job_process(site_pid).pid, signal.SIGKILL)
+                os.kill(_job_process(site_pid).pid, sig)
                 killed_at = time.time()
             time.sleep(0.05)
         assert killed_at is not None, "round 2 never started"
@@ -245,3 +257,24 @@ def test_a_server_killed_mid_job_comes_back_and_the_job_resumes_from_its_checkpo
     assert trained == [2, 3]  # round 1 came from the checkpoint, not trained again
     print(f"server killed -> back up in {restarted_at - killed_at:.0f} s; resumed job finished "
           f"{finished_at - killed_at:.0f} s after the kill")
+
+
+def test_a_hung_site_is_left_behind_after_the_straggler_grace(tiny_three_sites, tmp_path: Path) -> None:
+    # Execute: three sites, min_sites 2; site-3's job process frozen (SIGSTOP) when round 2 starts
+    run = _kill_in_round_2(tmp_path, *tiny_three_sites, sites=3, min_sites=2, sig=signal.SIGSTOP,
+                           federation={"straggler_grace_s": 4}, outcome_wait_s=15)
+
+    # Assert: rounds 2 and 3 went on without it, each after the grace, and said why; the job finished
+    assert run.error is None and run.result is not None, run.error
+    result_dir = run.result.result_dir
+    verdict = verify_result(result_dir)
+    assert verdict.ok, verdict.describe()
+    server = _records(result_dir / "audit" / f"{verdict.server}.jsonl")
+    silent = [r["fields"] for r in server if r["event"] == "error" and r["fields"]["kind"] == "no_answer"]
+    assert {(e["site"], e["round"], e["task"]) for e in silent} >= {
+        (VICTIM, 2, P.TASK_TRAIN), (VICTIM, 3, P.TASK_TRAIN)}
+    assert "not within 4 s after 2 site(s) answered" in silent[0]["message"]
+    ended = {r["fields"]["round"]: r["fields"]["contributors"] for r in server
+             if r["event"] == "round_ended" and r["fields"]["task"] == P.TASK_TRAIN}
+    assert ended == {1: ["site-1", "site-2", VICTIM], 2: ["site-1", "site-2"], 3: ["site-1", "site-2"]}
+    print(f"site hung -> job finished {run.finished_at - run.killed_at:.0f} s after it froze")

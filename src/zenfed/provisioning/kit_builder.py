@@ -3,8 +3,10 @@
 - Server and sites: ``local/resources.json`` whose class allow-list admits
   ``zenfed.`` (jobs carry no code, so FLARE builds zenfed's classes from the
   installed package) and, on the server, a job store and snapshot store inside
-  the kit instead of ``/tmp/nvflare``, and the component that ends and resumes
-  the jobs a server crash interrupted (``zenfed.controllers.interrupted_jobs``).
+  the kit instead of ``/tmp/nvflare``; the component that ends and resumes
+  the jobs a server crash interrupted (``zenfed.controllers.interrupted_jobs``)
+  and the one that bounds the wait for a hung site after a job
+  (``zenfed.controllers.site_outcomes``).
 - Sites: ``local/zenfed_site.yaml``, the site policy, which site IT may edit,
   and zenfed's job launcher in ``resources.json``, so a site whose job process
   dies is dropped from the job instead of failing it
@@ -31,8 +33,11 @@ from zenfed.spec import SitePolicy, parse_model
 RESOURCES = "resources.json"
 RESOURCES_DEFAULT = "resources.json.default"
 SITE_LAUNCHER = "zenfed.executors.site_launcher.SiteJobLauncher"
-INTERRUPTED_JOBS = {"id": "zenfed_interrupted_jobs",
-                    "path": "zenfed.controllers.interrupted_jobs.InterruptedJobRecovery", "args": {"resume": True}}
+# Server components zenfed adds to FLARE's server process (not to a job): id -> (class, default args).
+SERVER_COMPONENTS = {
+    "zenfed_interrupted_jobs": ("zenfed.controllers.interrupted_jobs.InterruptedJobRecovery", {"resume": True}),
+    "zenfed_site_outcome_wait": ("zenfed.controllers.site_outcomes.SiteOutcomeWait", {"wait_s": 120}),
+}
 FLARE_SITE_LAUNCHER = "nvflare.app_common.job_launcher.client_process_launcher.ClientProcessJobLauncher"
 
 
@@ -88,8 +93,10 @@ class ZenfedKitBuilder(Builder):
                     component["path"] = SITE_LAUNCHER
         if server_stores:
             components = resources.setdefault("components", [])
-            if not any(c.get("id") == INTERRUPTED_JOBS["id"] for c in components):
-                components.append(dict(INTERRUPTED_JOBS))
+            present = {c.get("id") for c in components}
+            for component_id, (path, args) in SERVER_COMPONENTS.items():
+                if component_id not in present:
+                    components.append({"id": component_id, "path": path, "args": dict(args)})
         if server_stores and final_kit is not None:
             root = final_kit
             for component in resources.get("components", []):

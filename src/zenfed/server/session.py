@@ -283,11 +283,13 @@ class ServerSession:
         self._audit.record(E.ROUND_STARTED, round=self._round, task=task, sites=targets)
         if not transport.broadcast(task=task, message=message, targets=targets,
                                    min_responses=min(needed, len(targets)), timeout_s=spec.federation.task_timeout_s,
-                                   wait_after_min_s=spec.federation.task_timeout_s, on_result=intake.accept):
+                                   wait_after_min_s=self._straggler_grace_s(), on_result=intake.accept):
             return None
         lost = transport.lost()
         for site in sorted(set(targets) - intake.responded):
-            why = f": {lost[site]}" if site in lost else " (crashed, cut off, or past the task timeout)"
+            why = f": {lost[site]}" if site in lost else (
+                f" (crashed, hung or cut off: not within {self._straggler_grace_s()} s after {needed} site(s) "
+                f"answered, or the task timeout of {spec.federation.task_timeout_s} s)")
             reason = f"{site} did not answer {task} in round {self._round}{why}; the round went on without it"
             _log.warning(reason)
             self._audit.record(E.ERROR, kind="no_answer", site=site, round=self._round, task=task, message=reason)
@@ -320,6 +322,11 @@ class ServerSession:
         self._audit.record(E.ROUND_ENDED, round=self._round, task=task,
                            contributors=sorted(self.aggregation.contributors))
         return new_global
+
+    def _straggler_grace_s(self) -> int:
+        """Seconds a task waits for the rest once ``min_sites`` answered (``straggler_grace_s``)."""
+        grace = self.spec.federation.straggler_grace_s
+        return self.spec.federation.task_timeout_s if grace is None else min(grace, self.spec.federation.task_timeout_s)
 
     def _cohort(self, eligible: list[str]) -> list[str]:
         """The sites that train this round: all, or ``cohort_fraction`` of them (at least ``min_sites``).

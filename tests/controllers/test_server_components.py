@@ -1,15 +1,18 @@
-"""Jobs a server crash left RUNNING: ended with the reason, resumed as a clone, not resumed in a crash loop."""
+"""Server components: jobs a crash left RUNNING are ended and resumed; a hung site's outcome is waited for briefly."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.job_def import RunStatus
 
 from zenfed import protocol as P
 from zenfed.controllers.interrupted_jobs import InterruptedJobRecovery
+from zenfed.controllers.site_outcomes import SiteOutcomeWait
 
 
 class JobStore:
@@ -81,3 +84,18 @@ def test_resuming_can_be_turned_off():
     store = JobStore({"j4": {"status": RunStatus.RUNNING.value}})
     assert InterruptedJobRecovery(resume=False).recover(_context(store)) == [("j4", None)]
     assert set(store.meta) == {"j4"} and store.meta["j4"]["status"] == RunStatus.FINISHED_ABNORMAL.value
+
+
+def test_the_server_waits_the_configured_time_for_site_outcomes():
+    # Prepare
+    runner = SimpleNamespace(client_outcome_wait_timeout=900.0)
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.ENGINE, SimpleNamespace(job_runner=runner), private=True)
+
+    # Execute
+    SiteOutcomeWait(wait_s=30).handle_event(EventType.SYSTEM_START, fl_ctx)
+
+    # Assert
+    assert runner.client_outcome_wait_timeout == 30.0
+    with pytest.raises(ValueError, match="positive"):
+        SiteOutcomeWait(wait_s=0)
