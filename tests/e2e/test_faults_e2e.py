@@ -26,10 +26,10 @@ from zenfed.audit.verify import verify_result
 from zenfed.data import make_builtin
 from zenfed.demo import loopback_project
 from zenfed.engines.tiny import build_tiny_model
-from zenfed.errors import JobError
+from zenfed.errors import DeploymentError, JobError
 from zenfed.jobs import export_job
 from zenfed.jobs.submit import SubmitResult, load_result, open_session, submit
-from zenfed.provisioning.deploy import _tracked, down, up
+from zenfed.provisioning.deploy import _start, _tracked, down, up
 from zenfed.provisioning.project import provision
 from zenfed.spec import JobSpec
 
@@ -278,3 +278,39 @@ def test_a_hung_site_is_left_behind_after_the_straggler_grace(tiny_three_sites, 
              if r["event"] == "round_ended" and r["fields"]["task"] == P.TASK_TRAIN}
     assert ended == {1: ["site-1", "site-2", VICTIM], 2: ["site-1", "site-2"], 3: ["site-1", "site-2"]}
     print(f"site hung -> job finished {run.finished_at - run.killed_at:.0f} s after it froze")
+
+
+def test_another_projects_admin_and_site_are_refused_with_the_reason(tiny_three_sites, tmp_path: Path) -> None:
+    # Prepare: project B provisioned for the same host and ports as project A, whose deployment is up
+    _, data = tiny_three_sites
+    ours = loopback_project("faults-a", data_dir=data, sites=1)
+    theirs = ours.model_copy(update={"name": "faults-b"})
+    deployment = provision(ours, out=tmp_path / "ws-a")
+    foreign = provision(theirs, out=tmp_path / "ws-b")
+    up(deployment, progress=False)
+    try:
+        # Execute: B's admin opens a session; B's site process tries to join (started here, ended by its PID)
+        with pytest.raises(DeploymentError) as refused:
+            open_session(Path(foreign.admin_kit()), timeout_s=5)
+        site_log = tmp_path / "foreign-site.log"
+        site_pid = _start(foreign.site_kits["site-1"], site_log)  # as `zenfed up` starts a site
+        try:
+            deadline = time.time() + 60
+            while "CERTIFICATE_VERIFY_FAILED" not in site_log.read_text(errors="replace") and time.time() < deadline:
+                time.sleep(1)
+        finally:
+            os.killpg(site_pid, signal.SIGKILL)
+            os.waitpid(site_pid, 0)
+        session = open_session(Path(deployment.admin_kit()), timeout_s=30)
+        try:
+            connected = [c.name for c in session.get_system_info().client_info]
+        finally:
+            session.close()
+    finally:
+        down(deployment, progress=False)
+
+    # Assert: the admin is told it holds another project's kit; the site never joined
+    assert "certificate that this kit's root CA did not issue" in str(refused.value)
+    assert "another project" in str(refused.value)
+    assert "CERTIFICATE_VERIFY_FAILED" in site_log.read_text(errors="replace")
+    assert connected == ["site-1"]  # project A's own site, still the only one

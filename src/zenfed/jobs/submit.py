@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +41,40 @@ def open_session(admin_kit: Path, timeout_s: float) -> Any:
         return new_secure_session(username=admin_kit.name, startup_kit_location=str(admin_kit), timeout=timeout_s)
     except Exception as err:  # The Flare API raises several unrelated types here.
         raise DeploymentError(
-            f"cannot reach the server with the admin kit {admin_kit}: {err}; is the deployment up (`zenfed up`)?"
+            f"cannot reach the server with the admin kit {admin_kit}: {err}; {diagnose_admin_link(admin_kit)}"
         ) from None
+
+
+def diagnose_admin_link(admin_kit: Path, *, timeout_s: float = 5.0) -> str:
+    """Say why an admin kit cannot reach its server: nothing listening, or a server of another project.
+
+    Connects to the server's admin port named in the kit and tries the TLS handshake with the kit's
+    root CA, as the Flare API does, to tell the two apart.
+    """
+    try:
+        admin = json.loads((admin_kit / "startup" / "fed_admin.json").read_text())["admin"]
+        host, port = str(admin["host"]), int(admin["port"])
+        identity = str(admin.get("server_identity") or host)
+        ca = admin_kit / "startup" / str(admin.get("ca_cert", "rootCA.pem"))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"the kit's startup/fed_admin.json cannot be read ({err}); provision the admin kit again"
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError:
+        return f"nothing answers at {host}:{port}; is the deployment up (`zenfed up WS`)?"
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with context.wrap_socket(raw, server_hostname=identity):
+            pass
+    except ssl.SSLCertVerificationError:
+        return (f"the server at {host}:{port} presents a certificate that this kit's root CA did not issue: the "
+                "admin kit belongs to another project, or the server was provisioned again; use an admin kit from "
+                "the server's own provisioning")
+    except (OSError, ssl.SSLError):
+        pass  # The server refused our certificate or closed early: not the server's certificate.
+    finally:
+        raw.close()
+    return f"the server at {host}:{port} answers with this project's certificate; see the server's log.txt"
 
 
 def _reconnect(session: Any, admin: Path, *, deadline: float) -> Any:

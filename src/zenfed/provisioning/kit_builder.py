@@ -34,7 +34,7 @@ RESOURCES = "resources.json"
 RESOURCES_DEFAULT = "resources.json.default"
 SITE_LAUNCHER = "zenfed.executors.site_launcher.SiteJobLauncher"
 # Server components zenfed adds to FLARE's server process (not to a job): id -> (class, default args).
-SERVER_COMPONENTS = {
+SERVER_COMPONENTS: dict[str, tuple[str, dict[str, Any]]] = {
     "zenfed_interrupted_jobs": ("zenfed.controllers.interrupted_jobs.InterruptedJobRecovery", {"resume": True}),
     "zenfed_site_outcome_wait": ("zenfed.controllers.site_outcomes.SiteOutcomeWait", {"wait_s": 120}),
 }
