@@ -1,16 +1,25 @@
-"""Faults on a real loopback deployment: a site's job process killed mid-round.
+"""Faults on real loopback deployments (tiny model, CKKS with pairwise masks), as an operator would meet them.
 
-Three provisioned sites, pairwise masks inside the CKKS sum, ``min_sites: 2``.
-``kill -9`` of site-3's job process (a child of the site process ``zenfed up``
-started) once round 2 starts: the job must go on with site-1 and site-2, recover
-site-3's masks, finish, and say in its audit log who was lost, when and why.
+- a site's job process killed mid-round (``kill -9``): dropped, masks recovered, job finishes;
+  with too few sites left the job stops and says why, keeping its checkpoint;
+- a site's job process frozen (``SIGSTOP``): left behind after the straggler grace;
+- a site cut off mid-round (its own network namespace, the link's bytes dropped);
+- the server and everything under it killed mid-job, then ``zenfed up`` again: the job resumes by itself;
+- another project's admin and site: refused, with the reason;
+- a copy of a result with records cut from the end of the server's log: ``audit verify`` catches it.
+
+Each asserts that nothing was lost: every round's records are present and ``audit verify`` passes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +29,7 @@ from typing import Any
 
 import psutil
 import pytest
+from netlink import HostEnd, Namespace, namespaces_usable
 
 from zenfed import protocol as P
 from zenfed.audit.verify import verify_result
@@ -29,7 +39,7 @@ from zenfed.engines.tiny import build_tiny_model
 from zenfed.errors import DeploymentError, JobError
 from zenfed.jobs import export_job
 from zenfed.jobs.submit import SubmitResult, load_result, open_session, submit
-from zenfed.provisioning.deploy import _start, _tracked, down, up
+from zenfed.provisioning.deploy import _env, _start, _tracked, down, up
 from zenfed.provisioning.project import provision
 from zenfed.spec import JobSpec
 
@@ -48,6 +58,18 @@ def _round_started(server_kit: Path, rnd: int) -> bool:
     """Whether the server's log (the only one with ``round_started``) in its run folder shows round ``rnd``."""
     return any(r["event"] == "round_started" and r["fields"].get("round") == rnd
                for log in server_kit.glob("*/zenfed/audit/*.jsonl") for r in _records(log))
+
+
+def _cutting_the_server_log_is_caught(result_dir: Path, server: str | None, scratch: Path) -> None:
+    """Cut the last 1 and 5 records from a copy of the server's log: ``audit verify`` must say so."""
+    for cut in (1, 5):
+        copy = scratch / f"cut-{cut}"
+        shutil.copytree(result_dir, copy)
+        log = copy / "audit" / f"{server}.jsonl"
+        lines = log.read_bytes().rstrip(b"\n").split(b"\n")
+        log.write_bytes(b"\n".join(lines[:-cut]) + b"\n")
+        verdict = verify_result(copy)
+        assert not verdict.ok and any("cut from its end" in p for p in verdict.problems), verdict.describe()
 
 
 def _job_process(site_pid: int) -> psutil.Process:
@@ -147,6 +169,7 @@ def test_a_site_killed_mid_round_is_dropped_and_the_masked_job_finishes(tiny_thr
     assert run.site_still_up  # only its job process died; the site process stayed up
     verdict = verify_result(result_dir)
     server = _records(result_dir / "audit" / f"{verdict.server}.jsonl")
+    _cutting_the_server_log_is_caught(result_dir, verdict.server, tmp_path / "cut")
     ended = {r["fields"]["round"]: r["fields"].get("contributors") for r in server
              if r["event"] == "round_ended" and r["fields"].get("task") == P.TASK_TRAIN}
     lost_round = min(rnd for rnd, who in ended.items() if VICTIM not in who)
@@ -314,3 +337,84 @@ def test_another_projects_admin_and_site_are_refused_with_the_reason(tiny_three_
     assert "another project" in str(refused.value)
     assert "CERTIFICATE_VERIFY_FAILED" in site_log.read_text(errors="replace")
     assert connected == ["site-1"]  # project A's own site, still the only one
+
+
+def test_a_site_cut_off_mid_round_is_left_behind_and_the_job_finishes(tiny_three_sites, tmp_path: Path) -> None:
+    # Prepare: site-3 in its own network namespace, linked to the server's loopback port by a cuttable relay
+    why_not = namespaces_usable()
+    if why_not:
+        pytest.skip(f"network namespaces are not available: {why_not}")
+    model, data = tiny_three_sites
+    deployment = provision(loopback_project("faults-e2e", data_dir=data, sites=3), out=tmp_path / "ws")
+    spec = JobSpec.model_validate({
+        "name": "site-cut-off", "model": {"base": str(model)}, "lora": {"rank": 4, "alpha": 8},
+        "training": {"local_steps": 3, "batch_size": 8, "seq_len": 128, "learning_rate": 0.01},
+        "federation": {"rounds": 3, "min_sites": 2, "straggler_grace_s": 4},
+        "evaluation": {"max_examples": 4, "max_new_tokens": 2},
+        "encryption": {"enabled": True, "secure_aggregation": "pairwise", "max_sites": 4},
+    })
+    job = export_job(spec, out=tmp_path / "jobs" / "site-cut-off")
+    server_kit = Path(deployment.server_kit)
+    resources = json.loads((server_kit / "local" / "resources.json").read_text())
+    for component in resources["components"]:
+        if component["id"] == "zenfed_site_outcome_wait":
+            component["args"]["wait_s"] = 15
+    (server_kit / "local" / "resources.json").write_text(json.dumps(resources))
+    on_host = dataclasses.replace(deployment, site_kits={k: v for k, v in deployment.site_kits.items() if k != VICTIM})
+    link = HostEnd(tmp_path / "link.sock", deployment.fl_port).start()
+    namespace = Namespace(f"zenfed-cut-{os.getpid()}", unix_path=tmp_path / "link.sock", port=deployment.fl_port)
+    outcome: dict[str, Any] = {}
+    site = None
+    try:
+        up(on_host, progress=False)
+        kit = deployment.site_kits[VICTIM]
+        with (tmp_path / "site-3.log").open("wb") as out:
+            site = subprocess.Popen(["ip", "netns", "exec", namespace.name, "bash", "startup/sub_start.sh", "--once"],
+                                    cwd=kit, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        session = open_session(Path(deployment.admin_kit()), timeout_s=30)
+        try:
+            deadline = time.time() + 90
+            while VICTIM not in {c.name for c in session.get_system_info().client_info}:
+                assert time.time() < deadline, "site-3 did not connect through the link"
+                time.sleep(1)
+        finally:
+            session.close()
+
+        # Execute: cut the link as soon as round 2 starts
+        def run() -> None:
+            try:
+                outcome["result"] = submit(job, admin_kit=deployment.admin_kit(),
+                                           results_root=tmp_path / "results", progress=False, timeout_s=600)
+            except BaseException as err:  # noqa: BLE001 - handed to the test thread
+                outcome["error"] = err
+
+        submitter = threading.Thread(target=run, daemon=True)
+        submitter.start()
+        deadline = time.time() + 300
+        while not _round_started(server_kit, 2) and time.time() < deadline and submitter.is_alive():
+            time.sleep(0.05)
+        link.cut()
+        cut_at = time.time()
+        submitter.join(timeout=600)
+        finished_at = time.time()
+    finally:
+        if site is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(site.pid, signal.SIGKILL)
+            site.wait()
+        down(on_host, progress=False)
+        namespace.close()
+        link.close()
+
+    # Assert: rounds 2 and 3 went on without site-3, said why, and the job's logs verify
+    assert outcome.get("error") is None and outcome.get("result") is not None, outcome.get("error")
+    result_dir = outcome["result"].result_dir
+    verdict = verify_result(result_dir)
+    assert verdict.ok, verdict.describe()
+    server = _records(result_dir / "audit" / f"{verdict.server}.jsonl")
+    ended = {r["fields"]["round"]: r["fields"]["contributors"] for r in server
+             if r["event"] == "round_ended" and r["fields"]["task"] == P.TASK_TRAIN}
+    assert ended == {1: ["site-1", "site-2", VICTIM], 2: ["site-1", "site-2"], 3: ["site-1", "site-2"]}
+    silent = [r["fields"] for r in server if r["event"] == "error" and r["fields"]["kind"] == "no_answer"]
+    assert (VICTIM, 2) in {(e["site"], e["round"]) for e in silent}
+    print(f"link cut -> job finished {finished_at - cut_at:.0f} s after the cut")
