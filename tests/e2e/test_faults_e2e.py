@@ -418,3 +418,50 @@ def test_a_site_cut_off_mid_round_is_left_behind_and_the_job_finishes(tiny_three
     silent = [r["fields"] for r in server if r["event"] == "error" and r["fields"]["kind"] == "no_answer"]
     assert (VICTIM, 2) in {(e["site"], e["round"]) for e in silent}
     print(f"link cut -> job finished {finished_at - cut_at:.0f} s after the cut")
+
+
+def test_an_update_changed_after_signing_is_rejected_and_the_masked_round_goes_on(tiny_three_sites,
+                                                                                   tmp_path: Path) -> None:
+    # Prepare: site-2's kit runs a result filter that flips a bit of each update and recomputes its hash
+    model, data = tiny_three_sites
+    deployment = provision(loopback_project("faults-e2e", data_dir=data, sites=3), out=tmp_path / "ws")
+    kit = Path(deployment.site_kits["site-2"])
+    (kit / "local" / "custom").mkdir(exist_ok=True)
+    shutil.copyfile(Path(__file__).with_name("tamper_filter.py"), kit / "local" / "custom" / "tamper_filter.py")
+    (kit / "local" / "privacy.json").write_text(json.dumps({
+        "scopes": [{"name": "tampered", "task_result_filters": [
+            {"path": "tamper_filter.FlipABitAndRehash", "args": {}}]}],
+        "default_scope": "tampered",
+    }))
+    resources = json.loads((kit / "local" / "resources.json").read_text())
+    resources["class_allow_list"].append("tamper_filter.")
+    (kit / "local" / "resources.json").write_text(json.dumps(resources))
+    spec = JobSpec.model_validate({
+        "name": "tampered", "model": {"base": str(model)}, "lora": {"rank": 4, "alpha": 8},
+        "training": {"local_steps": 3, "batch_size": 8, "seq_len": 128, "learning_rate": 0.01},
+        "federation": {"rounds": 2, "min_sites": 2},
+        "evaluation": {"max_examples": 4, "max_new_tokens": 2},
+        "encryption": {"enabled": True, "secure_aggregation": "pairwise", "max_sites": 4},
+    })
+    job = export_job(spec, out=tmp_path / "jobs" / "tampered")
+
+    # Execute
+    up(deployment, progress=False)
+    try:
+        outcome = submit(job, admin_kit=deployment.admin_kit(), results_root=tmp_path / "results", progress=False,
+                         timeout_s=600)
+    finally:
+        down(deployment, progress=False)
+
+    # Assert: every round rejected site-2's update for its signature, summed the others, and says so
+    verdict = verify_result(outcome.result_dir)
+    server = _records(outcome.result_dir / "audit" / f"{verdict.server}.jsonl")
+    rejected = [r["fields"] for r in server if r["event"] == "error" and r["fields"]["kind"] == "result_rejected"]
+    assert [(e["site"], e["round"]) for e in rejected] == [("site-2", 1), ("site-2", 2)]
+    assert all("signature" in e["message"] and "does not match" in e["message"] for e in rejected)
+    ended = [r["fields"]["contributors"] for r in server
+             if r["event"] == "round_ended" and r["fields"]["task"] == P.TASK_TRAIN]
+    assert ended == [["site-1", "site-3"]] * 2
+    recovered = [r["fields"]["dropped"] for r in server if r["event"] == "masks_recovered"]
+    assert recovered == [["site-2"]] * 2
+    assert verdict.ok, verdict.describe()
