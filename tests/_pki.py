@@ -22,6 +22,7 @@ def make_ca(common: str = "project-ca") -> tuple[rsa.RSAPrivateKey, x509.Certifi
     cert = (x509.CertificateBuilder().subject_name(_name(common)).issuer_name(_name(common))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     return key, cert
 

@@ -51,6 +51,8 @@ class HostEnd:
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
 
     def start(self) -> HostEnd:
         """Start serving in a background thread."""
@@ -64,9 +66,19 @@ class HostEnd:
         self._cut.set()
 
     def close(self) -> None:
-        """Stop serving."""
+        """Stop serving, close every connection and the loop."""
+        if self._loop.is_closed():
+            return
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        self._loop.run_until_complete(asyncio.sleep(0))
+        self._loop.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.unix_path.unlink()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -77,9 +89,10 @@ class HostEnd:
             except OSError:
                 writer.close()
                 return
+            self._writers |= {writer, up_writer}
             await asyncio.gather(_pipe(reader, up_writer, self._cut), _pipe(up_reader, writer, self._cut))
 
-        self._loop.run_until_complete(asyncio.start_unix_server(connect, path=str(self.unix_path)))
+        self._server = self._loop.run_until_complete(asyncio.start_unix_server(connect, path=str(self.unix_path)))
         self._ready.set()
         self._loop.run_forever()
 
@@ -91,7 +104,11 @@ class Namespace:
         """Create namespace ``name`` and start the relay for ``port`` in it (by a PID kept here)."""
         self.name = name
         subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
-        self.run(["ip", "link", "set", "lo", "up"])
+        try:
+            self.run(["ip", "link", "set", "lo", "up"])
+        except subprocess.CalledProcessError:
+            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+            raise
         self.relay = subprocess.Popen(
             ["ip", "netns", "exec", name, sys.executable, __file__, "--port", str(port), "--unix", str(unix_path)],
             start_new_session=True,

@@ -40,6 +40,7 @@ from zenfed.errors import DeploymentError, JobError
 from zenfed.jobs import export_job
 from zenfed.jobs.submit import SubmitResult, load_result, open_session, submit
 from zenfed.provisioning.deploy import _env, _start, _tracked, down, up
+from zenfed.provisioning.link_check import diagnose_link
 from zenfed.provisioning.project import provision
 from zenfed.spec import JobSpec
 
@@ -54,10 +55,31 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _round_started(server_kit: Path, rnd: int) -> bool:
-    """Whether the server's log (the only one with ``round_started``) in its run folder shows round ``rnd``."""
-    return any(r["event"] == "round_started" and r["fields"].get("round") == rnd
+def _server_shows(server_kit: Path, event: str, rnd: int) -> bool:
+    """Whether the server's log (in its run folder) holds ``event`` for training round ``rnd``."""
+    return any(r["event"] == event and r["fields"].get("round") == rnd and r["fields"].get("task") == P.TASK_TRAIN
                for log in server_kit.glob("*/zenfed/audit/*.jsonl") for r in _records(log))
+
+
+def _wait_for(server_kit: Path, event: str, rnd: int, submitter: threading.Thread) -> None:
+    """Wait until the server records ``event`` for round ``rnd``; fail if the job ends or stalls first."""
+    deadline = time.time() + 300
+    while not _server_shows(server_kit, event, rnd):
+        assert submitter.is_alive(), f"the job ended before {event} of round {rnd}"
+        assert time.time() < deadline, f"no {event} of round {rnd} within 300 s"
+        time.sleep(0.05)
+
+
+def _end_with_descendants(process: subprocess.Popen) -> None:
+    """SIGKILL a process this test started and every process under it (FLARE puts jobs in their own sessions)."""
+    try:
+        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for proc in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    process.wait()
 
 
 def _cutting_the_server_log_is_caught(result_dir: Path, server: str | None, scratch: Path) -> None:
@@ -138,14 +160,14 @@ def _kill_in_round_2(tmp_path: Path, model: Path, data: Path, *, sites: int, min
         submitter = threading.Thread(target=run, daemon=True)
         submitter.start()
         site_pid = int(_tracked(deployment)[victim]["pid"])
-        killed_at = None
-        deadline = time.time() + 300
-        while killed_at is None and time.time() < deadline and submitter.is_alive():
-            if _round_started(server_kit, 2):
-                os.kill(_job_process(site_pid).pid, sig)
-                killed_at = time.time()
-            time.sleep(0.05)
-        assert killed_at is not None, "round 2 never started"
+        # Frozen as round 1 ends, the victim cannot answer round 2 before the fault lands mid-round.
+        _wait_for(server_kit, "round_ended", 1, submitter)
+        victim_process = _job_process(site_pid)
+        victim_process.send_signal(signal.SIGSTOP)
+        _wait_for(server_kit, "round_started", 2, submitter)
+        if sig != signal.SIGSTOP:
+            victim_process.send_signal(sig)
+        killed_at = time.time()
         submitter.join(timeout=600)
         finished_at = time.time()
         still_up = psutil.pid_exists(site_pid)
@@ -235,9 +257,7 @@ def test_a_server_killed_mid_job_comes_back_and_the_job_resumes_from_its_checkpo
 
         submitter = threading.Thread(target=run, daemon=True)
         submitter.start()
-        deadline = time.time() + 300
-        while not _round_started(server_kit, 2) and time.time() < deadline and submitter.is_alive():
-            time.sleep(0.05)
+        _wait_for(server_kit, "round_started", 2, submitter)
         leader = psutil.Process(int(_tracked(deployment)[deployment.server]["pid"]))
         family = [leader, *leader.children(recursive=True)]
         for proc in family:
@@ -272,12 +292,14 @@ def test_a_server_killed_mid_job_comes_back_and_the_job_resumes_from_its_checkpo
     assert verdict.ok, verdict.describe()
     server = _records(result_dir / "audit" / f"{verdict.server}.jsonl")
     resumed = [r["fields"] for r in server if r["event"] == "job_resumed"]
-    assert resumed and resumed[0]["after_round"] == 1 and resumed[0]["previous"]
     kept = list((result_dir / "audit" / "previous").glob("*/*.jsonl"))
-    assert any(r["event"] == "round_ended" and r["fields"]["round"] == 1 for log in kept for r in _records(log))
+    before = sorted({r["fields"]["round"] for log in kept for r in _records(log)
+                     if r["event"] == "round_ended" and r["fields"].get("task") == P.TASK_TRAIN})
+    assert before and before[0] == 1  # the crashed run's rounds, kept in the result
+    assert resumed and resumed[0]["after_round"] == before[-1] and resumed[0]["previous"]
     trained = [r["fields"]["round"] for r in server
                if r["event"] == "round_ended" and r["fields"]["task"] == P.TASK_TRAIN]
-    assert trained == [2, 3]  # round 1 came from the checkpoint, not trained again
+    assert trained == list(range(before[-1] + 1, 4))  # the checkpointed rounds were not trained again
     print(f"server killed -> back up in {restarted_at - killed_at:.0f} s; resumed job finished "
           f"{finished_at - killed_at:.0f} s after the kill")
 
@@ -329,14 +351,18 @@ def test_another_projects_admin_and_site_are_refused_with_the_reason(tiny_three_
             connected = [c.name for c in session.get_system_info().client_info]
         finally:
             session.close()
+        site_diagnosis = diagnose_link(Path(foreign.site_kits["site-1"]))  # what `zenfed up` says of such a site
     finally:
         down(deployment, progress=False)
+    nobody = diagnose_link(Path(deployment.site_kits["site-1"]))
 
     # Assert: the admin is told it holds another project's kit; the site never joined
     assert "certificate that this kit's root CA did not issue" in str(refused.value)
     assert "another project" in str(refused.value)
     assert "CERTIFICATE_VERIFY_FAILED" in site_log.read_text(errors="replace")
     assert connected == ["site-1"]  # project A's own site, still the only one
+    assert "root CA did not issue" in site_diagnosis and "another project" in site_diagnosis
+    assert nobody.startswith("nothing answers at localhost:") and "zenfed up" in nobody
 
 
 def test_a_site_cut_off_mid_round_is_left_behind_and_the_job_finishes(tiny_three_sites, tmp_path: Path) -> None:
@@ -361,16 +387,19 @@ def test_a_site_cut_off_mid_round_is_left_behind_and_the_job_finishes(tiny_three
             component["args"]["wait_s"] = 15
     (server_kit / "local" / "resources.json").write_text(json.dumps(resources))
     on_host = dataclasses.replace(deployment, site_kits={k: v for k, v in deployment.site_kits.items() if k != VICTIM})
-    link = HostEnd(tmp_path / "link.sock", deployment.fl_port).start()
-    namespace = Namespace(f"zenfed-cut-{os.getpid()}", unix_path=tmp_path / "link.sock", port=deployment.fl_port)
     outcome: dict[str, Any] = {}
-    site = None
-    try:
+    with contextlib.ExitStack() as cleanup:  # undone in reverse, whatever fails
+        link = HostEnd(tmp_path / "link.sock", deployment.fl_port).start()
+        cleanup.callback(link.close)
+        namespace = Namespace(f"zenfed-cut-{os.getpid()}", unix_path=tmp_path / "link.sock", port=deployment.fl_port)
+        cleanup.callback(namespace.close)
+        cleanup.callback(down, on_host, progress=False)
         up(on_host, progress=False)
         kit = deployment.site_kits[VICTIM]
         with (tmp_path / "site-3.log").open("wb") as out:
             site = subprocess.Popen(["ip", "netns", "exec", namespace.name, "bash", "startup/sub_start.sh", "--once"],
                                     cwd=kit, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        cleanup.callback(_end_with_descendants, site)
         session = open_session(Path(deployment.admin_kit()), timeout_s=30)
         try:
             deadline = time.time() + 90
@@ -380,7 +409,7 @@ def test_a_site_cut_off_mid_round_is_left_behind_and_the_job_finishes(tiny_three
         finally:
             session.close()
 
-        # Execute: cut the link as soon as round 2 starts
+        # Execute: cut the link once round 1 ends
         def run() -> None:
             try:
                 outcome["result"] = submit(job, admin_kit=deployment.admin_kit(),
@@ -390,21 +419,11 @@ def test_a_site_cut_off_mid_round_is_left_behind_and_the_job_finishes(tiny_three
 
         submitter = threading.Thread(target=run, daemon=True)
         submitter.start()
-        deadline = time.time() + 300
-        while not _round_started(server_kit, 2) and time.time() < deadline and submitter.is_alive():
-            time.sleep(0.05)
+        _wait_for(server_kit, "round_ended", 1, submitter)  # before round 2's task can reach site-3
         link.cut()
         cut_at = time.time()
         submitter.join(timeout=600)
         finished_at = time.time()
-    finally:
-        if site is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(site.pid, signal.SIGKILL)
-            site.wait()
-        down(on_host, progress=False)
-        namespace.close()
-        link.close()
 
     # Assert: rounds 2 and 3 went on without site-3, said why, and the job's logs verify
     assert outcome.get("error") is None and outcome.get("result") is not None, outcome.get("error")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from nvflare.apis.job_launcher_spec import JobReturnCode
@@ -25,9 +26,9 @@ def test_signals_are_named():
     assert signal_name(-200) == "signal 200"
 
 
-def _handle(code: str) -> tuple[subprocess.Popen, LostSiteHandle]:
+def _handle(code: str, min_listed_s: float = 0.0) -> tuple[subprocess.Popen, LostSiteHandle]:
     process = subprocess.Popen([sys.executable, "-c", code])
-    return process, LostSiteHandle(ProcessHandle(process=process), "job-1")
+    return process, LostSiteHandle(ProcessHandle(process=process), "job-1", min_listed_s=min_listed_s)
 
 
 def test_a_killed_job_process_is_reported_as_unknown_not_as_a_failure(caplog):
@@ -55,3 +56,17 @@ def test_a_job_process_that_exits_keeps_flares_reading(code, expected):
 
     # Assert: a deliberate exit (an error FLARE should act on) is not hidden
     assert handle.poll() == expected
+
+
+def test_a_job_process_killed_early_stays_listed_until_the_server_can_have_seen_it():
+    # Prepare
+    process, handle = _handle("import time; time.sleep(60)", min_listed_s=1.5)
+    started = time.monotonic()
+
+    # Execute: killed at once, before any heartbeat could list it
+    process.send_signal(signal.SIGKILL)
+    handle.wait()
+
+    # Assert
+    assert time.monotonic() - started >= 1.4
+    assert handle.poll() == JobReturnCode.UNKNOWN

@@ -27,6 +27,7 @@ from zenfed.kit_files import KitFolders
 from zenfed.protocol import Message
 from zenfed.server.session import ServerSession
 from zenfed.server.transport import ResultCallback
+from zenfed.spec import FederationSpec
 
 
 class FedLoRAController(Controller):
@@ -81,13 +82,17 @@ class FedLoRAController(Controller):
         super().handle_event(event_type, fl_ctx)
         if event_type == EventType.CLIENT_DISCONNECTED:
             site = str(fl_ctx.get_prop(FLContextKey.DISCONNECTED_CLIENT_NAME))
-            grace = self._require_session().spec.federation.lost_site_grace_s
+            default = FederationSpec.model_fields["lost_site_grace_s"].default
+            grace = (self._spec_data.get("federation") or {}).get("lost_site_grace_s", default)
             self._lost[site] = (f"{site} is lost: its job process is gone (crashed, killed or cut off) and did not "
                                 f"come back within lost_site_grace_s={grace} s")
-            remaining = [c.name for c in fl_ctx.get_engine().get_clients() if c.name not in self._lost]
-            self._require_session().site_lost(site, self._lost[site], remaining=len(remaining))
+            if self._session is not None:
+                remaining = [c.name for c in fl_ctx.get_engine().get_clients() if c.name not in self._lost]
+                self._session.site_lost(site, self._lost[site], remaining=len(remaining))
         elif event_type == EventType.CLIENT_RECONNECTED:
-            self._lost.pop(str(fl_ctx.get_prop(FLContextKey.RECONNECTED_CLIENT_NAME)), None)
+            site = str(fl_ctx.get_prop(FLContextKey.RECONNECTED_CLIENT_NAME))
+            if self._lost.pop(site, None) is not None:
+                self.log_info(fl_ctx, f"{site} is back; later rounds may ask it again")
         if event_type == InfoCollector.EVENT_TYPE_GET_STATS and self._session is not None:
             collector = fl_ctx.get_prop(InfoCollector.CTX_KEY_STATS_COLLECTOR, None)
             if isinstance(collector, GroupInfoCollector):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from typing import Any
 
 from nvflare.apis.fl_context import FLContext
@@ -27,6 +28,9 @@ from nvflare.app_common.job_launcher.client_process_launcher import ClientProces
 from nvflare.app_common.job_launcher.process_launcher import ProcessHandle
 
 _log = logging.getLogger(__name__)
+
+# FLARE sites send a heartbeat every 10 s; two and a half of them after launch.
+MIN_LISTED_S = 25.0
 
 
 def exit_code_after_signal(raw_code: int | None) -> int | None:
@@ -54,20 +58,36 @@ def signal_name(raw_code: int) -> str:
 class LostSiteHandle(JobHandleSpec):
     """FLARE's process handle, except that a job process ended by a signal reads as ``UNKNOWN``."""
 
-    def __init__(self, inner: ProcessHandle, job_id: str) -> None:
-        """Wrap ``inner``, the handle FLARE's launcher returned for job ``job_id``."""
+    def __init__(self, inner: ProcessHandle, job_id: str, *, min_listed_s: float = MIN_LISTED_S) -> None:
+        """Wrap ``inner``, the handle FLARE's launcher returned for job ``job_id``.
+
+        Args:
+            inner: FLARE's handle.
+            job_id: The job, for the log.
+            min_listed_s: After a signal, keep the job listed at least this long after its launch.
+        """
         super().__init__()
         self._inner = inner
         self._job_id = job_id
         self._told = False
+        self._launched = time.monotonic()
+        self._min_listed_s = min_listed_s
 
     def terminate(self) -> None:
         """End the job process (an abort from the server)."""
         self._inner.terminate()
 
     def wait(self) -> None:
-        """Wait for the job process to end."""
+        """Wait for the job process to end; after a signal, until the server can have seen the job here.
+
+        The server counts a site's job as gone only once a heartbeat that listed it is followed by one
+        that does not. A job process killed before the first heartbeat would never be counted lost
+        (every round would wait for it), so its ending is held back until two heartbeats have passed.
+        """
         self._inner.wait()
+        raw = self._inner.adapter.poll()
+        if raw is not None and raw < 0:
+            time.sleep(max(0.0, self._min_listed_s - (time.monotonic() - self._launched)))
 
     def poll(self) -> Any:
         """FLARE's exit code, or ``UNKNOWN`` once a signal ended the job process."""

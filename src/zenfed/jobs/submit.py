@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Any
 
 from zenfed import protocol as P
 from zenfed.errors import DeploymentError, JobError
+from zenfed.provisioning.link_check import diagnose_link
 
 TERMINAL = ("FINISHED", "ABORTED", "FAILED")  # FLARE statuses start with one of these.
 RESULT_NAME = "zenfed_result.json"
@@ -41,40 +40,8 @@ def open_session(admin_kit: Path, timeout_s: float) -> Any:
         return new_secure_session(username=admin_kit.name, startup_kit_location=str(admin_kit), timeout=timeout_s)
     except Exception as err:  # The Flare API raises several unrelated types here.
         raise DeploymentError(
-            f"cannot reach the server with the admin kit {admin_kit}: {err}; {diagnose_admin_link(admin_kit)}"
+            f"cannot reach the server with the admin kit {admin_kit}: {err}; {diagnose_link(admin_kit)}"
         ) from None
-
-
-def diagnose_admin_link(admin_kit: Path, *, timeout_s: float = 5.0) -> str:
-    """Say why an admin kit cannot reach its server: nothing listening, or a server of another project.
-
-    Connects to the server's admin port named in the kit and tries the TLS handshake with the kit's
-    root CA, as the Flare API does, to tell the two apart.
-    """
-    try:
-        admin = json.loads((admin_kit / "startup" / "fed_admin.json").read_text())["admin"]
-        host, port = str(admin["host"]), int(admin["port"])
-        identity = str(admin.get("server_identity") or host)
-        ca = admin_kit / "startup" / str(admin.get("ca_cert", "rootCA.pem"))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"the kit's startup/fed_admin.json cannot be read ({err}); provision the admin kit again"
-    try:
-        raw = socket.create_connection((host, port), timeout=timeout_s)
-    except OSError:
-        return f"nothing answers at {host}:{port}; is the deployment up (`zenfed up WS`)?"
-    context = ssl.create_default_context(cafile=str(ca))
-    try:
-        with context.wrap_socket(raw, server_hostname=identity):
-            pass
-    except ssl.SSLCertVerificationError:
-        return (f"the server at {host}:{port} presents a certificate that this kit's root CA did not issue: the "
-                "admin kit belongs to another project, or the server was provisioned again; use an admin kit from "
-                "the server's own provisioning")
-    except (OSError, ssl.SSLError):
-        pass  # The server refused our certificate or closed early: not the server's certificate.
-    finally:
-        raw.close()
-    return f"the server at {host}:{port} answers with this project's certificate; see the server's log.txt"
 
 
 def _reconnect(session: Any, admin: Path, *, deadline: float) -> Any:
@@ -88,12 +55,20 @@ def _reconnect(session: Any, admin: Path, *, deadline: float) -> Any:
     except Exception:  # The old session's connection is already gone.
         pass
     while True:
+        if time.time() > deadline:
+            raise JobError("the server did not come back before the submit timeout; once it is up, the admin console's "
+                           "`list_jobs` shows whether the job resumed")
         try:
             return open_session(admin, timeout_s=10.0)
-        except DeploymentError as err:
-            if time.time() > deadline:
-                raise JobError(f"the server did not come back before the submit timeout: {err}") from None
+        except DeploymentError:
             time.sleep(3.0)
+
+
+def _server_gone() -> tuple[type[BaseException], ...]:
+    """The Flare API's errors that mean the server cannot be reached (rather than a refused request)."""
+    from nvflare.fuel.flare_api.api_spec import NoConnection, NoReply, SessionClosed
+
+    return (NoConnection, NoReply, SessionClosed, OSError)
 
 
 def _progress(session: Any, job_id: str) -> dict[str, Any]:
@@ -147,18 +122,22 @@ def submit(
             while True:
                 try:
                     meta = session.get_job_meta(job_id)
-                except Exception as err:  # The Flare API raises several unrelated types when the server is gone.
+                except _server_gone() as err:
                     until = time.strftime("%H:%M:%S", time.localtime(deadline))
                     say(f"lost the server ({type(err).__name__}); waiting until {until} for it to come back "
                         "(restart it with `zenfed up WS`)")
                     session = _reconnect(session, admin, deadline=deadline)
                     continue
+                except Exception as err:  # The server answered, but not with the job (deleted, not allowed, ...).
+                    raise JobError(f"cannot follow job {job_id}: {type(err).__name__}: {err}") from None
                 status = str(meta.get("status", ""))
                 if meta.get(P.META_RESUMED_AS):
                     say(f"job {job_id[:8]}: {meta.get(P.META_INTERRUPTED, 'interrupted')}; following it")
                     job_id = str(meta[P.META_RESUMED_AS])
                     bar.update(task, description=f"job {job_id[:8]}")
                     continue
+                if meta.get(P.META_INTERRUPTED):
+                    raise JobError(f"job {job_id} ended: {meta[P.META_INTERRUPTED]}")
                 info = _progress(session, job_id) if status == "RUNNING" else {}
                 if info.get("rounds"):
                     done = info["round"] - (0 if info.get("phase") in ("evaluate", "done") else 1)

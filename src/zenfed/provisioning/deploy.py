@@ -25,6 +25,7 @@ import psutil
 
 from zenfed.atomic import atomic_write_bytes
 from zenfed.errors import DeploymentError
+from zenfed.provisioning.link_check import diagnose_link
 from zenfed.provisioning.project import Deployment
 
 STATE_DIR = ".zenfed"
@@ -184,8 +185,9 @@ def _wait_for_sites(dep: Deployment, *, deadline: float, logs: Path) -> None:
             if not missing:
                 return
             if time.time() > deadline:
+                why = "; ".join(f"{site}: {diagnose_link(Path(dep.site_kits[site]))}" for site in missing)
                 raise DeploymentError(
-                    f"site(s) {', '.join(missing)} did not connect to the server; see their logs in {logs}"
+                    f"site(s) {', '.join(missing)} did not connect to the server ({why}); see their logs in {logs}"
                 )
             time.sleep(0.5)
     finally:

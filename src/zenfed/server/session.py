@@ -149,6 +149,8 @@ class ServerSession:
             remaining: Sites still in the job.
         """
         _log.warning("site lost in round %d: %s", self._round, reason)
+        if self._phase == "finished":  # after the job: its audit log is closed
+            return
         self._audit.record(E.ERROR, kind="site_lost", site=site, round=self._round, message=reason)
         needed = self.spec.federation.min_sites
         if remaining < needed:
