@@ -254,6 +254,20 @@ def test_project_needs_a_site_and_an_admin_with_an_email(tmp_path):
     assert "  - sites:" in message and "  - admins.0.name:" in message
 
 
+def test_an_unknown_key_in_a_projects_site_is_one_line_without_a_dump(tmp_path):
+    # Prepare: a long site entry with one misspelt key
+    text = ("name: p\nsites: [{name: a, datasets: {x: {path: /a/very/long/path/to/the/data/of/this/site}}, "
+            "allowed_jobs: ['clinical-*', 'research-*'], requre_dp: true}]\nadmins: [{name: x@y.org}]\n")
+
+    # Execute
+    with pytest.raises(SpecError) as caught:
+        load_project_spec(write(tmp_path, text, "p.yaml"))
+
+    # Assert: the misspelt key alone, no cascade about an empty site list, no copy of the whole site
+    lines = str(caught.value).splitlines()[1:]
+    assert lines == ["  - sites.0.requre_dp: is not a known field; remove it or check its spelling (got True)"]
+
+
 def test_a_site_spec_becomes_that_sites_policy():
     # Prepare
     site = SiteSpec(name="hospital-a", org="h", torch_threads=2)

@@ -337,6 +337,10 @@ class SitePolicy(_Strict):
     allow_plaintext_release: bool = Field(
         True, description="with encryption on, agree that the final adapter is released in the clear"
     )
+    require_secure_aggregation: bool = Field(
+        False, description="refuse jobs whose updates are not summed under encryption with pairwise masks "
+        "(encryption.secure_aggregation: pairwise), so no key holder can read this site's update alone"
+    )
     report_metrics: bool = Field(
         True, description="send validation loss and accuracy and the training loss to the server in the clear; "
         "false keeps them in this site's own log"
@@ -378,8 +382,11 @@ class SiteSpec(_Strict):
     keep_sent_updates: bool = True
     privacy: SitePrivacyPolicy = SitePrivacyPolicy()
     require_attested_server: bool = False
-    allow_plaintext_release: bool = True
+    max_lora_rank: int | None = Field(None, ge=1)
     engine: Literal["peft", "nemo"] | None = None
+    allow_plaintext_release: bool = True
+    require_secure_aggregation: bool = False
+    report_metrics: bool = True
 
     def policy(self) -> SitePolicy:
         """Return the site policy that provisioning writes into this site's kit."""
@@ -434,27 +441,46 @@ _M = TypeVar("_M", bound=BaseModel)
 
 
 def _format_validation_error(kind: str, source: str, err: ValidationError, model: type[BaseModel]) -> str:
+    errors = err.errors()
+    locs = [tuple(item["loc"]) for item in errors]
     lines = [f"invalid {kind} in {source}:"]
-    for item in err.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
+    for item, loc_parts in zip(errors, locs, strict=True):
+        if item["type"] == "too_short" and any(other[:len(loc_parts)] == loc_parts and other != loc_parts
+                                               for other in locs):
+            continue  # a list left empty only because its items failed: the items' errors say why
+        loc = ".".join(str(p) for p in loc_parts) or "(top level)"
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
             msg = "is not a known field; remove it or check its spelling"
         elif item["type"] == "missing":
             msg = "is required; add it"
-        hint = _field_description(model, item["loc"])
-        got = "" if item["type"] in ("missing",) else f" (got {item.get('input')!r})"
+        hint = _field_description(model, loc_parts)
+        got = "" if item["type"] in ("missing",) else f" (got {_short(item.get('input'))})"
         lines.append(f"  - {loc}: {msg}{got}" + (f"; expected {hint}" if hint else ""))
     return "\n".join(lines)
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _field_description(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """The description of the field at ``loc``, stepping into lists and dicts; None unless ``loc`` is a field."""
     current: Any = model
     description = None
     for part in loc:
         fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
-            return description
+        if isinstance(part, int) or not fields:
+            args = [a for a in getattr(current, "__args__", ()) if a is not Ellipsis]
+            if not args:
+                return None
+            current, description = args[-1], None  # the item (or value) type
+            if isinstance(part, int) or not getattr(current, "model_fields", None):
+                continue
+            fields = current.model_fields
+        if part not in fields:
+            return None
         info = fields[part]
         description = info.description
         current = info.annotation

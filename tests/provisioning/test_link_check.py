@@ -9,8 +9,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from _pki import make_ca, make_kit
 
+from _pki import make_ca, make_kit
 from zenfed.provisioning.link_check import diagnose_link
 
 

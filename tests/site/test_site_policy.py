@@ -104,6 +104,24 @@ def test_check_job_allowed_applies_jobs_models_and_datasets(spec, reason):
             check_job_allowed(POLICY, spec)
 
 
+@pytest.mark.parametrize(("encryption", "refused"), [
+    ({"enabled": True, "secure_aggregation": "pairwise", "quant_bits": 16}, False),
+    ({"enabled": True, "secure_aggregation": "none"}, True),
+    ({"enabled": False}, True),
+])
+def test_a_site_can_require_pairwise_masks(encryption, refused):
+    # Prepare
+    policy = POLICY.model_copy(update={"require_secure_aggregation": True})
+    spec = JobSpec(name="demo-x", encryption=encryption)
+
+    # Execute / Assert
+    if refused:
+        with pytest.raises(PolicyError, match="requires pairwise masks"):
+            check_job_allowed(policy, spec)
+    else:
+        check_job_allowed(policy, spec)
+
+
 def test_a_star_allows_any_base_model():
     # Prepare
     policy = POLICY.model_copy(update={"allowed_base_models": ("*",)})

@@ -57,4 +57,11 @@ def check_job_allowed(policy: SitePolicy, spec: JobSpec) -> None:
             "this site does not allow its model in the clear (allow_plaintext_release: false), and the job "
             "is not encrypted; run the job with encryption.enabled: true"
         )
+    if policy.require_secure_aggregation and not (
+            spec.encryption.enabled and spec.encryption.secure_aggregation == "pairwise"):
+        raise PolicyError(
+            "this site requires pairwise masks inside the encrypted sum (require_secure_aggregation: true), so that "
+            "no holder of the CKKS key reads its update alone; run the job with encryption.enabled: true and "
+            "encryption.secure_aggregation: pairwise"
+        )
     policy.dataset(spec.data.dataset)
