@@ -29,6 +29,23 @@ def _data_make(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_probe(args: argparse.Namespace) -> int:
+    from zenfed.site.probe import measure, policy_file, write_measured
+    from zenfed.spec import load_site_policy
+
+    path = policy_file(Path(args.kit))
+    policy = load_site_policy(path)
+    measured = measure(model=args.model, steps=args.steps, threads=policy.torch_threads,
+                       engine=policy.engine or "peft", say=lambda text: print(f"zenfed: probe: {text}", flush=True))
+    print(json.dumps(measured, indent=2))
+    if args.dry_run:
+        return 0
+    write_measured(path, measured)
+    print(f"zenfed: wrote them under enrollment: in {path}; the site discloses them to jobs while "
+          "enrollment.disclose is true")
+    return 0
+
+
 def _job_export(args: argparse.Namespace) -> int:
     from zenfed.jobs import export_job
     from zenfed.spec import load_job_spec
@@ -176,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skew", type=float, default=0.9, help="share of a site's data from its own task")
+
+    site = sub.add_parser("site", help="this site").add_subparsers(dest="site_command", required=True)
+    p = command("probe", _site_probe, "measure this machine's training speed and write it into the site policy",
+                site)
+    p.add_argument("kit", help="the site's kit folder (or its local/zenfed_site.yaml)")
+    p.add_argument("--model", default="default", help="base model to time (default: the embedded SmolLM2)")
+    p.add_argument("--steps", type=int, default=4, help="timed training steps")
+    p.add_argument("--dry-run", action="store_true", help="print the measurement; do not write it")
 
     job = sub.add_parser("job", help="job folders").add_subparsers(dest="job_command", required=True)
     p = command("export", _job_export, "write a FLARE job folder (configuration only) from a job spec", job)

@@ -19,7 +19,8 @@ TASK_ATTEST = "zenfed_attest"  # fresh, nonce-bound TEE evidence before model da
 TASK_RELEASE = "zenfed_release"  # one site returns the decrypted final adapter, if all sites allow it
 TASK_KEYS = "zenfed_keys"  # pairwise masks: each site announces its X25519 public key, signed
 TASK_UNMASK = "zenfed_unmask"  # pairwise masks: survivors cancel their masks with the round's dropped sites
-SITE_TASKS = (TASK_ATTEST, TASK_KEYS, TASK_TRAIN, TASK_UNMASK, TASK_EVALUATE, TASK_RELEASE)
+TASK_ENROLL = "zenfed_enroll"  # once per job: each site's declared profile (compute, data, availability)
+SITE_TASKS = (TASK_ATTEST, TASK_ENROLL, TASK_KEYS, TASK_TRAIN, TASK_UNMASK, TASK_EVALUATE, TASK_RELEASE)
 
 # Keys zenfed adds to the FLARE meta of a job a server crash interrupted (``zenfed submit`` follows them).
 META_INTERRUPTED = "zenfed_interrupted"  # why the job ended
@@ -67,6 +68,7 @@ H_RELEASE_OK = "release_ok"  # the site's policy allows releasing the final adap
 H_DP_SPENT = "privacy"  # differential privacy spent so far (epsilon, delta, ...)
 H_SIGNATURE = "signature"  # the site's signature over the update statement (base64)
 H_SITE_CERT = "site_cert"  # the site's provisioned certificate (PEM)
+H_PROFILE = "enrollment"  # a site's declared enrollment profile (dict), answering TASK_ENROLL
 
 UPDATE_KIND = "adapter_update"  # what leaves a site: LoRA adapter weights, never records
 

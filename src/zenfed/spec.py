@@ -129,6 +129,20 @@ class ServerOptimizerSpec(_Strict):
     tau: float = Field(1e-3, gt=0, description="FedAdam/FedYogi: adaptivity tau (added to sqrt(v))")
 
 
+class CohortRequirements(_Strict):
+    """What a site must declare in its enrollment profile to be picked for training (matched cohorts).
+
+    A site that withholds a field a requirement needs is not picked; the reason is recorded.
+    """
+
+    min_records: int | None = Field(None, ge=1, description="training records of the job's dataset, at least")
+    domain_tags: tuple[str, ...] = Field((), description="tags a site must have declared, all of them")
+    min_steps_per_minute: float | None = Field(
+        None, gt=0, description="training speed `zenfed site probe` measured, at least"
+    )
+    device: Literal["cpu", "cuda"] | None = Field(None, description="the device kind a site trains on")
+
+
 class FederationSpec(_Strict):
     """Rounds and how site updates are combined."""
 
@@ -146,6 +160,9 @@ class FederationSpec(_Strict):
     server_optimizer: ServerOptimizerSpec = ServerOptimizerSpec()
     cohort_fraction: float = Field(
         1.0, gt=0, le=1, description="share of the eligible sites that train each round, drawn from the job's seed"
+    )
+    cohort_requirements: CohortRequirements | None = Field(
+        None, description="train only sites whose declared enrollment profile meets these (matched cohorts)"
     )
     task_timeout_s: int = Field(
         3600, ge=10, description="seconds a round waits for sites before going on without them"
@@ -307,6 +324,26 @@ class SitePrivacyPolicy(_Strict):
     ledger: str = Field("privacy_ledger.json", description="spending ledger, in the kit's local/ folder")
 
 
+class SiteEnrollment(_Strict):
+    """What a site declares about itself once per job (compute, data, availability), as far as it chooses.
+
+    The compute fields are written by ``zenfed site probe``; site IT writes the rest.
+    """
+
+    disclose: bool = Field(True, description="send this profile to the server, in the clear, once per job")
+    disclose_record_counts: bool = Field(True, description="include the record count of the job's dataset")
+    domain_tags: tuple[str, ...] = Field((), description="domain tags this site chooses to disclose")
+    availability_utc: str | None = Field(
+        None, pattern=r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$",
+        description="the daily window (UTC, HH:MM-HH:MM) this site takes part in jobs",
+    )
+    device: Literal["cpu", "cuda"] | None = Field(None, description="the device this site trains on (probe)")
+    device_count: int | None = Field(None, ge=1, description="how many of them (probe)")
+    memory_gib: float | None = Field(None, gt=0, description="memory of one device, or of the machine (probe)")
+    steps_per_minute: float | None = Field(None, gt=0, description="measured training steps per minute (probe)")
+    probed_at: str | None = Field(None, description="when `zenfed site probe` measured the above")
+
+
 class SitePolicy(_Strict):
     """A site's own rules; lives in the site kit and never leaves the site."""
 
@@ -345,6 +382,7 @@ class SitePolicy(_Strict):
         True, description="send validation loss and accuracy and the training loss to the server in the clear; "
         "false keeps them in this site's own log"
     )
+    enrollment: SiteEnrollment = SiteEnrollment()
 
     def dataset(self, name: str) -> DatasetLocation:
         """Return the location of dataset ``name``, or raise a PolicyError naming the fix."""
@@ -387,6 +425,7 @@ class SiteSpec(_Strict):
     allow_plaintext_release: bool = True
     require_secure_aggregation: bool = False
     report_metrics: bool = True
+    enrollment: SiteEnrollment = SiteEnrollment()
 
     def policy(self) -> SitePolicy:
         """Return the site policy that provisioning writes into this site's kit."""

@@ -32,6 +32,7 @@ import pytest
 from netlink import HostEnd, Namespace, namespaces_usable
 
 from zenfed import protocol as P
+from zenfed.audit.evidence import collect
 from zenfed.audit.verify import verify_result
 from zenfed.data import make_builtin
 from zenfed.demo import loopback_project
@@ -203,6 +204,8 @@ def test_a_site_killed_mid_round_is_dropped_and_the_masked_job_finishes(tiny_thr
     silent = [e for e in errors if e["kind"] == "no_answer" and e["site"] == VICTIM]
     assert silent and silent[0]["round"] == 2 and "job process is gone" in silent[0]["message"]
     assert not [e for e in errors if e["kind"] == "too_few_sites"]
+    report, _ = collect(result_dir)  # the compliance report names the loss too
+    assert ("site_lost", VICTIM, 2) in {(f["kind"], f.get("site"), f.get("round")) for f in report["audit"]["failures"]}
     recovered = [r["fields"] for r in server if r["event"] == "masks_recovered"]
     assert recovered and recovered[0]["round"] == 2 and recovered[0]["dropped"] == [VICTIM]
     started_3 = [r["fields"]["sites"] for r in server if r["event"] == "round_started" and r["fields"]["round"] == 3

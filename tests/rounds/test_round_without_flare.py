@@ -254,10 +254,12 @@ class TamperingTransport(InProcessTransport):
 
 
 def signed_job(spec: JobSpec, data: Path, root: Path, transport_class: type[InProcessTransport] = InProcessTransport,
-               *, corrupt: tuple[str, ...] = (), unreachable: tuple[str, ...] = ()):
+               *, corrupt: tuple[str, ...] = (), unreachable: tuple[str, ...] = (),
+               policy_updates: dict[str, dict] | None = None):
     """Run ``spec`` with provisioned-style kits: site and server keys issued by one root CA, all audited.
 
-    Sites in ``corrupt`` get a training file with a line that is not UTF-8.
+    Sites in ``corrupt`` get a training file with a line that is not UTF-8; ``policy_updates`` changes
+    fields of a site's policy.
     """
     ca = make_ca()
     policies = builtin_policies(data, sites=3, dataset="builtin", allow_any_model=True)
@@ -266,7 +268,7 @@ def signed_job(spec: JobSpec, data: Path, root: Path, transport_class: type[InPr
         startup = make_kit(root, site, ca)
         local = startup.parent / "local"
         local.mkdir()
-        policy = policies[site]
+        policy = policies[site].model_copy(update=(policy_updates or {}).get(site, {}))
         if site in corrupt:
             copy = root / site / "data"
             shutil.copytree(data / site, copy)

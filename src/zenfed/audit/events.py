@@ -71,6 +71,14 @@ MASKS_CORRECTED: Final = "masks_corrected"
 MASKS_RECOVERED: Final = "masks_recovered"
 """Server side, a round whose dropped sites' masks the survivors cancelled. fields: round, dropped,
 survivors, corrections (list of sha256)."""
+ENROLLMENT_SENT: Final = "enrollment_sent"
+"""Site side, once per job. fields: profile (what it disclosed: compute, records, domain tags, availability;
+{"withheld": true} if its policy keeps it)."""
+SITES_ENROLLED: Final = "sites_enrolled"
+"""Server side, once per job. fields: profiles ({site: profile}), silent (sites that did not answer)."""
+COHORT_MATCHED: Final = "cohort_matched"
+"""Server side, once per job with cohort requirements. fields: requirements, eligible (list), excluded
+({site: reason})."""
 LOG_RECOVERED: Final = "log_recovered"
 """Written on reopen after a crash: fields: moved_to, bytes, sha256 of the partial tail."""
 
@@ -102,5 +110,8 @@ ALL_EVENTS: Final = frozenset(
         MASKS_CORRECTED,
         MASKS_RECOVERED,
         LOG_RECOVERED,
+        ENROLLMENT_SENT,
+        SITES_ENROLLED,
+        COHORT_MATCHED,
     }
 )

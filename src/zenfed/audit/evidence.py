@@ -56,8 +56,9 @@ def collect(result_dir: Path) -> tuple[dict[str, Any], ResultVerdict | None]:
         logs = {name: read_records(v.path) for name, v in verdict.logs.items()}
     rounds = _rounds(result)
     site_names = sorted({s for r in rounds for s in r["sites"]} | _site_logs(verdict))
+    server_records = logs.get(verdict.server, []) if verdict and verdict.server else []
     report = {
-        "participants": _participants(verdict, site_names),
+        "participants": _participants(verdict, site_names, _enrollment(server_records)),
         "privacy": _privacy(result, logs),
         "data_residency": _residency(result, logs, verdict, site_names),
         "curves": {"rounds": rounds},
@@ -105,7 +106,22 @@ def _rounds(result: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: r["round"])
 
 
-def _participants(verdict: ResultVerdict | None, sites: list[str]) -> list[dict[str, Any]]:
+def _enrollment(server_records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Site -> {"profile": what it declared, or None; "cohort_excluded": why matching left it out, or None}."""
+    out: dict[str, dict[str, Any]] = {}
+    for record in server_records:
+        fields = _dict(record.get("fields"))
+        if record.get("event") == events.SITES_ENROLLED:
+            for site, profile in _dict(fields.get("profiles")).items():
+                out.setdefault(str(site), {"profile": None, "cohort_excluded": None})["profile"] = _dict(profile)
+        elif record.get("event") == events.COHORT_MATCHED:
+            for site, why in _dict(fields.get("excluded")).items():
+                out.setdefault(str(site), {"profile": None, "cohort_excluded": None})["cohort_excluded"] = str(why)
+    return out
+
+
+def _participants(verdict: ResultVerdict | None, sites: list[str],
+                  enrollment: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     logs = verdict.logs if verdict else {}
     for name, v in sorted(logs.items()):
@@ -119,12 +135,14 @@ def _participants(verdict: ResultVerdict | None, sites: list[str]) -> list[dict[
             "log_records": v.intact,
             "log_status": "intact" if v.ok else "damaged",
             "log_detail": v.describe() if bad else None,
+            **enrollment.get(name, {"profile": None, "cohort_excluded": None}),
         })
     missing = set(verdict.missing_logs) if verdict else set(sites)
     for name in sorted(missing | (set(sites) - set(logs))):
         out.append({"name": name, "role": "client", "cert_subject": None, "cert_issuer": None,
                     "cert_sha256": None, "log_records": 0, "log_status": "missing",
-                    "log_detail": "no audit log for this participant in the result"})
+                    "log_detail": "no audit log for this participant in the result",
+                    **enrollment.get(name, {"profile": None, "cohort_excluded": None})})
     return out
 
 

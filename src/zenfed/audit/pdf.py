@@ -47,6 +47,14 @@ def _kv(pairs: list[tuple[str, Any]], hashes: tuple[str, ...] = ()) -> Table:
     return _table(["Item", "Value"], rows, [0.32, 0.68])
 
 
+def _profile(profile: dict[str, Any] | None) -> str:
+    if not profile:
+        return "none recorded"
+    if profile.get("withheld"):
+        return "withheld by the site's policy"
+    return "; ".join(f"{k} = {', '.join(v) if isinstance(v, list) else v}" for k, v in sorted(profile.items()))
+
+
 def _params(params: dict[str, Any]) -> str:
     return "; ".join(f"{k} = {format_number(v)}" for k, v in sorted(params.items())) or "none"
 
@@ -114,6 +122,15 @@ def render_pdf(report: dict[str, Any], plots: dict[str, bytes]) -> bytes:
           _p(p["cert_sha256"], _HASH), f"{p['log_status']} ({p['log_records']} records)"]
          for p in report["participants"]],
         [0.15, 0.1, 0.2, 0.37, 0.18]))
+    declared = [p for p in report["participants"] if p.get("profile") is not None or p.get("cohort_excluded")]
+    if declared:
+        story.append(_p("What each site declared about itself for this job (its enrollment profile, only as far "
+                        "as its own policy allows), and whether the job's cohort requirements let it train."))
+        story.append(_table(
+            ["Site", "Declared profile", "Training cohort"],
+            [[p["name"], _profile(p.get("profile")),
+              f"left out: {p['cohort_excluded']}" if p.get("cohort_excluded") else "eligible"] for p in declared],
+            [0.2, 0.55, 0.25]))
 
     privacy = report["privacy"]
     section("privacy", 3)

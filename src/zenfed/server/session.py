@@ -36,6 +36,7 @@ from zenfed.protocol import Message
 from zenfed.server.aggregation import Aggregation, make_aggregation
 from zenfed.server.attestation_gate import AttestationQuorumError, ServerAttestationGate
 from zenfed.server.checkpoint import CheckpointStore, RunState
+from zenfed.server.enrollment import Enrollment
 from zenfed.server.intake import RoundIntake
 from zenfed.server.masking import MaskedRounds
 from zenfed.server.result import RESULT_FILE, build_result, round_record, round_summary, weighted_eval
@@ -93,6 +94,7 @@ class ServerSession:
         self._gate: ServerAttestationGate | None = None
         pairwise = self.spec.encryption.secure_aggregation == "pairwise"
         self._masks = MaskedRounds(spec=self.spec, job_id=job_id) if pairwise else None
+        self._enrollment = Enrollment(spec=self.spec, job_id=job_id, audit=self._audit)
         self._verifier: UpdateVerifier | None = None
         # Where the sites, not the server, hold the global (a site-side optimizer, personal layers),
         # the final adapter comes from a site even in a job in the clear.
@@ -116,6 +118,7 @@ class ServerSession:
             self._masks.open(verifier=verifier, audit=self._audit)
         if verifier is None:
             _log.warning("no %s in the server kit (simulator?): site signatures are not checked", ROOT_CA)
+        self._enrollment = Enrollment(spec=self.spec, job_id=self.job_id, audit=self._audit)
         self._intake = RoundIntake(spec=self.spec, job_id=self.job_id, out_dir=out_dir, audit=self._audit,
                                    aggregation=self.aggregation, verifier=verifier)
         self._audit.record(E.JOB_SUBMITTED, job=self.spec.name, job_id=self.job_id, submitter=self._submitter,
@@ -177,6 +180,10 @@ class ServerSession:
             self._round, self._phase = rnd, "train"
             started = time.time()
             if not self._attest(rnd, transport):
+                return
+            if not self._enrollment.collected and not self._enrollment.collect(
+                    transport, sites=self._eligible(transport), evidence=self._server_evidence,
+                    keep_log=self._require_intake().keep_site_log):
                 return
             if self._masks is not None and not self._masks.keys_collected and not self._masks.collect_keys(
                     transport, sites=self._eligible(transport), round_index=rnd, evidence=self._server_evidence):
@@ -278,6 +285,14 @@ class ServerSession:
         targets = targets or self._eligible(transport)
         if task == P.TASK_TRAIN:
             targets = self._cohort(targets)
+            if len(targets) < spec.federation.min_sites:
+                excluded = "; ".join(f"{site}: {why}" for site, why in self._enrollment.excluded().items())
+                text = (f"round {self._round}: only {len(targets)} site(s) meet the job's cohort requirements, "
+                        f"fewer than min_sites {spec.federation.min_sites}"
+                        + (f" (excluded: {excluded})" if excluded else ""))
+                self._audit.record(E.ERROR, kind="too_few_sites", round=self._round, message=text[:3000])
+                transport.stop(f"{text}; stopping the job")
+                return None
             if self._masks is not None and not self._masks.fix_cohort(targets, header, round_index=self._round,
                                                                       transport=transport):
                 return None
@@ -331,13 +346,14 @@ class ServerSession:
         return self.spec.federation.task_timeout_s if grace is None else min(grace, self.spec.federation.task_timeout_s)
 
     def _cohort(self, eligible: list[str]) -> list[str]:
-        """The sites that train this round: all, or ``cohort_fraction`` of them (at least ``min_sites``).
+        """The sites that train this round: those meeting the cohort requirements, or ``cohort_fraction`` of them.
 
         Drawn from the job's seed and the round, so the same job picks the same cohorts; recorded in
         ``round_started``. Sites outside the cohort get no task this round.
         """
+        eligible = self._enrollment.match(eligible)
         fraction = self.spec.federation.cohort_fraction
-        if fraction >= 1:
+        if fraction >= 1 or len(eligible) <= self.spec.federation.min_sites:
             return eligible
         size = min(len(eligible), max(self.spec.federation.min_sites, math.ceil(fraction * len(eligible))))
         draw = random.Random(f"zenfed-cohort:{self.spec.training.seed}:{self._round}")

@@ -42,6 +42,7 @@ from zenfed.site.attestation import SiteAttestation
 from zenfed.site.chain import IncomingGlobal, OutgoingUpdate, RoundInfo, UpdateChain
 from zenfed.site.dp import SiteDP
 from zenfed.site.encryption import SiteEncryption, find_site_context
+from zenfed.site.enrollment import enrollment_profile
 from zenfed.site.masking import SiteMasking
 from zenfed.site.personal import PersonalLayers
 from zenfed.site.policy import check_job_allowed, load_policy_for
@@ -118,6 +119,10 @@ class SiteSession:
                 raise PolicyError("the task does not carry this job's spec hash; refusing it")
             if task == P.TASK_KEYS:
                 return self._announce_key(message)
+            if task == P.TASK_ENROLL:
+                profile = enrollment_profile(policy, spec)
+                self._record(E.ENROLLMENT_SENT, profile=profile)
+                return Message(header={P.H_PROFILE: profile}, audit_log=self._log_bytes())
             self._load(spec, policy)
             if task == P.TASK_RELEASE:
                 return self._release(message)
