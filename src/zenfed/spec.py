@@ -161,6 +161,10 @@ class FederationSpec(_Strict):
     cohort_fraction: float = Field(
         1.0, gt=0, le=1, description="share of the eligible sites that train each round, drawn from the job's seed"
     )
+    over_selection: int = Field(
+        0, ge=0, description="ask this many more sites than the round needs and keep the first answers "
+        "(stragglers' updates are not used)",
+    )
     cohort_requirements: CohortRequirements | None = Field(
         None, description="train only sites whose declared enrollment profile meets these (matched cohorts)"
     )
@@ -287,6 +291,9 @@ class JobSpec(_Strict):
     def _consistent(self) -> JobSpec:
         if self.encryption.enabled and self.federation.min_sites > self.encryption.max_sites:
             raise ValueError("federation.min_sites exceeds encryption.max_sites")
+        if self.federation.over_selection and self.federation.strategy in SITE_STATE_STRATEGIES:
+            raise ValueError(f"federation.strategy {self.federation.strategy!r} keeps state at every site that a "
+                             "site whose update is not used cannot follow; use over_selection 0 with it")
         if self.federation.cohort_fraction < 1 and self.federation.strategy in SITE_STATE_STRATEGIES:
             raise ValueError(f"federation.strategy {self.federation.strategy!r} keeps state at every site that a "
                              "site outside a round's cohort cannot follow; use cohort_fraction 1 with it")

@@ -63,3 +63,26 @@ def test_too_few_matching_sites_stop_the_job_with_the_reason(tiny_job_spec, thre
     assert transport.stopped is not None and "only 0 site(s) meet the job's cohort requirements" in transport.stopped
     assert "site-1: it trains on cpu, not cuda" in transport.stopped
     assert not (server.folders.run / RESULT_FILE).exists()
+
+
+def test_over_selection_keeps_the_first_answers_and_recovers_the_stragglers_masks(tiny_job_spec, three_site_data,
+                                                                                   tmp_path):
+    # Prepare: three sites asked, two kept, under pairwise masks
+    spec = tiny_job_spec("in-process-over", federation={"rounds": 2, "min_sites": 2, "over_selection": 1},
+                         encryption={"enabled": True, "secure_aggregation": "pairwise", "quant_bits": 16})
+
+    # Execute
+    server, _ = signed_job(spec, three_site_data, tmp_path)
+
+    # Assert: the third answer each round is a straggler, its masks recovered; the logs verify
+    from zenfed.audit.verify import verify_result
+
+    log = server.folders.run / "audit" / "server.jsonl"
+    stragglers = [(r["fields"]["site"], r["fields"]["round"]) for r in audit_records(log, "error")
+                  if r["fields"]["kind"] == "straggler"]
+    assert stragglers == [("site-3", 1), ("site-3", 2)]
+    assert [r["fields"]["dropped"] for r in audit_records(log, "masks_recovered")] == [["site-3"]] * 2
+    result = json.loads((server.folders.run / RESULT_FILE).read_text())
+    assert [r["contributors"] for r in result["rounds"]] == [["site-1", "site-2"]] * 2
+    verdict = verify_result(server.folders.run)
+    assert verdict.ok, verdict.describe()

@@ -18,7 +18,7 @@ from zenfed.audit.chain import LogVerdict, verify_log
 from zenfed.digest import sha256_hex
 
 # The server's error kinds that say a site failed in a round (its later log copies may be missing).
-FAILURE_KINDS = frozenset({"no_answer", "result_rejected", "site_lost"})
+FAILURE_KINDS = frozenset({"no_answer", "result_rejected", "site_lost", "straggler"})
 
 
 def sites_failed(server_records: list[dict[str, Any]]) -> dict[tuple[str, Any], str]:

@@ -36,6 +36,10 @@ def _metric(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+class StragglerError(ZenfedError):
+    """An update that came after the over-selected round had the answers it needed (not a fault of the site)."""
+
+
 class RoundIntake:
     """Accepts the sites' answers to one task at a time.
 
@@ -59,6 +63,7 @@ class RoundIntake:
         self.verifier = verifier
         self.task = ""
         self.round = 0
+        self.keep_first: int | None = None
         self.sites: dict[str, dict[str, Any]] = {}
         self.update_hashes: list[str] = []
         self.correction_hashes: list[str] = []
@@ -66,9 +71,9 @@ class RoundIntake:
         self.base_model_sha256: str | None = None
         self.responded: set[str] = set()  # every site that answered this task, accepted or not
 
-    def begin(self, *, task: str, round_index: int) -> None:
-        """Start taking answers to ``task`` in round ``round_index``."""
-        self.task, self.round = task, round_index
+    def begin(self, *, task: str, round_index: int, keep_first: int | None = None) -> None:
+        """Start taking answers to ``task`` in round ``round_index``; with ``keep_first``, only that many updates."""
+        self.task, self.round, self.keep_first = task, round_index, keep_first
         self.sites, self.update_hashes, self.correction_hashes, self.released = {}, [], [], None
         self.responded = set()
         self.aggregation.begin(round_index=round_index)
@@ -88,6 +93,9 @@ class RoundIntake:
         self.keep_site_log(site, answer)
         try:
             self._accept(site, answer)
+        except StragglerError as err:
+            _log.info("round %d: %s", self.round, err)
+            self.audit.record(E.ERROR, kind="straggler", site=site, round=self.round, message=str(err)[:500])
         except (ZenfedError, ValueError, TypeError, KeyError) as err:
             _log.error("round %d: rejected the result of %s: %s", self.round, site, err)
             self.audit.record(E.ERROR, kind="result_rejected", site=site, round=self.round, message=str(err)[:500])
@@ -104,6 +112,9 @@ class RoundIntake:
             raise ZenfedError("result has no zenfed header")
         if site in self.sites:
             raise ZenfedError(f"a second answer from {site} in round {self.round}; the first one stands")
+        if self.task == P.TASK_TRAIN and self.keep_first is not None and self.aggregation.count >= self.keep_first:
+            raise StragglerError(f"{site} answered after the first {self.keep_first} updates of the over-selected "
+                                 f"cohort in round {self.round}; its update was not used")
         if header.get(P.H_ROUND) != self.round or header.get(P.H_JOB_ID) != self.job_id:
             raise ZenfedError(
                 f"result is for job {header.get(P.H_JOB_ID)} round {header.get(P.H_ROUND)}, "

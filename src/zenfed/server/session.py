@@ -283,8 +283,10 @@ class ServerSession:
         message = Message(header=header, payload=payload, server_evidence=self._server_evidence or None)
         intake.begin(task=task, round_index=self._round)
         targets = targets or self._eligible(transport)
+        keep = None
         if task == P.TASK_TRAIN:
-            targets = self._cohort(targets)
+            targets, keep = self._cohort(targets)
+            intake.keep_first = keep
             if len(targets) < spec.federation.min_sites:
                 excluded = "; ".join(f"{site}: {why}" for site, why in self._enrollment.excluded().items())
                 text = (f"round {self._round}: only {len(targets)} site(s) meet the job's cohort requirements, "
@@ -299,12 +301,14 @@ class ServerSession:
         needed = spec.federation.min_sites if min_sites is None else min_sites
         self._audit.record(E.ROUND_STARTED, round=self._round, task=task, sites=targets)
         if not transport.broadcast(task=task, message=message, targets=targets,
-                                   min_responses=min(needed, len(targets)), timeout_s=spec.federation.task_timeout_s,
-                                   wait_after_min_s=self._straggler_grace_s(), on_result=intake.accept):
+                                   min_responses=keep or min(needed, len(targets)),
+                                   timeout_s=spec.federation.task_timeout_s,
+                                   wait_after_min_s=0 if keep else self._straggler_grace_s(), on_result=intake.accept):
             return None
         lost = transport.lost()
         for site in sorted(set(targets) - intake.responded):
             why = f": {lost[site]}" if site in lost else (
+                f" among the first {keep} of the {len(targets)} over-selected sites") if keep else (
                 f" (crashed, hung or cut off: not within {self._straggler_grace_s()} s after {needed} site(s) "
                 f"answered, or the task timeout of {spec.federation.task_timeout_s} s)")
             reason = f"{site} did not answer {task} in round {self._round}{why}; the round went on without it"
@@ -345,19 +349,24 @@ class ServerSession:
         grace = self.spec.federation.straggler_grace_s
         return self.spec.federation.task_timeout_s if grace is None else min(grace, self.spec.federation.task_timeout_s)
 
-    def _cohort(self, eligible: list[str]) -> list[str]:
-        """The sites that train this round: those meeting the cohort requirements, or ``cohort_fraction`` of them.
+    def _cohort(self, eligible: list[str]) -> tuple[list[str], int | None]:
+        """The sites asked to train this round, and how many updates to keep (None: all).
 
-        Drawn from the job's seed and the round, so the same job picks the same cohorts; recorded in
-        ``round_started``. Sites outside the cohort get no task this round.
+        Those meeting the cohort requirements, or ``cohort_fraction`` of them (at least ``min_sites``),
+        drawn from the job's seed and the round, so the same job picks the same cohorts; recorded in
+        ``round_started``. With ``over_selection`` s, s more sites are asked than the round keeps
+        (with a fraction of 1, the round keeps all but s answers, at least ``min_sites``): the first
+        answers are used and the stragglers' are not. Sites outside the cohort get no task this round.
         """
+        fed = self.spec.federation
         eligible = self._enrollment.match(eligible)
-        fraction = self.spec.federation.cohort_fraction
-        if fraction >= 1 or len(eligible) <= self.spec.federation.min_sites:
-            return eligible
-        size = min(len(eligible), max(self.spec.federation.min_sites, math.ceil(fraction * len(eligible))))
+        if fed.cohort_fraction >= 1:
+            keep = max(fed.min_sites, len(eligible) - fed.over_selection)
+            return eligible, (keep if keep < len(eligible) else None)
+        size = min(len(eligible), max(fed.min_sites, math.ceil(fed.cohort_fraction * len(eligible))))
+        asked = min(len(eligible), size + fed.over_selection)
         draw = random.Random(f"zenfed-cohort:{self.spec.training.seed}:{self._round}")
-        return sorted(draw.sample(sorted(eligible), size))
+        return sorted(draw.sample(sorted(eligible), asked)), (size if size < asked else None)
 
     def _release(self, global_state: Any, final_sites: dict[str, dict[str, Any]], transport: Transport) -> Any:
         """Return the final adapter in the clear, if allowed; under encryption ask one site to decrypt it."""
