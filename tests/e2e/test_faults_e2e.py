@@ -2,8 +2,9 @@
 
 - a site's job process killed mid-round (``kill -9``): dropped, masks recovered, job finishes;
   with too few sites left the job stops and says why, keeping its checkpoint;
-- a site's job process frozen (``SIGSTOP``): left behind after the straggler grace;
-- a site cut off mid-round (its own network namespace, the link's bytes dropped);
+- in one job, a site's job process frozen (``SIGSTOP``) and another site cut off (its own network
+  namespace, the link's bytes dropped): both left behind after the straggler grace;
+- an update changed after signing at a site (bit flipped, hash recomputed): rejected, the round goes on;
 - the server and everything under it killed mid-job, then ``zenfed up`` again: the job resumes by itself;
 - another project's admin and site: refused, with the reason;
 - a copy of a result with records cut from the end of the server's log: ``audit verify`` catches it.
@@ -42,7 +43,7 @@ from zenfed.jobs import export_job
 from zenfed.jobs.submit import SubmitResult, load_result, open_session, submit
 from zenfed.provisioning.deploy import _env, _start, _tracked, down, up
 from zenfed.provisioning.link_check import diagnose_link
-from zenfed.provisioning.project import provision
+from zenfed.provisioning.project import Deployment, provision
 from zenfed.spec import JobSpec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -115,72 +116,87 @@ class KillRun:
 
 
 @pytest.fixture(scope="module")
-def tiny_three_sites(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny model and built-in data for up to four sites."""
     root = tmp_path_factory.mktemp("faults")
     model = build_tiny_model(root / "tiny")
     data = root / "data"
-    make_builtin(data, sites=3, train_per_site=60, valid_per_site=8, test_per_task=4)
+    make_builtin(data, sites=4, train_per_site=60, valid_per_site=8, test_per_task=4)
     return model, data
 
 
-def _kill_in_round_2(tmp_path: Path, model: Path, data: Path, *, sites: int, min_sites: int,
-                     sig: signal.Signals = signal.SIGKILL, federation: dict[str, Any] | None = None,
-                     outcome_wait_s: int | None = None) -> KillRun:
-    """Run a 3-round masked job on ``sites`` provisioned sites; signal the last site's job process in round 2.
-
-    ``SIGKILL`` is a crash; ``SIGSTOP`` a hung process (or one cut off: it never answers, yet its site
-    still looks connected).
-    """
-    victim = f"site-{sites}"
-    deployment = provision(loopback_project("faults-e2e", data_dir=data, sites=sites), out=tmp_path / "ws")
-    spec = JobSpec.model_validate({
-        "name": "site-killed", "model": {"base": str(model)}, "lora": {"rank": 4, "alpha": 8},
+def _spec(model: Path, name: str, *, rounds: int = 3, min_sites: int = 2, **federation: Any) -> JobSpec:
+    """A short masked job on the tiny model."""
+    return JobSpec.model_validate({
+        "name": name, "model": {"base": str(model)}, "lora": {"rank": 4, "alpha": 8},
         "training": {"local_steps": 3, "batch_size": 8, "seq_len": 128, "learning_rate": 0.01},
-        "federation": {"rounds": 3, "min_sites": min_sites, "lost_site_grace_s": 5, **(federation or {})},
+        "federation": {"rounds": rounds, "min_sites": min_sites, "lost_site_grace_s": 5, **federation},
         "evaluation": {"max_examples": 4, "max_new_tokens": 2},
         "encryption": {"enabled": True, "secure_aggregation": "pairwise", "max_sites": 4},
     })
-    job = export_job(spec, out=tmp_path / "jobs" / "site-killed")
-    server_kit = Path(deployment.server_kit)
-    if outcome_wait_s is not None:  # as an operator would edit the server kit's resources.json
-        resources = json.loads((server_kit / "local" / "resources.json").read_text())
-        for component in resources["components"]:
-            if component["id"] == "zenfed_site_outcome_wait":
-                component["args"]["wait_s"] = outcome_wait_s
-        (server_kit / "local" / "resources.json").write_text(json.dumps(resources))
-    up(deployment, progress=False)
-    outcome: dict[str, Any] = {}
-    try:
+
+
+def _set_outcome_wait(server_kit: Path, seconds: int) -> None:
+    """Shorten the server's wait for a hung site's outcome, as an operator would in resources.json."""
+    path = server_kit / "local" / "resources.json"
+    resources = json.loads(path.read_text())
+    for component in resources["components"]:
+        if component["id"] == "zenfed_site_outcome_wait":
+            component["args"]["wait_s"] = seconds
+    path.write_text(json.dumps(resources))
+
+
+class BackgroundSubmit:
+    """``zenfed submit`` of a job in a thread, so that the test can inject a fault while it runs."""
+
+    def __init__(self, job: Path, deployment: Deployment, results: Path) -> None:
+        self.result: SubmitResult | None = None
+        self.error: BaseException | None = None
+
         def run() -> None:
             try:
-                outcome["result"] = submit(job, admin_kit=deployment.admin_kit(),
-                                           results_root=tmp_path / "results", progress=False, timeout_s=600)
+                self.result = submit(job, admin_kit=deployment.admin_kit(), results_root=results, progress=False,
+                                     timeout_s=600)
             except BaseException as err:  # noqa: BLE001 - handed to the test thread
-                outcome["error"] = err
+                self.error = err
 
-        submitter = threading.Thread(target=run, daemon=True)
-        submitter.start()
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self) -> float:
+        """Wait for the submit to end; return when it did."""
+        self.thread.join(timeout=600)
+        return time.time()
+
+
+def _kill_in_round_2(tmp_path: Path, model: Path, data: Path, *, sites: int, rounds: int = 3) -> KillRun:
+    """Run a masked job (``min_sites`` 2) on ``sites`` sites; kill the last site's job process in round 2."""
+    victim = f"site-{sites}"
+    deployment = provision(loopback_project("faults-e2e", data_dir=data, sites=sites), out=tmp_path / "ws")
+    job = export_job(_spec(model, "site-killed", rounds=rounds), out=tmp_path / "jobs" / "site-killed")
+    server_kit = Path(deployment.server_kit)
+    up(deployment, progress=False)
+    try:
+        submitting = BackgroundSubmit(job, deployment, tmp_path / "results")
         site_pid = int(_tracked(deployment)[victim]["pid"])
-        # Frozen as round 1 ends, the victim cannot answer round 2 before the fault lands mid-round.
-        _wait_for(server_kit, "round_ended", 1, submitter)
+        # Frozen as round 1 ends, the victim cannot answer round 2 before the kill lands mid-round.
+        _wait_for(server_kit, "round_ended", 1, submitting.thread)
         victim_process = _job_process(site_pid)
         victim_process.send_signal(signal.SIGSTOP)
-        _wait_for(server_kit, "round_started", 2, submitter)
-        if sig != signal.SIGSTOP:
-            victim_process.send_signal(sig)
+        _wait_for(server_kit, "round_started", 2, submitting.thread)
+        victim_process.send_signal(signal.SIGKILL)
         killed_at = time.time()
-        submitter.join(timeout=600)
-        finished_at = time.time()
+        finished_at = submitting.join()
         still_up = psutil.pid_exists(site_pid)
     finally:
         down(deployment, progress=False)
-    return KillRun(result=outcome.get("result"), error=outcome.get("error"), killed_at=killed_at,
-                   finished_at=finished_at, site_still_up=still_up)
+    return KillRun(result=submitting.result, error=submitting.error, killed_at=killed_at, finished_at=finished_at,
+                   site_still_up=still_up)
 
 
-def test_a_site_killed_mid_round_is_dropped_and_the_masked_job_finishes(tiny_three_sites, tmp_path: Path) -> None:
+def test_a_site_killed_mid_round_is_dropped_and_the_masked_job_finishes(tiny_setup, tmp_path: Path) -> None:
     # Execute: three sites, min_sites 2; site-3's job process killed when round 2 starts
-    run = _kill_in_round_2(tmp_path, *tiny_three_sites, sites=3, min_sites=2)
+    run = _kill_in_round_2(tmp_path, *tiny_setup, sites=3)
     killed_at, finished_at = run.killed_at, run.finished_at
 
     # Assert: the job finished with site-1 and site-2, and says who was lost, when and why
@@ -218,9 +234,9 @@ def test_a_site_killed_mid_round_is_dropped_and_the_masked_job_finishes(tiny_thr
           f"job finished {finished_at - killed_at:.0f} s after the kill")
 
 
-def test_a_site_killed_below_min_sites_stops_the_job_with_the_reason(tiny_three_sites, tmp_path: Path) -> None:
+def test_a_site_killed_below_min_sites_stops_the_job_with_the_reason(tiny_setup, tmp_path: Path) -> None:
     # Execute: two sites, min_sites 2; site-2's job process killed when round 2 starts
-    run = _kill_in_round_2(tmp_path, *tiny_three_sites, sites=2, min_sites=2)
+    run = _kill_in_round_2(tmp_path, *tiny_setup, sites=2, rounds=2)
 
     # Assert: the submitter is told why, in one line; round 1 stays checkpointed for a resubmission
     assert run.result is None and isinstance(run.error, JobError)
@@ -232,35 +248,19 @@ def test_a_site_killed_below_min_sites_stops_the_job_with_the_reason(tiny_three_
     print(f"site killed -> job stopped {run.finished_at - run.killed_at:.0f} s after the kill: {message}")
 
 
-def test_a_server_killed_mid_job_comes_back_and_the_job_resumes_from_its_checkpoint(tiny_three_sites,
+def test_a_server_killed_mid_job_comes_back_and_the_job_resumes_from_its_checkpoint(tiny_setup,
                                                                                      tmp_path: Path) -> None:
     # Prepare: two sites, masks, three rounds
-    model, data = tiny_three_sites
+    model, data = tiny_setup
     deployment = provision(loopback_project("faults-e2e", data_dir=data, sites=2), out=tmp_path / "ws")
-    spec = JobSpec.model_validate({
-        "name": "server-killed", "model": {"base": str(model)}, "lora": {"rank": 4, "alpha": 8},
-        "training": {"local_steps": 3, "batch_size": 8, "seq_len": 128, "learning_rate": 0.01},
-        "federation": {"rounds": 3, "min_sites": 2, "lost_site_grace_s": 5},
-        "evaluation": {"max_examples": 4, "max_new_tokens": 2},
-        "encryption": {"enabled": True, "secure_aggregation": "pairwise", "max_sites": 4},
-    })
-    job = export_job(spec, out=tmp_path / "jobs" / "server-killed")
+    job = export_job(_spec(model, "server-killed"), out=tmp_path / "jobs" / "server-killed")
     server_kit = Path(deployment.server_kit)
 
     # Execute: kill the server and everything under it (a crashed machine) once round 2 starts, then `up` again
     up(deployment, progress=False)
-    outcome: dict[str, Any] = {}
     try:
-        def run() -> None:
-            try:
-                outcome["result"] = submit(job, admin_kit=deployment.admin_kit(),
-                                           results_root=tmp_path / "results", progress=False, timeout_s=600)
-            except BaseException as err:  # noqa: BLE001 - handed to the test thread
-                outcome["error"] = err
-
-        submitter = threading.Thread(target=run, daemon=True)
-        submitter.start()
-        _wait_for(server_kit, "round_started", 2, submitter)
+        submitting = BackgroundSubmit(job, deployment, tmp_path / "results")
+        _wait_for(server_kit, "round_started", 2, submitting.thread)
         leader = psutil.Process(int(_tracked(deployment)[deployment.server]["pid"]))
         family = [leader, *leader.children(recursive=True)]
         for proc in family:
@@ -269,8 +269,7 @@ def test_a_server_killed_mid_job_comes_back_and_the_job_resumes_from_its_checkpo
         killed_at = time.time()
         up(deployment, progress=False)  # starts the server only: the sites are still up
         restarted_at = time.time()
-        submitter.join(timeout=600)
-        finished_at = time.time()
+        finished_at = submitting.join()
         session = open_session(Path(deployment.admin_kit()), timeout_s=30)
         try:
             jobs = {j["job_id"]: session.get_job_meta(j["job_id"]) for j in session.list_jobs()}
@@ -286,11 +285,11 @@ def test_a_server_killed_mid_job_comes_back_and_the_job_resumes_from_its_checkpo
     assert not [meta for meta in jobs.values() if meta["status"] == "RUNNING"]
 
     # Assert: the submitter followed the resumed job to its result, which holds every round's trail
-    assert outcome.get("error") is None and outcome.get("result") is not None, outcome.get("error")
-    result_dir = outcome["result"].result_dir
+    assert submitting.error is None and submitting.result is not None, submitting.error
+    result_dir = submitting.result.result_dir
     result = load_result(result_dir)
     assert [r["round"] for r in result["rounds"]] == [1, 2, 3]
-    assert outcome["result"].job_id == interrupted[0][P.META_RESUMED_AS]
+    assert submitting.result.job_id == interrupted[0][P.META_RESUMED_AS]
     verdict = verify_result(result_dir)
     assert verdict.ok, verdict.describe()
     server = _records(result_dir / "audit" / f"{verdict.server}.jsonl")
@@ -307,30 +306,9 @@ def test_a_server_killed_mid_job_comes_back_and_the_job_resumes_from_its_checkpo
           f"{finished_at - killed_at:.0f} s after the kill")
 
 
-def test_a_hung_site_is_left_behind_after_the_straggler_grace(tiny_three_sites, tmp_path: Path) -> None:
-    # Execute: three sites, min_sites 2; site-3's job process frozen (SIGSTOP) when round 2 starts
-    run = _kill_in_round_2(tmp_path, *tiny_three_sites, sites=3, min_sites=2, sig=signal.SIGSTOP,
-                           federation={"straggler_grace_s": 4}, outcome_wait_s=15)
-
-    # Assert: rounds 2 and 3 went on without it, each after the grace, and said why; the job finished
-    assert run.error is None and run.result is not None, run.error
-    result_dir = run.result.result_dir
-    verdict = verify_result(result_dir)
-    assert verdict.ok, verdict.describe()
-    server = _records(result_dir / "audit" / f"{verdict.server}.jsonl")
-    silent = [r["fields"] for r in server if r["event"] == "error" and r["fields"]["kind"] == "no_answer"]
-    assert {(e["site"], e["round"], e["task"]) for e in silent} >= {
-        (VICTIM, 2, P.TASK_TRAIN), (VICTIM, 3, P.TASK_TRAIN)}
-    assert "not within 4 s after 2 site(s) answered" in silent[0]["message"]
-    ended = {r["fields"]["round"]: r["fields"]["contributors"] for r in server
-             if r["event"] == "round_ended" and r["fields"]["task"] == P.TASK_TRAIN}
-    assert ended == {1: ["site-1", "site-2", VICTIM], 2: ["site-1", "site-2"], 3: ["site-1", "site-2"]}
-    print(f"site hung -> job finished {run.finished_at - run.killed_at:.0f} s after it froze")
-
-
-def test_another_projects_admin_and_site_are_refused_with_the_reason(tiny_three_sites, tmp_path: Path) -> None:
+def test_another_projects_admin_and_site_are_refused_with_the_reason(tiny_setup, tmp_path: Path) -> None:
     # Prepare: project B provisioned for the same host and ports as project A, whose deployment is up
-    _, data = tiny_three_sites
+    _, data = tiny_setup
     ours = loopback_project("faults-a", data_dir=data, sites=1)
     theirs = ours.model_copy(update={"name": "faults-b"})
     deployment = provision(ours, out=tmp_path / "ws-a")
@@ -368,29 +346,19 @@ def test_another_projects_admin_and_site_are_refused_with_the_reason(tiny_three_
     assert nobody.startswith("nothing answers at localhost:") and "zenfed up" in nobody
 
 
-def test_a_site_cut_off_mid_round_is_left_behind_and_the_job_finishes(tiny_three_sites, tmp_path: Path) -> None:
-    # Prepare: site-3 in its own network namespace, linked to the server's loopback port by a cuttable relay
+def test_a_frozen_site_and_a_cut_off_site_are_left_behind_and_the_job_finishes(tiny_setup, tmp_path: Path) -> None:
+    # Prepare: four sites; site-4 in its own network namespace, linked to the server's port by a cuttable relay
     why_not = namespaces_usable()
     if why_not:
         pytest.skip(f"network namespaces are not available: {why_not}")
-    model, data = tiny_three_sites
-    deployment = provision(loopback_project("faults-e2e", data_dir=data, sites=3), out=tmp_path / "ws")
-    spec = JobSpec.model_validate({
-        "name": "site-cut-off", "model": {"base": str(model)}, "lora": {"rank": 4, "alpha": 8},
-        "training": {"local_steps": 3, "batch_size": 8, "seq_len": 128, "learning_rate": 0.01},
-        "federation": {"rounds": 3, "min_sites": 2, "straggler_grace_s": 4},
-        "evaluation": {"max_examples": 4, "max_new_tokens": 2},
-        "encryption": {"enabled": True, "secure_aggregation": "pairwise", "max_sites": 4},
-    })
-    job = export_job(spec, out=tmp_path / "jobs" / "site-cut-off")
+    model, data = tiny_setup
+    deployment = provision(loopback_project("faults-e2e", data_dir=data, sites=4), out=tmp_path / "ws")
+    job = export_job(_spec(model, "site-cut-off", straggler_grace_s=3), out=tmp_path / "jobs" / "site-cut-off")
     server_kit = Path(deployment.server_kit)
-    resources = json.loads((server_kit / "local" / "resources.json").read_text())
-    for component in resources["components"]:
-        if component["id"] == "zenfed_site_outcome_wait":
-            component["args"]["wait_s"] = 15
-    (server_kit / "local" / "resources.json").write_text(json.dumps(resources))
-    on_host = dataclasses.replace(deployment, site_kits={k: v for k, v in deployment.site_kits.items() if k != VICTIM})
-    outcome: dict[str, Any] = {}
+    _set_outcome_wait(server_kit, 5)
+    frozen, cut_off = "site-3", "site-4"
+    on_host = dataclasses.replace(deployment,
+                                  site_kits={k: v for k, v in deployment.site_kits.items() if k != cut_off})
     with contextlib.ExitStack() as cleanup:  # undone in reverse, whatever fails
         link = HostEnd(tmp_path / "link.sock", deployment.fl_port).start()
         cleanup.callback(link.close)
@@ -398,54 +366,48 @@ def test_a_site_cut_off_mid_round_is_left_behind_and_the_job_finishes(tiny_three
         cleanup.callback(namespace.close)
         cleanup.callback(down, on_host, progress=False)
         up(on_host, progress=False)
-        kit = deployment.site_kits[VICTIM]
-        with (tmp_path / "site-3.log").open("wb") as out:
+        with (tmp_path / f"{cut_off}.log").open("wb") as out:
             site = subprocess.Popen(["ip", "netns", "exec", namespace.name, "bash", "startup/sub_start.sh", "--once"],
-                                    cwd=kit, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                    cwd=deployment.site_kits[cut_off], env=_env(), stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         cleanup.callback(_end_with_descendants, site)
         session = open_session(Path(deployment.admin_kit()), timeout_s=30)
         try:
             deadline = time.time() + 90
-            while VICTIM not in {c.name for c in session.get_system_info().client_info}:
-                assert time.time() < deadline, "site-3 did not connect through the link"
+            while cut_off not in {c.name for c in session.get_system_info().client_info}:
+                assert time.time() < deadline, f"{cut_off} did not connect through the link"
                 time.sleep(1)
         finally:
             session.close()
 
-        # Execute: cut the link once round 1 ends
-        def run() -> None:
-            try:
-                outcome["result"] = submit(job, admin_kit=deployment.admin_kit(),
-                                           results_root=tmp_path / "results", progress=False, timeout_s=600)
-            except BaseException as err:  # noqa: BLE001 - handed to the test thread
-                outcome["error"] = err
-
-        submitter = threading.Thread(target=run, daemon=True)
-        submitter.start()
-        _wait_for(server_kit, "round_ended", 1, submitter)  # before round 2's task can reach site-3
+        # Execute: once round 1 ends, freeze site-3's job process (SIGSTOP) and cut site-4's link
+        submitting = BackgroundSubmit(job, deployment, tmp_path / "results")
+        _wait_for(server_kit, "round_ended", 1, submitting.thread)  # before round 2's task can reach them
+        _job_process(int(_tracked(deployment)[frozen]["pid"])).send_signal(signal.SIGSTOP)
         link.cut()
-        cut_at = time.time()
-        submitter.join(timeout=600)
-        finished_at = time.time()
+        faulted_at = time.time()
+        finished_at = submitting.join()
 
-    # Assert: rounds 2 and 3 went on without site-3, said why, and the job's logs verify
-    assert outcome.get("error") is None and outcome.get("result") is not None, outcome.get("error")
-    result_dir = outcome["result"].result_dir
+    # Assert: rounds 2 and 3 went on without both, said why each time, and the job's logs verify
+    assert submitting.error is None and submitting.result is not None, submitting.error
+    result_dir = submitting.result.result_dir
     verdict = verify_result(result_dir)
     assert verdict.ok, verdict.describe()
     server = _records(result_dir / "audit" / f"{verdict.server}.jsonl")
     ended = {r["fields"]["round"]: r["fields"]["contributors"] for r in server
              if r["event"] == "round_ended" and r["fields"]["task"] == P.TASK_TRAIN}
-    assert ended == {1: ["site-1", "site-2", VICTIM], 2: ["site-1", "site-2"], 3: ["site-1", "site-2"]}
+    assert ended == {1: ["site-1", "site-2", frozen, cut_off], 2: ["site-1", "site-2"], 3: ["site-1", "site-2"]}
     silent = [r["fields"] for r in server if r["event"] == "error" and r["fields"]["kind"] == "no_answer"]
-    assert (VICTIM, 2) in {(e["site"], e["round"]) for e in silent}
-    print(f"link cut -> job finished {finished_at - cut_at:.0f} s after the cut")
+    assert {(e["site"], e["round"], e["task"]) for e in silent} >= {
+        (site, rnd, P.TASK_TRAIN) for site in (frozen, cut_off) for rnd in (2, 3)}
+    assert "not within 3 s after 2 site(s) answered" in silent[0]["message"]
+    print(f"site frozen and link cut -> job finished {finished_at - faulted_at:.0f} s after")
 
 
-def test_an_update_changed_after_signing_is_rejected_and_the_masked_round_goes_on(tiny_three_sites,
+def test_an_update_changed_after_signing_is_rejected_and_the_masked_round_goes_on(tiny_setup,
                                                                                    tmp_path: Path) -> None:
     # Prepare: site-2's kit runs a result filter that flips a bit of each update and recomputes its hash
-    model, data = tiny_three_sites
+    model, data = tiny_setup
     deployment = provision(loopback_project("faults-e2e", data_dir=data, sites=3), out=tmp_path / "ws")
     kit = Path(deployment.site_kits["site-2"])
     (kit / "local" / "custom").mkdir(exist_ok=True)
@@ -458,14 +420,7 @@ def test_an_update_changed_after_signing_is_rejected_and_the_masked_round_goes_o
     resources = json.loads((kit / "local" / "resources.json").read_text())
     resources["class_allow_list"].append("tamper_filter.")
     (kit / "local" / "resources.json").write_text(json.dumps(resources))
-    spec = JobSpec.model_validate({
-        "name": "tampered", "model": {"base": str(model)}, "lora": {"rank": 4, "alpha": 8},
-        "training": {"local_steps": 3, "batch_size": 8, "seq_len": 128, "learning_rate": 0.01},
-        "federation": {"rounds": 2, "min_sites": 2},
-        "evaluation": {"max_examples": 4, "max_new_tokens": 2},
-        "encryption": {"enabled": True, "secure_aggregation": "pairwise", "max_sites": 4},
-    })
-    job = export_job(spec, out=tmp_path / "jobs" / "tampered")
+    job = export_job(_spec(model, "tampered", rounds=2), out=tmp_path / "jobs" / "tampered")
 
     # Execute
     up(deployment, progress=False)

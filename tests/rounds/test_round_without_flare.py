@@ -329,7 +329,7 @@ def test_a_site_failure_reaches_the_server_with_its_reason(tiny_job_spec, three_
     server, transport = signed_job(spec, three_site_data, tmp_path, corrupt=("site-3",))
 
     # Assert: the typed error and its message reach the server's audit log; the others finish the round
-    failed = [a for task, site, a in transport.answers if site == "site-3"]
+    failed = [a for task, site, a in transport.answers if site == "site-3" and task == P.TASK_TRAIN]
     assert failed and failed[0].status == P.STATUS_ERROR and failed[0].error["kind"] == "DataError"
     rejected = audit_records(tmp_path / "server" / "run" / "audit" / "server.jsonl", "error")
     reasons = [r["fields"]["message"] for r in rejected if r["fields"].get("site") == "site-3"]

@@ -6,7 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import yaml
@@ -63,7 +63,7 @@ def prepare_workspace(workspace: Path, policies: Mapping[str, SitePolicy], *, en
 
 def run_simulation(
     spec: JobSpec, *, workspace: str | Path, policies: Mapping[str, SitePolicy], threads: int | None = None,
-    log_path: Path | None = None,
+    log_path: Path | None = None, watch: Callable[[int], None] | None = None,
 ) -> Path:
     """Run ``spec`` in the FLARE simulator and return the server's result folder.
 
@@ -73,6 +73,7 @@ def run_simulation(
         policies: Site name -> its policy; one simulated site each.
         threads: Sites run at once (default: all).
         log_path: Where the simulator's output goes (default: ``WORKSPACE/simulator.log``).
+        watch: Called with the simulator's process id once it started (a benchmark samples it).
 
     Returns:
         The folder holding ``zenfed_result.json`` and the final adapter.
@@ -96,7 +97,15 @@ def run_simulation(
         "-c", ",".join(sites), "-t", str(threads or len(sites)),
     ]
     with log.open("w") as out:
-        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+        simulator = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            if watch is not None:
+                watch(simulator.pid)
+        except BaseException:
+            simulator.kill()  # the process this call started, by its handle
+            simulator.wait()
+            raise
+        code = simulator.wait()
     result_dir = ws / "server" / SIMULATOR_JOB / "zenfed"
     if code != 0 or not (result_dir / "zenfed_result.json").is_file():
         raise JobError(f"the simulator run failed (exit {code}); see {log}")
