@@ -147,3 +147,12 @@ def test_the_checked_in_demo_job_equals_a_fresh_export(tmp_path):
     # Assert: `zenfed job export src/zenfed/jobs/specs/demo-lora.yaml --out jobs/demo-lora --force`
     # regenerates the checked-in folder after a spec or exporter change.
     assert relative_files(CHECKED_IN) == relative_files(fresh)
+
+
+def test_the_simulator_is_not_started_with_fewer_processes_than_sites(tmp_path):
+    from zenfed.jobs.simulate import builtin_policies, run_simulation
+
+    policies = builtin_policies(tmp_path / "data", sites=3, dataset="builtin", allow_any_model=True)
+    with pytest.raises(JobError, match="fewer than the 3 sites"):
+        run_simulation(small_spec("sim"), workspace=tmp_path / "sim", policies=policies, threads=2)
+    assert not (tmp_path / "sim").exists()

@@ -71,7 +71,7 @@ def run_simulation(
         spec: The job.
         workspace: Run folder (replaced if it exists): ``job/``, the simulator's ``sim/``, and its log.
         policies: Site name -> its policy; one simulated site each.
-        threads: Sites run at once (default: all).
+        threads: Sites run at once (default and minimum: all of them).
         log_path: Where the simulator's output goes (default: ``WORKSPACE/simulator.log``).
         watch: Called with the simulator's process id once it started (a benchmark samples it).
 
@@ -79,8 +79,14 @@ def run_simulation(
         The folder holding ``zenfed_result.json`` and the final adapter.
 
     Raises:
-        JobError: If the simulator fails or the job leaves no result.
+        JobError: If ``threads`` is fewer than the sites, the simulator fails, or the job leaves no result.
     """
+    if threads is not None and threads < len(policies):
+        raise JobError(
+            f"threads={threads} is fewer than the {len(policies)} sites: the FLARE simulator then re-creates a "
+            "site's executor between its tasks, and a zenfed site keeps its round state there; run one process "
+            "per site (threads=None)"
+        )
     # The simulator clears its own workspace at start, so the job folder and the
     # log live beside it: WORKSPACE/{job,sim,simulator.log}.
     root = Path(workspace).resolve()
