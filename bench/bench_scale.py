@@ -53,6 +53,7 @@ class ServerSampler:
     def __init__(self, period_s: float = 0.2) -> None:
         self.period_s = period_s
         self.peak_rss = 0
+        self.sites_peak_rss = 0  # all per-site worker processes together
         self.cpu_seconds = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -70,29 +71,30 @@ class ServerSampler:
         if self._thread is not None:
             self._thread.join(5)
 
-    def _server_side(self) -> list[psutil.Process]:
+    def _split(self) -> tuple[list[psutil.Process], list[psutil.Process]]:
+        """(server side, per-site workers) of the simulator's process tree."""
         assert self._root is not None
-        family = [self._root, *self._root.children(recursive=True)]
-        out = []
-        for proc in family:
+        server, sites = [], []
+        for proc in [self._root, *self._root.children(recursive=True)]:
             try:
-                if not any("simulator_worker" in part for part in proc.cmdline()):
-                    out.append(proc)
+                (sites if any("simulator_worker" in part for part in proc.cmdline()) else server).append(proc)
             except psutil.Error:
                 continue
-        return out
+        return server, sites
 
     def _run(self) -> None:
         cpu: dict[int, float] = {}
         while not self._stop.is_set():
             try:
+                server, sites = self._split()
                 rss = 0
-                for proc in self._server_side():
+                for proc in server:
                     with proc.oneshot():
                         rss += proc.memory_info().rss
                         times = proc.cpu_times()
                         cpu[proc.pid] = times.user + times.system
                 self.peak_rss = max(self.peak_rss, rss)
+                self.sites_peak_rss = max(self.sites_peak_rss, sum(p.memory_info().rss for p in sites))
                 self.cpu_seconds = sum(cpu.values())
             except psutil.Error:
                 pass
@@ -144,8 +146,17 @@ def run(*, tiny: bool) -> dict[str, Any]:
         model = build_tiny_model(root / "tiny")
         data = root / "data"
         make_builtin(data, sites=largest, train_per_site=24, valid_per_site=4, test_per_task=8)
-        rows = []
+        rows: list[dict[str, Any]] = []
+        skipped: dict[str, str] = {}
+        per_site_mib = 0.0
         for sites in counts:
+            projected = per_site_mib * sites / 1024
+            available = psutil.virtual_memory().available / 2**30
+            if projected > 0.8 * available:  # one process per site: do not push the machine into swap or OOM
+                skipped[str(sites)] = (f"projected {projected:.1f} GiB for the site processes, more than 80% of the "
+                                       f"{available:.1f} GiB available")
+                _say(f"{sites} sites skipped: {skipped[str(sites)]}")
+                continue
             _say(f"{sites} sites ...")
             result, sampler, wall = _simulate(_spec(model, sites=sites, rounds=2), data, sites, root / f"run-{sites}")
             rounds = result["rounds"]
@@ -155,9 +166,12 @@ def run(*, tiny: bool) -> dict[str, Any]:
                 "round_seconds": round(sum(r["seconds"] for r in rounds) / len(rounds), 2),
                 "server_cpu_seconds_per_round": round(sampler.cpu_seconds / len(rounds), 2),
                 "wall_seconds": round(wall, 1),
+                "site_processes_peak_rss_mib": round(sampler.sites_peak_rss / 2**20, 1),
             })
+            per_site_mib = max(per_site_mib, sampler.sites_peak_rss / 2**20 / sites)
             _say(json.dumps(rows[-1]))
         first, last = rows[0], rows[-1]
+        largest = last["sites"]
         ratios = {
             "peak_rss_largest_over_smallest": round(last["server_peak_rss_mib"] / first["server_peak_rss_mib"], 3),
             "round_seconds_per_site_largest_over_smallest": round(
@@ -179,7 +193,7 @@ def run(*, tiny: bool) -> dict[str, Any]:
         ratio_quality = round(cohorts["fraction_0.25"]["test_loss"] / cohorts["all"]["test_loss"], 3)
     cohorts["test_loss_fraction_over_all"] = ratio_quality
     return {
-        "sites": rows, "ratios": ratios, "cohorts": cohorts,
+        "sites": rows, "skipped": skipped, "ratios": ratios, "cohorts": cohorts,
         "targets": {
             "peak_rss_at_most_1.2x": ratios["peak_rss_largest_over_smallest"] <= 1.2,
             "round_time_at_most_linear": ratios["round_seconds_per_site_largest_over_smallest"] <= 1.0,
