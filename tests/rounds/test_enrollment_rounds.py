@@ -9,7 +9,19 @@ from test_round_without_flare import SITES, audit_records, signed_job
 from zenfed import protocol as P
 from zenfed.audit.evidence import collect
 from zenfed.server.result import RESULT_FILE
+from zenfed.server.transport import InProcessTransport
 from zenfed.spec import SiteEnrollment
+
+
+class RecordsTrainTasks(InProcessTransport):
+    """Keeps every training task it carries, to check what the server announced."""
+
+    sent_train: list[P.Message]
+
+    def broadcast(self, *, task, message, **kwargs) -> bool:
+        if task == P.TASK_TRAIN:
+            self.sent_train = [*getattr(self, "sent_train", []), message]
+        return super().broadcast(task=task, message=message, **kwargs)
 
 
 def test_a_matched_cohort_trains_only_the_sites_that_declare_what_the_job_needs(tiny_job_spec, three_site_data,
@@ -23,7 +35,7 @@ def test_a_matched_cohort_trains_only_the_sites_that_declare_what_the_job_needs(
                "site-3": {"enrollment": SiteEnrollment(disclose=False)}}
 
     # Execute
-    server, transport = signed_job(spec, three_site_data, tmp_path, policy_updates=updates)
+    server, transport = signed_job(spec, three_site_data, tmp_path, RecordsTrainTasks, policy_updates=updates)
 
     # Assert: every site was asked once; only the matching ones trained, every round
     log = server.folders.run / "audit" / "server.jsonl"
@@ -37,6 +49,7 @@ def test_a_matched_cohort_trains_only_the_sites_that_declare_what_the_job_needs(
     assert matched[0]["fields"]["excluded"] == {"site-3": "its policy withholds its enrollment profile"}
     trained = {site for task, site, _ in transport.answers if task == P.TASK_TRAIN}
     assert trained == {"site-1", "site-2"}
+    assert all(m.header[P.H_COHORT] == ["site-1", "site-2"] for m in transport.sent_train)  # announced in the task
     result = json.loads((server.folders.run / RESULT_FILE).read_text())
     assert [r["contributors"] for r in result["rounds"]] == [["site-1", "site-2"]] * 2
     # Each site recorded what it disclosed, in its own log

@@ -287,6 +287,7 @@ class ServerSession:
         if task == P.TASK_TRAIN:
             targets, keep = self._cohort(targets)
             intake.keep_first = keep
+            header[P.H_COHORT] = list(targets)  # announced to the sites (pairwise masks fix it further)
             if len(targets) < spec.federation.min_sites:
                 excluded = "; ".join(f"{site}: {why}" for site, why in self._enrollment.excluded().items())
                 text = (f"round {self._round}: only {len(targets)} site(s) meet the job's cohort requirements, "
