@@ -31,6 +31,7 @@ from typing import Any
 import psutil
 import pytest
 from netlink import HostEnd, Namespace, namespaces_usable
+from safetensors.torch import load_file
 
 from zenfed import protocol as P
 from zenfed.audit.evidence import collect
@@ -41,6 +42,7 @@ from zenfed.engines.tiny import build_tiny_model
 from zenfed.errors import DeploymentError, JobError
 from zenfed.jobs import export_job
 from zenfed.jobs.submit import SubmitResult, load_result, open_session, submit
+from zenfed.privacy.he import packing_for
 from zenfed.provisioning.deploy import _env, _start, _tracked, down, up
 from zenfed.provisioning.link_check import diagnose_link
 from zenfed.provisioning.project import Deployment, provision
@@ -270,6 +272,9 @@ def test_a_server_killed_mid_job_comes_back_and_the_job_resumes_from_its_checkpo
         up(deployment, progress=False)  # starts the server only: the sites are still up
         restarted_at = time.time()
         finished_at = submitting.join()
+        # The same job once more, uninterrupted (a finished run of a spec starts afresh): the reference
+        clean = submit(job, admin_kit=deployment.admin_kit(), results_root=tmp_path / "clean", progress=False,
+                       timeout_s=600)
         session = open_session(Path(deployment.admin_kit()), timeout_s=30)
         try:
             jobs = {j["job_id"]: session.get_job_meta(j["job_id"]) for j in session.list_jobs()}
@@ -302,6 +307,13 @@ def test_a_server_killed_mid_job_comes_back_and_the_job_resumes_from_its_checkpo
     trained = [r["fields"]["round"] for r in server
                if r["event"] == "round_ended" and r["fields"]["task"] == P.TASK_TRAIN]
     assert trained == list(range(before[-1] + 1, 4))  # the checkpointed rounds were not trained again
+    # Assert: nothing was lost: the resumed job's adapter is the uninterrupted run's, within the packing's step
+    resumed_adapter = load_file(str(result_dir / "adapter" / "adapter_model.safetensors"))
+    clean_adapter = load_file(str(clean.result_dir / "adapter" / "adapter_model.safetensors"))
+    step = packing_for(JobSpec.model_validate(result["job"]["spec"]).encryption).step
+    assert set(resumed_adapter) == set(clean_adapter)
+    worst = max(float((resumed_adapter[k] - clean_adapter[k]).abs().max()) for k in clean_adapter)
+    assert worst <= 2 * step, f"resumed adapter differs from the uninterrupted run by {worst} (step {step})"
     print(f"server killed -> back up in {restarted_at - killed_at:.0f} s; resumed job finished "
           f"{finished_at - killed_at:.0f} s after the kill")
 

@@ -316,12 +316,16 @@ class SiteSession:
         record_dp = dp.for_round(info.round)  # Raises BudgetExhausted: this site stops contributing, and says so.
         start = strategy.prepare_global(adapter)
         engine_start = self._for_engine(start)
+        store = self._require(self._store)
+        if self._optimizer_state is None:  # a new process (a resumed job): the moments this site kept
+            self._optimizer_state = store.optimizer_before(info.round)
         trained = engine.train(adapter=engine_start, examples=self._train, steps=spec.training.local_steps,
                                seed=round_seed(job_seed=spec.training.seed, round_index=info.round, site=self.site),
                                dp=record_dp, optimizer_state=self._optimizer_state,
                                loss_term=strategy.loss_term(global_adapter=engine_start),
                                frozen=strategy.frozen_names(start))
         self._optimizer_state = trained.optimizer_state  # Stays at the site for its next round.
+        store.keep_optimizer(info.round, trained.optimizer_state)
         # A rank-capped site's trained ranks go back into the job's rank; the others keep the global's values.
         local = self._rank_cap.embed(trained.adapter, into=start) if self._rank_cap else trained.adapter
         personal = self._require(self._personal)
