@@ -53,12 +53,16 @@ def why_not_matched(profile: dict[str, Any] | None, required: CohortRequirements
 class Enrollment:
     """The sites' profiles for one run of a job, and the training cohort they allow."""
 
-    def __init__(self, *, spec: JobSpec, job_id: str, audit: AuditSink) -> None:
-        """Create it for ``spec``; ``audit`` is the server's log."""
-        self.spec, self.job_id, self._audit = spec, job_id, audit
+    def __init__(self, *, spec: JobSpec, job_id: str) -> None:
+        """Create it for ``spec``; the server's audit log comes with :meth:`open`."""
+        self.spec, self.job_id, self._audit = spec, job_id, AuditSink(None)
         self.profiles: dict[str, dict[str, Any]] = {}
         self.collected = False
         self._matched: dict[str, str | None] = {}  # site -> why it is excluded (None: eligible)
+
+    def open(self, audit: AuditSink) -> None:
+        """Take the server's audit log, once the job starts."""
+        self._audit = audit
 
     def collect(self, transport: Transport, *, sites: list[str], evidence: dict[str, Any] | None,
                 keep_log: Callable[[str, Message], None]) -> bool:

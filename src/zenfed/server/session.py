@@ -94,7 +94,7 @@ class ServerSession:
         self._gate: ServerAttestationGate | None = None
         pairwise = self.spec.encryption.secure_aggregation == "pairwise"
         self._masks = MaskedRounds(spec=self.spec, job_id=job_id) if pairwise else None
-        self._enrollment = Enrollment(spec=self.spec, job_id=job_id, audit=self._audit)
+        self._enrollment = Enrollment(spec=self.spec, job_id=job_id)
         self._verifier: UpdateVerifier | None = None
         # Where the sites, not the server, hold the global (a site-side optimizer, personal layers),
         # the final adapter comes from a site even in a job in the clear.
@@ -118,7 +118,7 @@ class ServerSession:
             self._masks.open(verifier=verifier, audit=self._audit)
         if verifier is None:
             _log.warning("no %s in the server kit (simulator?): site signatures are not checked", ROOT_CA)
-        self._enrollment = Enrollment(spec=self.spec, job_id=self.job_id, audit=self._audit)
+        self._enrollment.open(self._audit)
         self._intake = RoundIntake(spec=self.spec, job_id=self.job_id, out_dir=out_dir, audit=self._audit,
                                    aggregation=self.aggregation, verifier=verifier)
         self._audit.record(E.JOB_SUBMITTED, job=self.spec.name, job_id=self.job_id, submitter=self._submitter,
