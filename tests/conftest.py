@@ -26,12 +26,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_job_spec(tiny_model_dir: Path) -> Callable[..., JobSpec]:
-    """Factory of small, fast job specs on the tiny model; keyword sections override defaults."""
+    """Factory of small, fast job specs on the tiny model (pinned by its SHA-256); keyword sections override."""
+    from zenfed.engines.base_model import model_fingerprint
+
+    pin = model_fingerprint(tiny_model_dir)
 
     def make(name: str = "tiny-job", **sections: dict[str, Any]) -> JobSpec:
         data: dict[str, Any] = {
             "name": name,
-            "model": {"base": str(tiny_model_dir), "engine": "peft"},
+            "model": {"base": str(tiny_model_dir), "engine": "peft", "base_sha256": pin},
             "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]},
             "training": {
                 "local_steps": 4,

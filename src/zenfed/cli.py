@@ -21,6 +21,21 @@ def _models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_hash(args: argparse.Namespace) -> int:
+    from zenfed.engines.base_model import model_files, model_fingerprint, resolve_base_model
+
+    folder = resolve_base_model(args.folder)
+    pin = model_fingerprint(folder)
+    if args.json:
+        print(json.dumps({"folder": str(folder), "base_sha256": pin,
+                          "files": [path.name for path in model_files(folder)]}))
+    else:
+        print(pin)
+        print(f"zenfed: put `base_sha256: {pin}` under model: in the job spec, or `sha256:{pin}` in a site's "
+              "allowed_base_models", file=sys.stderr)
+    return 0
+
+
 def _data_make(args: argparse.Namespace) -> int:
     from zenfed.data import make_builtin
 
@@ -30,13 +45,15 @@ def _data_make(args: argparse.Namespace) -> int:
 
 
 def _site_probe(args: argparse.Namespace) -> int:
+    from zenfed.site.policy import site_hardware
     from zenfed.site.probe import measure, policy_file, write_measured
     from zenfed.spec import load_site_policy
 
     path = policy_file(Path(args.kit))
     policy = load_site_policy(path)
     measured = measure(model=args.model, steps=args.steps, threads=policy.torch_threads,
-                       engine=policy.engine or "peft", say=lambda text: print(f"zenfed: probe: {text}", flush=True))
+                       engine=policy.engine or "peft", hardware=site_hardware(policy),
+                       say=lambda text: print(f"zenfed: probe: {text}", flush=True))
     print(json.dumps(measured, indent=2))
     if args.dry_run:
         return 0
@@ -51,7 +68,7 @@ def _job_export(args: argparse.Namespace) -> int:
     from zenfed.spec import load_job_spec
 
     spec = load_job_spec(args.spec)
-    print(export_job(spec, out=args.out, overwrite=args.force))
+    print(export_job(spec, out=args.out, overwrite=args.force, require_pinned_base=True))
     return 0
 
 
@@ -186,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", required=True)
     p = command("prepare", _models_prepare, "materialise the default base model into the local cache", models)
     p.add_argument("--force", action="store_true", help="rebuild even if the cache is intact")
+    p = command("hash", _models_hash, "print the SHA-256 that pins a base model folder (model.base_sha256)", models)
+    p.add_argument("folder", help="a Hugging Face model folder, or 'default'")
+    p.add_argument("--json", action="store_true", help="print a JSON object with the files it covers")
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     p = command("make", _data_make, "write the built-in non-IID benchmark, one folder per site", data)

@@ -37,7 +37,12 @@ class ModelSpec(_Strict):
     base: str = Field(
         DEFAULT_BASE_MODEL,
         description="'default' (SmolLM2-135M-Instruct from `zenfed models prepare`) or a path "
-        "to a Hugging Face model folder that exists at every site",
+        "to a Hugging Face model folder (Llama, Mistral, Qwen2 families) that exists at every site",
+    )
+    base_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="the SHA-256 of the base model folder's content (`zenfed models hash FOLDER`); every site "
+        "refuses a copy that differs. Required to export a job whose base is a folder",
     )
     engine: Literal["peft", "nemo"] = Field(
         "peft", description="training engine: 'peft' (reference) or 'nemo'"
@@ -53,7 +58,8 @@ class LoraSpec(_Strict):
     target_modules: tuple[str, ...] = Field(
         ("q_proj", "k_proj", "v_proj", "o_proj"),
         min_length=1,
-        description="module names to adapt, e.g. [q_proj, k_proj, v_proj, o_proj]",
+        description="module names to adapt, e.g. [q_proj, k_proj, v_proj, o_proj], or the groups attention "
+        "and mlp, resolved for the base model's architecture",
     )
     layers: tuple[int, ...] | None = Field(
         None,
@@ -359,12 +365,30 @@ class SitePolicy(_Strict):
         default_factory=dict, description="dataset name -> local location"
     )
     allowed_base_models: tuple[str, ...] = Field(
-        (DEFAULT_BASE_MODEL,), description="base models this site agrees to train ('*' for any)"
+        (DEFAULT_BASE_MODEL,), description="base models this site agrees to train: 'default', a model folder "
+        "as the job names it, 'sha256:HEX' (any folder whose content hashes to HEX, see `zenfed models hash`), "
+        "or '*' for any",
     )
     allowed_jobs: tuple[str, ...] = Field(
         ("*",), description="job name patterns (fnmatch) this site accepts"
     )
     torch_threads: int = Field(0, ge=0, description="CPU threads for training, 0 for the default")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="where this site trains: auto (CUDA when present), cpu, cuda or cuda:N",
+    )
+    precision: Literal["fp32", "bf16", "fp16-mixed"] = Field(
+        "fp32", description="number format of the base model and its matrix products: fp32, bf16 (CPU or CUDA) or "
+        "fp16-mixed (CUDA, not with DP-SGD); LoRA weights, optimizer state and the update stay float32",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass to train longer sequences in less memory "
+        "(slower; DP-SGD steps run without it)",
+    )
+    base_quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="load the frozen base model in 8 or 4 bits (QLoRA style) through bitsandbytes on a "
+        "CUDA device; refused where bitsandbytes or CUDA is missing",
+    )
     keep_sent_updates: bool = Field(
         True, description="keep a copy of every update this site sent, in its own job folder"
     )
@@ -390,6 +414,14 @@ class SitePolicy(_Strict):
         "false keeps them in this site's own log"
     )
     enrollment: SiteEnrollment = SiteEnrollment()
+
+    @field_validator("allowed_base_models")
+    @classmethod
+    def _content_pins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            if entry.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-f]{64}", entry):
+                raise ValueError(f"{entry!r} is not sha256: and 64 lowercase hex digits (`zenfed models hash FOLDER`)")
+        return value
 
     def dataset(self, name: str) -> DatasetLocation:
         """Return the location of dataset ``name``, or raise a PolicyError naming the fix."""

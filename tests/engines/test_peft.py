@@ -192,7 +192,7 @@ def test_target_modules_the_model_lacks_are_a_model_error(tiny_model_dir):
     engine = PeftEngine(model_dir=tiny_model_dir, lora=LoraSpec(target_modules=("no_such_proj",)), training=TRAINING)
 
     # Execute / Assert
-    with pytest.raises(ModelError, match="do not fit this model"):
+    with pytest.raises(ModelError, match="a llama model does not have"):
         engine.initial_adapter()
 
 

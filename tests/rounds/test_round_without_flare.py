@@ -338,6 +338,31 @@ def test_a_site_failure_reaches_the_server_with_its_reason(tiny_job_spec, three_
     assert result["rounds"][0]["contributors"] == ["site-1", "site-2"]
 
 
+def test_fp32_bf16_and_a_site_without_its_gpu_in_one_job(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare: site-1 fp32, site-2 bf16 with checkpointing, site-3 asks for a GPU this machine lacks.
+    spec = tiny_job_spec("mixed-hardware", federation={"rounds": 1, "min_sites": 2})
+    updates = {"site-2": {"precision": "bf16", "gradient_checkpointing": True}, "site-3": {"device": "cuda"}}
+
+    # Execute
+    server, transport = signed_job(spec, three_site_data, tmp_path, policy_updates=updates)
+
+    # Assert: the two updates are interchangeable; site-3's reason reached the server's audit log;
+    # site-2 recorded the hardware it trained on.
+    result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
+    assert result["rounds"][0]["contributors"] == ["site-1", "site-2"]
+    sent = {site: decode_adapter(a.payload) for task, site, a in transport.answers
+            if task == P.TASK_TRAIN and a.payload}
+    layout = {site: {k: (tuple(v.shape), v.dtype) for k, v in update.items()} for site, update in sent.items()}
+    assert layout["site-1"] == layout["site-2"]
+    rejected = audit_records(tmp_path / "server" / "run" / "audit" / "server.jsonl", "error")
+    reasons = [r["fields"]["message"] for r in rejected if r["fields"].get("site") == "site-3"]
+    assert reasons and "HardwareError" in reasons[0] and "torch sees no CUDA device" in reasons[0]
+    site_log = next((tmp_path / "site-2").rglob("site-2.jsonl"))
+    accepted = [r["fields"] for r in audit_records(site_log, "policy_decision") if r["fields"].get("hardware")]
+    assert accepted[0]["hardware"] == {"device": "cpu", "precision": "bf16", "gradient_checkpointing": True,
+                                       "base_quantization": "none"}
+
+
 def transport_header(transport: InProcessTransport, site: str) -> dict:
     return next(a.header for task, s, a in transport.answers if s == site and task == P.TASK_TRAIN)
 

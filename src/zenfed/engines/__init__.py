@@ -10,6 +10,7 @@ import importlib
 from pathlib import Path
 
 from zenfed.engines.base import Engine, EvalResult, TrainResult
+from zenfed.engines.hardware import Hardware
 from zenfed.errors import ModelError
 from zenfed.spec import JobSpec
 from zenfed.types import AdapterState
@@ -21,11 +22,12 @@ ENGINES: dict[str, str] = {
 }
 
 
-def make_engine(spec: JobSpec, *, model_dir: Path, threads: int = 0, engine: str | None = None) -> Engine:
-    """Build the engine a job spec asks for, or the one a site's policy insists on.
+def make_engine(spec: JobSpec, *, model_dir: Path, threads: int = 0, engine: str | None = None,
+                hardware: Hardware | None = None) -> Engine:
+    """Build the engine a job spec asks for, or the one a site's policy insists on, on the site's hardware.
 
-    Engines exchange adapters in HF PEFT naming and start from the same
-    initialisation, so sites with different engines aggregate together.
+    Engines exchange adapters in HF PEFT naming (float32, on the CPU) and start from the same
+    initialisation, so sites with different engines, devices and precisions aggregate together.
 
     Raises:
         ModelError: If the engine is unknown or cannot be imported at this site.
@@ -42,8 +44,9 @@ def make_engine(spec: JobSpec, *, model_dir: Path, threads: int = 0, engine: str
             f"engine {name!r} is not available at this site ({err}); "
             f"install zenfed with its extras (`make install`)"
         ) from err
-    built: Engine = engine_class(model_dir=model_dir, lora=spec.lora, training=spec.training, threads=threads)
+    built: Engine = engine_class(model_dir=model_dir, lora=spec.lora, training=spec.training, threads=threads,
+                                 hardware=hardware or Hardware())
     return built
 
 
-__all__ = ["ENGINES", "AdapterState", "Engine", "EvalResult", "TrainResult", "make_engine"]
+__all__ = ["ENGINES", "AdapterState", "Engine", "EvalResult", "Hardware", "TrainResult", "make_engine"]

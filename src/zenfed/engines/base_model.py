@@ -55,44 +55,62 @@ def write_manifest(model_dir: Path, *, source: str) -> dict[str, object]:
     return manifest
 
 
-def check_manifest(model_dir: Path) -> str | None:
-    """Return None if ``model_dir`` matches its manifest, else what is wrong."""
+def _manifest_problem(model_dir: Path) -> tuple[str | None, dict[str, str]]:
+    """Return what is wrong with ``model_dir`` against its manifest (None if nothing), and the hashes verified."""
     manifest_path = model_dir / MANIFEST
     if not manifest_path.is_file():
-        return "no manifest (the cache was never completed)"
+        return "no manifest (the cache was never completed)", {}
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
     except (ValueError, KeyError, TypeError):
-        return "manifest is unreadable"
+        return "manifest is unreadable", {}
+    verified: dict[str, str] = {}
     for name, meta in files.items():
         path = model_dir / name
         if not path.is_file():
-            return f"{name} is missing"
+            return f"{name} is missing", {}
         if path.stat().st_size != meta["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, expected {meta['bytes']}"
-        if _sha256_file(path) != meta["sha256"]:
-            return f"{name} does not match its recorded SHA-256"
-    return None
+            return f"{name} has {path.stat().st_size} bytes, expected {meta['bytes']}", {}
+        digest = _sha256_file(path)
+        if digest != meta["sha256"]:
+            return f"{name} does not match its recorded SHA-256", {}
+        verified[name] = digest
+    return None, verified
+
+
+def check_manifest(model_dir: Path) -> str | None:
+    """Return None if ``model_dir`` matches its manifest, else what is wrong."""
+    return _manifest_problem(model_dir)[0]
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    """Return the files a model folder's pin covers: its top-level files but dotfiles and zenfed's manifest."""
+    return sorted(p for p in model_dir.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST)
 
 
 def model_fingerprint(model_dir: Path) -> str:
-    """Return the SHA-256 of a model's weights: from its manifest, or by hashing its weight files.
+    """Return the SHA-256 that pins a model folder: of every file's name and SHA-256, in name order.
+
+    It covers the weights, the config and the tokenizer (every top-level file but dotfiles and
+    zenfed's manifest), so two sites with the same pin train the same model. It does not depend on
+    where the folder is or whether it has a manifest. A folder with a manifest must still match it.
 
     Raises:
-        ModelError: If a manifest exists and the folder no longer matches it.
+        ModelError: If the folder has no files, or a manifest it no longer matches.
     """
+    verified: dict[str, str] = {}
     if (model_dir / MANIFEST).is_file():
-        problem = check_manifest(model_dir)
+        problem, verified = _manifest_problem(model_dir)
         if problem:
             raise ModelError(f"base model at {model_dir} is not usable: {problem}")
-        manifest = json.loads((model_dir / MANIFEST).read_text())
-        if manifest.get("weights_sha256"):
-            return str(manifest["weights_sha256"])
+    files = model_files(model_dir)
+    if not files:
+        raise ModelError(f"base model folder {model_dir} holds no files")
     digest = hashlib.sha256()
-    for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
-        digest.update(path.name.encode())
-        digest.update(_sha256_file(path).encode())
+    for path in files:
+        digest.update(f"{path.name}\t{verified.get(path.name) or _sha256_file(path)}\n".encode())
     return digest.hexdigest()
 
 

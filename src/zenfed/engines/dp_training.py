@@ -9,12 +9,14 @@ LoRA weights (the PEFT model, or the HF model NeMo wraps).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from zenfed.data.tokenize import TokenizedExample, collate
+from zenfed.engines.hardware import Hardware
 from zenfed.types import RecordDP
 
 # Examples per forward and backward pass of a DP step: the pass holds every layer's
@@ -30,9 +32,27 @@ def collate_poisson(batch: Sequence[TokenizedExample], *, pad_id: int) -> dict[s
     return {"input_ids": empty, "attention_mask": empty.clone(), "labels": empty.clone()}
 
 
+@contextmanager
+def without_checkpointing(model: Any) -> Iterator[None]:
+    """Turn a Hugging Face model's gradient checkpointing off for the block, and back on after.
+
+    DP-SGD's per-example gradients need each layer's activations from one forward pass;
+    checkpointing recomputes them in the backward pass, which the per-sample hooks cannot follow.
+    """
+    active = bool(getattr(model, "is_gradient_checkpointing", False))
+    if active:
+        model.gradient_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if active:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def train_dp(
     model: Any, *, data: Sequence[TokenizedExample], optimizer: torch.optim.Optimizer, steps: int,
     dp: RecordDP, pad_id: int, chunk_size: int, before_step: Callable[[], None] | None = None,
+    hardware: Hardware | None = None,
 ) -> tuple[float, dict[str, float]]:
     """Run ``steps`` DP-SGD steps; return the mean pre-noise loss and DP statistics.
 
@@ -40,9 +60,13 @@ def train_dp(
     calls ``privatize_grads`` (which steps ``dp.accountant``) and the optimizer, so
     the accounting matches exactly what was done. The statistics are computed
     before noise: they are not private, and stay at the site. ``before_step`` runs
-    after the gradient is privatized and before each optimizer step.
+    after the gradient is privatized and before each optimizer step. Batches go to
+    ``hardware``'s device and forward passes run in its precision.
     """
     from zenfed.privacy.dp import DPSGD, PoissonSampler
+
+    hardware = hardware or Hardware()
+    hardware.check_dp()
 
     private = DPSGD(
         model, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
@@ -55,7 +79,9 @@ def train_dp(
     model.train()
     try:
         for indices in sampler:
-            stats = private.privatize_grads(**collate_poisson([data[i] for i in indices], pad_id=pad_id))
+            with hardware.autocast():
+                stats = private.privatize_grads(
+                    **hardware.to(collate_poisson([data[i] for i in indices], pad_id=pad_id)))
             if before_step is not None:
                 before_step()  # after the noise: a data-free term is post-processing of a private gradient
             optimizer.step()

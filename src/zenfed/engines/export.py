@@ -8,6 +8,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from zenfed.atomic import staged_dir
+from zenfed.engines.architectures import targets_of
 from zenfed.spec import LoraSpec
 from zenfed.types import AdapterState
 
@@ -15,8 +16,12 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def peft_adapter_config(lora: LoraSpec, *, base_model: str) -> dict[str, object]:
-    """Return the ``adapter_config.json`` content for a spec's LoRA section."""
+def peft_adapter_config(lora: LoraSpec, *, base_model: str,
+                        target_modules: list[str] | None = None) -> dict[str, object]:
+    """Return the ``adapter_config.json`` content for a spec's LoRA section.
+
+    ``target_modules``: the resolved module names (groups such as ``attention`` expanded).
+    """
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -24,7 +29,7 @@ def peft_adapter_config(lora: LoraSpec, *, base_model: str) -> dict[str, object]
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
-        "target_modules": sorted(lora.target_modules),
+        "target_modules": sorted(target_modules or lora.target_modules),
         "layers_to_transform": list(lora.layers) if lora.layers else None,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -46,6 +51,6 @@ def write_peft_adapter(out_dir: str | Path, state: AdapterState, *, lora: LoraSp
     out = Path(out_dir)
     with staged_dir(out) as staging:
         save_file({k: state[k].contiguous() for k in sorted(state)}, str(staging / ADAPTER_WEIGHTS))
-        config = peft_adapter_config(lora, base_model=base_model)
+        config = peft_adapter_config(lora, base_model=base_model, target_modules=targets_of(list(state)))
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out

@@ -59,8 +59,8 @@ def check_layers(lora: LoraSpec, model_config: Any, *, model_dir: Path) -> None:
         )
 
 
-def nemo_target_patterns(lora: LoraSpec) -> list[str]:
-    """Return NeMo LoRA ``target_modules``: plain names, or per-layer wildcards for ``lora.layers``."""
+def nemo_target_patterns(lora: LoraSpec, targets: tuple[str, ...]) -> list[str]:
+    """Return NeMo LoRA ``target_modules`` for resolved ``targets`` (per-layer wildcards for ``lora.layers``)."""
     if not lora.layers:
-        return list(lora.target_modules)
-    return [f"*.layers.{index}.*.{module}" for index in lora.layers for module in lora.target_modules]
+        return list(targets)
+    return [f"*.layers.{index}.*.{module}" for index in lora.layers for module in targets]

@@ -12,7 +12,7 @@ causal LM), ``llm.peft.LoRA`` and a NeMo ``Trainer``. What this engine adds:
   is applied to the layer input as PEFT does.
 * Batches come from the same tokenisation and seeded plan as the PEFT engine
   (``nemo_data``).
-* Hardware is the site's choice, by environment (``nemo_runtime``).
+* Hardware is the site's choice, from its policy (``hardware``, ``nemo_runtime``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 
 from zenfed.data.jsonl import Example, exact_match
 from zenfed.data.tokenize import tokenize_all
+from zenfed.engines.architectures import resolve_target_modules
 from zenfed.engines.base import (
     EvalResult,
     TrainResult,
@@ -42,8 +43,9 @@ from zenfed.engines.base import (
     frozen_tensors,
     site_optimizer,
 )
-from zenfed.engines.dp_training import train_dp
+from zenfed.engines.dp_training import train_dp, without_checkpointing
 from zenfed.engines.generation import EVAL_BATCH, greedy_generate
+from zenfed.engines.hardware import Hardware, HardwareError
 from zenfed.engines.lora_init import check_layers, deterministic_init, nemo_target_patterns
 from zenfed.engines.nemo_data import PlannedDataModule, batch_plan, nemo_batch
 from zenfed.engines.nemo_keys import is_nemo_lora_name, nemo_to_peft_name, nemo_to_peft_state, peft_to_nemo_state
@@ -120,6 +122,7 @@ class NemoEngine:
         lora: LoraSpec,
         training: TrainingSpec,
         threads: int = 0,
+        hardware: Hardware | None = None,
         runtime: NemoRuntime | None = None,
     ):
         """Create the engine; the model loads on first use.
@@ -129,13 +132,21 @@ class NemoEngine:
             lora: The job's LoRA shape.
             training: The job's local-training settings.
             threads: CPU threads for torch (0 leaves torch's default).
-            runtime: Hardware settings; default ``NemoRuntime.from_env()`` (CPU, fp32).
+            hardware: The site's device and precision (default: CPU, fp32).
+            runtime: The Lightning settings; default ``NemoRuntime.for_site(hardware)``.
+
+        Raises:
+            HardwareError: For 8-bit loading, which NeMo's Hugging Face path does not offer.
 
         """
         self.model_dir = Path(model_dir)
         self.lora = lora
         self.training = training
-        self.runtime = runtime if runtime is not None else NemoRuntime.from_env()
+        self.hardware = hardware or Hardware()
+        if self.hardware.quantization == "8bit":
+            raise HardwareError("the nemo engine loads a base model in 4 bits or in full, not in 8 bits; "
+                                "set base_quantization: 4bit or none, or train this site with engine: peft")
+        self.runtime = runtime if runtime is not None else NemoRuntime.for_site(self.hardware)
         if threads > 0:
             torch.set_num_threads(threads)
         self._module: Any = None
@@ -177,13 +188,18 @@ class NemoEngine:
         except (OSError, ValueError) as err:
             raise ModelError(f"cannot read the model config in {self.model_dir}: {err}") from err
         check_layers(self.lora, model_config, model_dir=self.model_dir)
+        targets = resolve_target_modules(self.lora.target_modules, model_config, model_dir=self.model_dir)
         peft = llm.peft.LoRA(
-            target_modules=nemo_target_patterns(self.lora), dim=self.lora.rank,
+            target_modules=nemo_target_patterns(self.lora, targets), dim=self.lora.rank,
             alpha=self.lora.alpha, dropout=self.lora.dropout, dropout_position="pre",
         )
         peft._add_via_setattr = True  # what NeMo's PEFT callback sets for HF models
         module = _reusable_model_class()(
-            model_name=str(self.model_dir), default_dtype=self.runtime.model_dtype,
+            # Lightning's mixed precision keeps float32 weights; 4-bit loading computes in bfloat16.
+            model_name=str(self.model_dir),
+            default_dtype=torch.bfloat16 if self.hardware.quantization == "4bit" else torch.float32,
+            load_in_4bit=self.hardware.quantization == "4bit",
+            enable_grad_ckpt=self.hardware.gradient_checkpointing,
             use_linear_ce_loss=False, model_transform=peft,
         )
         # NeMo builds the model inside fit; build it now, once, with a trainer attached.
@@ -197,7 +213,7 @@ class NemoEngine:
         lora_params = {n: p for n, p in module.named_parameters() if is_nemo_lora_name(n)}
         if not lora_params:
             raise ModelError(
-                f"LoRA target modules {list(self.lora.target_modules)} match no linear layer "
+                f"LoRA target modules {list(targets)} match no linear layer "
                 f"of {self.model_dir}; use names like q_proj, v_proj"
             )
         for name, param in module.named_parameters():
@@ -242,7 +258,7 @@ class NemoEngine:
                 params[name].copy_(tensor)
 
     def _device(self) -> torch.device:
-        return torch.device("cuda", 0) if self.runtime.accelerator == "gpu" else torch.device("cpu")
+        return self.hardware.device
 
     # -- the protocol ----------------------------------------------------------------------
     def initial_adapter(self) -> AdapterState:
@@ -291,10 +307,12 @@ class NemoEngine:
         data = tokenize_all(self._tokenizer, examples, max_len=self.training.seq_len)
         if dp is not None:
             hf_model = self._module.model
+            hf_model.to(self._device())
             optimizer = site_optimizer(hf_model, learning_rate=self.training.learning_rate, state=optimizer_state)
-            loss, metrics = train_dp(hf_model, data=data, optimizer=optimizer, steps=steps, dp=dp,
-                                     pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size,
-                                     before_step=before_step)
+            with without_checkpointing(hf_model):
+                loss, metrics = train_dp(hf_model, data=data, optimizer=optimizer, steps=steps, dp=dp,
+                                         pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size,
+                                         before_step=before_step, hardware=self.hardware)
             return TrainResult(adapter=self.adapter_state(), num_examples=len(examples), steps=steps,
                                train_loss=loss, metrics=metrics,
                                optimizer_state=copy.deepcopy(optimizer.state_dict()))
@@ -351,7 +369,8 @@ class NemoEngine:
             count = int((labels != -100).sum())
             if count == 0:
                 continue
-            logits = module.forward(batch).logits
+            with self.hardware.autocast():
+                logits = module.forward(batch).logits.float()
             loss = module.loss_fn(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
             total += float(loss) * count
             tokens += count
@@ -369,7 +388,6 @@ class NemoEngine:
         return self._generate_loaded(prompts, max_new_tokens)
 
     def _generate_loaded(self, prompts: Sequence[Example], max_new_tokens: int) -> list[str]:
-        device = self._device()
-        self._module.to(device)
+        self._module.to(self._device())
         return greedy_generate(self._module.model, self._tokenizer, prompts, max_new_tokens=max_new_tokens,
-                               device=device)
+                               hardware=self.hardware)

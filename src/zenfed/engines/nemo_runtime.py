@@ -1,21 +1,23 @@
-"""Where and how the NeMo engine runs: CPU fp32 by default, GPU bf16 by configuration.
+"""Where and how the NeMo engine runs: the site policy's device and precision, plus multi-device launch.
 
-A site picks its hardware with environment variables (no code change, no job
-spec change: the job spec says *what* to train, the site says *on what*):
+The device, precision, gradient checkpointing and 4-bit loading come from the site
+policy (``engines/hardware.py``), as for the PEFT engine. A launch over several
+devices or nodes is a property of how the site starts its process, so it stays in
+the environment:
 
 =============================  =========  ==============================================
 Variable                       Default    Values
 =============================  =========  ==============================================
-``ZENFED_NEMO_ACCELERATOR``    ``cpu``    ``cpu``, ``gpu``
 ``ZENFED_NEMO_DEVICES``        ``1``      devices per node, an integer >= 1
 ``ZENFED_NEMO_NUM_NODES``      ``1``      nodes, an integer >= 1
-``ZENFED_NEMO_PRECISION``      ``32``     ``32``, ``bf16-mixed``, ``bf16-true``, ``16-mixed``
 ``ZENFED_NEMO_STRATEGY``       ``auto``   ``auto`` (single device if one device, else
                                           ``ddp``), ``single``, ``ddp``
 =============================  =========  ==============================================
 
-More than one device needs a distributed launch (``torchrun``, or FLARE's
-external-process launcher), so that every rank runs the same engine calls.
+Precision maps to Lightning's mixed precision, which keeps the weights (LoRA's
+included) in float32: ``fp32`` -> ``32``, ``bf16`` -> ``bf16-mixed``, ``fp16-mixed``
+-> ``16-mixed``. More than one device needs a distributed launch (``torchrun``, or
+FLARE's external-process launcher), so that every rank runs the same engine calls.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from typing import Any
 
 import torch
 
+from zenfed.engines.hardware import Hardware
 from zenfed.errors import ModelError
 
 ENV_PREFIX = "ZENFED_NEMO_"
 ACCELERATORS = ("cpu", "gpu")
-PRECISIONS = ("32", "bf16-mixed", "bf16-true", "16-mixed")
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 STRATEGIES = ("auto", "single", "ddp")
+LIGHTNING_PRECISION = {"fp32": "32", "bf16": "bf16-mixed", "fp16-mixed": "16-mixed"}
 
 
 class NemoConfigError(ModelError):
@@ -48,18 +52,13 @@ class NemoRuntime:
     num_nodes: int = 1
     precision: str = "32"
     strategy: str = "auto"
+    device: torch.device = torch.device("cpu")
 
     def __post_init__(self) -> None:
         if self.accelerator not in ACCELERATORS:
-            raise NemoConfigError(
-                f"{ENV_PREFIX}ACCELERATOR={self.accelerator!r} is not supported; "
-                f"use one of {ACCELERATORS}"
-            )
+            raise NemoConfigError(f"accelerator {self.accelerator!r} is not supported; use one of {ACCELERATORS}")
         if self.precision not in PRECISIONS:
-            raise NemoConfigError(
-                f"{ENV_PREFIX}PRECISION={self.precision!r} is not supported; "
-                f"use one of {PRECISIONS}"
-            )
+            raise NemoConfigError(f"precision {self.precision!r} is not supported; use one of {PRECISIONS}")
         if self.strategy not in STRATEGIES:
             raise NemoConfigError(
                 f"{ENV_PREFIX}STRATEGY={self.strategy!r} is not supported; use one of {STRATEGIES}"
@@ -69,10 +68,8 @@ class NemoRuntime:
                 f"{ENV_PREFIX}DEVICES and {ENV_PREFIX}NUM_NODES must be at least 1 "
                 f"(got {self.devices} and {self.num_nodes})"
             )
-        if self.accelerator == "cpu" and self.precision != "32":
-            raise NemoConfigError(
-                f"precision {self.precision!r} needs a GPU; on CPU set {ENV_PREFIX}PRECISION=32"
-            )
+        if self.accelerator == "cpu" and self.precision == "16-mixed":
+            raise NemoConfigError("precision fp16-mixed needs a GPU; on a CPU use bf16 or fp32")
         if self.strategy == "single" and self.world_size > 1:
             raise NemoConfigError(
                 f"strategy 'single' runs on one device but {self.world_size} were asked for; "
@@ -80,8 +77,12 @@ class NemoRuntime:
             )
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> NemoRuntime:
-        """Read the settings from ``environ`` (default: the process environment).
+    def for_site(cls, hardware: Hardware, environ: Mapping[str, str] | None = None) -> NemoRuntime:
+        """Return the runtime for a site's ``hardware``, with the launch read from ``environ``.
+
+        Args:
+            hardware: The site's resolved device and precision.
+            environ: Default: the process environment.
 
         Raises:
             NemoConfigError: If a variable holds an unsupported value.
@@ -97,22 +98,18 @@ class NemoRuntime:
                 raise NemoConfigError(f"{ENV_PREFIX}{key}={raw!r} is not an integer") from None
 
         return cls(
-            accelerator=env.get(ENV_PREFIX + "ACCELERATOR", "cpu").strip().lower(),
+            accelerator="gpu" if hardware.device.type == "cuda" else "cpu",
             devices=integer("DEVICES", 1),
             num_nodes=integer("NUM_NODES", 1),
-            precision=env.get(ENV_PREFIX + "PRECISION", "32").strip().lower(),
+            precision=LIGHTNING_PRECISION[hardware.precision],
             strategy=env.get(ENV_PREFIX + "STRATEGY", "auto").strip().lower(),
+            device=hardware.device,
         )
 
     @property
     def world_size(self) -> int:
         """Devices over all nodes."""
         return self.devices * self.num_nodes
-
-    @property
-    def model_dtype(self) -> torch.dtype:
-        """The dtype the base model is loaded in (mixed precision keeps fp32 weights)."""
-        return torch.bfloat16 if self.precision == "bf16-true" else torch.float32
 
     def strategy_name(self) -> str:
         """Return the resolved strategy: ``single`` or ``ddp``."""
@@ -125,8 +122,7 @@ class NemoRuntime:
         import lightning.pytorch as pl
 
         if self.strategy_name() == "single":
-            device = torch.device("cuda", 0) if self.accelerator == "gpu" else torch.device("cpu")
-            strategy: Any = pl.strategies.SingleDeviceStrategy(device)
+            strategy: Any = pl.strategies.SingleDeviceStrategy(self.device)
         else:
             strategy = pl.strategies.DDPStrategy(find_unused_parameters=False)
         return {

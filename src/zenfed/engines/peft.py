@@ -17,6 +17,7 @@ from zenfed.data.tokenize import (
     collate,
     tokenize_all,
 )
+from zenfed.engines.architectures import resolve_target_modules
 from zenfed.engines.base import (
     EvalResult,
     TrainResult,
@@ -25,8 +26,9 @@ from zenfed.engines.base import (
     site_optimizer,
     to_wire,
 )
-from zenfed.engines.dp_training import train_dp
+from zenfed.engines.dp_training import train_dp, without_checkpointing
 from zenfed.engines.generation import EVAL_BATCH, greedy_generate
+from zenfed.engines.hardware import Hardware, quantization_config
 from zenfed.engines.lora_init import check_layers, deterministic_init
 from zenfed.errors import DataError, ModelError
 from zenfed.spec import LoraSpec, TrainingSpec
@@ -37,29 +39,36 @@ from zenfed.types import AdapterState, LossTerm, RecordDP, check_compatible
 MICRO_BATCH = 16
 
 
-def lora_config(lora: LoraSpec, *, base_model_name: str | None = None) -> Any:
-    """Return the PEFT ``LoraConfig`` for a spec's LoRA section."""
+def lora_config(lora: LoraSpec, *, base_model_name: str | None = None,
+                target_modules: Sequence[str] | None = None) -> Any:
+    """Return the PEFT ``LoraConfig`` for a spec's LoRA section (``target_modules``: resolved names)."""
     from peft import LoraConfig
 
     return LoraConfig(
         # PEFT types lora_alpha as int, but scales by alpha / r and takes a float fine.
         r=lora.rank, lora_alpha=lora.alpha,  # type: ignore[arg-type]
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
+        target_modules=list(target_modules or lora.target_modules), bias="none", task_type="CAUSAL_LM",
         layers_to_transform=list(lora.layers) if lora.layers else None,
         base_model_name_or_path=base_model_name,
     )
 
 
 class PeftEngine:
-    """Trains and evaluates LoRA adapters with PEFT. Loads the model once and reuses it."""
+    """Trains and evaluates LoRA adapters with PEFT. Loads the model once and reuses it.
+
+    The model, its batches, DP-SGD's per-example gradients, evaluation and generation all run
+    on the site's device in its precision (``hardware``); the LoRA weights stay float32.
+    """
 
     name = "peft"
 
-    def __init__(self, *, model_dir: Path, lora: LoraSpec, training: TrainingSpec, threads: int = 0):
+    def __init__(self, *, model_dir: Path, lora: LoraSpec, training: TrainingSpec, threads: int = 0,
+                 hardware: Hardware | None = None):
         self.model_dir = Path(model_dir)
         self.lora = lora
         self.training = training
+        self.hardware = hardware or Hardware()
         if threads > 0:
             torch.set_num_threads(threads)
         self._model: Any = None
@@ -73,20 +82,38 @@ class PeftEngine:
         from peft import get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        hardware = self.hardware
+        load: dict[str, Any] = {"torch_dtype": hardware.base_dtype}
+        quantized = quantization_config(hardware)
+        if quantized is not None:  # bitsandbytes places the quantized weights itself
+            load.update(quantization_config=quantized, device_map={"": hardware.device})
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-            base = AutoModelForCausalLM.from_pretrained(self.model_dir, torch_dtype=torch.float32)
+            base = AutoModelForCausalLM.from_pretrained(self.model_dir, **load)
         except (OSError, ValueError) as err:
             raise ModelError(f"cannot load base model from {self.model_dir}: {err}") from err
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         check_layers(self.lora, base.config, model_dir=self.model_dir)
+        targets = resolve_target_modules(self.lora.target_modules, base.config, model_dir=self.model_dir)
+        if quantized is not None:
+            from peft import prepare_model_for_kbit_training
+
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        if hardware.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no gradient on the (frozen) embeddings.
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.config.use_cache = False
         try:
-            model = get_peft_model(base, lora_config(self.lora, base_model_name=str(self.model_dir)))
+            model = get_peft_model(base, lora_config(self.lora, base_model_name=str(self.model_dir),
+                                                     target_modules=targets))
         except ValueError as err:
-            raise ModelError(
-                f"LoRA target modules {list(self.lora.target_modules)} do not fit this model: {err}"
-            ) from err
+            raise ModelError(f"LoRA target modules {list(targets)} do not fit this model: {err}") from err
+        if quantized is None:
+            model.to(hardware.device)
+        for name, param in model.named_parameters():
+            if "lora_" in name:  # master weights: float32 whatever the base's precision
+                param.data = param.data.float()
         self._tokenizer, self._model = tokenizer, model
         self._init = deterministic_init(self.adapter_state(), seed=self.training.seed)
 
@@ -155,6 +182,7 @@ class PeftEngine:
             result = self._train_dp(data=data, optimizer=optimizer, steps=steps, dp=dp, before_step=before_step)
             return replace(result, optimizer_state=copy.deepcopy(optimizer.state_dict()))
         generator = torch.Generator().manual_seed(seed)
+        scaler = self.hardware.grad_scaler()
         order: list[int] = []
         losses: list[float] = []
         model.train()
@@ -163,10 +191,16 @@ class PeftEngine:
                 order.extend(torch.randperm(len(data), generator=generator).tolist())
             batch_ids, order = order[: self.training.batch_size], order[self.training.batch_size:]
             optimizer.zero_grad(set_to_none=True)
-            losses.append(self._accumulate_gradients([data[i] for i in batch_ids]))
+            losses.append(self._accumulate_gradients([data[i] for i in batch_ids], scaler=scaler))
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # the hook and the step see true gradients
             if before_step is not None:
                 before_step()
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
         model.eval()
         return TrainResult(
             adapter=self.adapter_state(), num_examples=len(examples), steps=steps,
@@ -179,7 +213,8 @@ class PeftEngine:
         return {name.replace(".default.", "."): param for name, param in self._model.named_parameters()
                 if "lora_" in name}
 
-    def _accumulate_gradients(self, batch: list[TokenizedExample]) -> float:
+    def _accumulate_gradients(self, batch: list[TokenizedExample], *,
+                              scaler: torch.amp.GradScaler | None = None) -> float:
         """Backpropagate the batch's token-mean loss in micro-batches; return that loss.
 
         Each micro-batch's mean is weighted by its share of the batch's label tokens, so the
@@ -191,8 +226,9 @@ class PeftEngine:
         total = sum(counts)  # every count > 0: tokenize_example refuses examples with no response token
         loss_sum = 0.0
         for inputs, count in zip(collated, counts, strict=True):
-            loss = self._model(**inputs).loss * (count / total)
-            loss.backward()
+            with self.hardware.autocast():
+                loss = self._model(**self.hardware.to(inputs)).loss.float() * (count / total)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += float(loss.detach())
         return loss_sum
 
@@ -200,10 +236,15 @@ class PeftEngine:
         self, *, data: list[TokenizedExample], optimizer: torch.optim.Optimizer, steps: int, dp: RecordDP,
         before_step: Callable[[], None] | None = None,
     ) -> TrainResult:
-        """DP-SGD steps on the PEFT model (see ``engines/dp_training.py``)."""
-        loss, metrics = train_dp(self._model, data=data, optimizer=optimizer, steps=steps, dp=dp,
-                                 pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size,
-                                 before_step=before_step)
+        """DP-SGD steps on the PEFT model (see ``engines/dp_training.py``).
+
+        Gradient checkpointing is off for these steps: per-example gradients need each layer's
+        activations from one forward pass, and checkpointing recomputes them.
+        """
+        with without_checkpointing(self._model):
+            loss, metrics = train_dp(self._model, data=data, optimizer=optimizer, steps=steps, dp=dp,
+                                     pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size,
+                                     before_step=before_step, hardware=self.hardware)
         return TrainResult(adapter=self.adapter_state(), num_examples=len(data), steps=steps, train_loss=loss,
                            metrics=metrics)
 
@@ -222,7 +263,8 @@ class PeftEngine:
         for start in range(0, len(data), EVAL_BATCH):
             batch = collate(data[start:start + EVAL_BATCH], pad_id=tokenizer.pad_token_id)
             count = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(model(**batch).loss) * count
+            with self.hardware.autocast():
+                total += float(model(**self.hardware.to(batch)).loss) * count
             tokens += count
         predictions = self._generate_loaded(examples, max_new_tokens)
         accuracy = exact_match(predictions, [e.response for e in examples])
@@ -236,4 +278,5 @@ class PeftEngine:
         return self._generate_loaded(prompts, max_new_tokens)
 
     def _generate_loaded(self, prompts: Sequence[Example], max_new_tokens: int) -> list[str]:
-        return greedy_generate(self._model, self._tokenizer, prompts, max_new_tokens=max_new_tokens)
+        return greedy_generate(self._model, self._tokenizer, prompts, max_new_tokens=max_new_tokens,
+                               hardware=self.hardware)

@@ -1,4 +1,4 @@
-"""A tiny random Llama with a tokenizer trained on the spot, for tests and quick benchmarks.
+"""A tiny random Llama (or Qwen2, Mistral) with a tokenizer trained on the spot, for tests and quick benchmarks.
 
 Nothing is downloaded: the tokenizer is a byte-level BPE trained on benchmark
 text, and the weights are a seeded random initialisation.
@@ -26,8 +26,9 @@ def build_tiny_model(
     layers: int = 2,
     vocab_size: int = 1024,
     seed: int = 0,
+    architecture: str = "llama",
 ) -> Path:
-    """Write a tiny Llama + BPE tokenizer as a Hugging Face folder and return it.
+    """Write a tiny decoder + BPE tokenizer as a Hugging Face folder and return it.
 
     Args:
         out_dir: Folder to write (created if missing).
@@ -35,10 +36,11 @@ def build_tiny_model(
         layers: Number of decoder layers.
         vocab_size: Target BPE vocabulary size.
         seed: Seed for the random weights.
+        architecture: ``llama``, ``qwen2`` or ``mistral`` (the same layout under other model types).
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from zenfed.data.builtin import corpus_for_tokenizer
 
@@ -59,17 +61,17 @@ def build_tiny_model(
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(out)
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+    config = AutoConfig.for_model(
+        architecture, vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
-    write_manifest(out, source=f"tiny-random-llama(seed={seed})")
+    write_manifest(out, source=f"tiny-random-{architecture}(seed={seed})")
     return out

@@ -14,7 +14,7 @@ from typing import Any
 from zenfed import protocol as P
 from zenfed.atomic import staged_dir
 from zenfed.errors import JobError
-from zenfed.spec import JobSpec
+from zenfed.spec import DEFAULT_BASE_MODEL, JobSpec
 
 # One app, deployed everywhere: its server config runs on the server and its
 # client config on every site. FLARE's "@ALL" cannot be mixed with named sites.
@@ -58,20 +58,28 @@ def job_configs(spec: JobSpec) -> dict[str, dict[str, Any]]:
     }
 
 
-def export_job(spec: JobSpec, *, out: str | Path, overwrite: bool = False) -> Path:
+def export_job(spec: JobSpec, *, out: str | Path, overwrite: bool = False, require_pinned_base: bool = False) -> Path:
     """Write ``spec`` as a FLARE job folder at ``out``, atomically.
 
     Args:
         spec: A validated job spec.
         out: The job folder to create (e.g. ``jobs/demo-lora``).
         overwrite: Replace an existing folder.
+        require_pinned_base: Refuse a base model folder without ``model.base_sha256`` (``zenfed job
+            export`` sets it: sites on other machines must be able to check they hold the same model).
 
     Returns:
         The job folder.
 
     Raises:
-        JobError: If ``out`` exists and ``overwrite`` is false.
+        JobError: If ``out`` exists and ``overwrite`` is false, or the base model is not pinned.
     """
+    if require_pinned_base and spec.model.base != DEFAULT_BASE_MODEL and spec.model.base_sha256 is None:
+        raise JobError(
+            f"model.base {spec.model.base!r} is a folder, and the job does not pin its content; run "
+            f"`zenfed models hash {spec.model.base}` and put the value under model: as base_sha256, so that "
+            f"every site can check it trains the same model"
+        )
     target = Path(out)
     if target.exists() and not overwrite:
         raise JobError(f"{target} already exists; remove it or pass --force to replace it")

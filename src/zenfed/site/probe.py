@@ -1,7 +1,7 @@
 """``zenfed site probe``: measure what this site's machine can do and write it into the site policy.
 
 The probe trains a few LoRA steps of the base model on synthetic rows (no site
-data is read) with the engine and the threads the site trains with, and
+data is read) with the engine, threads, device and precision the site trains with, and
 measures steps per minute after one warm-up step. With the device, its count
 and memory it goes into ``enrollment`` in ``local/zenfed_site.yaml``, which the
 site may then disclose to jobs (``zenfed.site.enrollment``). Re-run it after a
@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
 import yaml
 
 from zenfed.atomic import atomic_write_bytes
 from zenfed.data.jsonl import Example
 from zenfed.data.jsonl import Message as Turn
+from zenfed.engines.hardware import Hardware
 from zenfed.errors import SpecError
 from zenfed.site.policy import POLICY_FILE
 from zenfed.spec import JobSpec, SitePolicy, parse_model
@@ -31,7 +33,7 @@ PROBE_SEQ_LEN = 128
 
 
 def measure(*, model: str = "default", steps: int = 4, threads: int = 0, engine: str = "peft",
-            say: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+            hardware: Hardware | None = None, say: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
     """Train ``steps`` LoRA steps (after a warm-up step) and return the enrollment compute fields.
 
     Args:
@@ -39,6 +41,7 @@ def measure(*, model: str = "default", steps: int = 4, threads: int = 0, engine:
         steps: Timed optimizer steps.
         threads: CPU threads (0: the default), as the site's ``torch_threads``.
         engine: The training engine to time.
+        hardware: The site's device and precision (default: CPU, fp32).
         say: Progress lines.
 
     Returns:
@@ -54,7 +57,8 @@ def measure(*, model: str = "default", steps: int = 4, threads: int = 0, engine:
         "lora": {"rank": 8, "target_modules": ["q_proj", "v_proj"]},
         "training": {"local_steps": steps, "batch_size": PROBE_BATCH, "seq_len": PROBE_SEQ_LEN},
     })
-    trainer = make_engine(spec, model_dir=resolve_base_model(model), threads=threads)
+    hardware = hardware or Hardware()
+    trainer = make_engine(spec, model_dir=resolve_base_model(model), threads=threads, hardware=hardware)
     rows = [Example(prompt=(Turn("user", f"Probe question {i}: name a colour and a number."),),
                     response=f"Colour {i % 7}, number {i}.") for i in range(PROBE_BATCH * 2)]
     adapter = trainer.initial_adapter()
@@ -64,10 +68,13 @@ def measure(*, model: str = "default", steps: int = 4, threads: int = 0, engine:
     started = time.perf_counter()
     trainer.train(adapter=adapter, examples=rows, steps=steps, seed=1)
     elapsed = time.perf_counter() - started
+    on_gpu = hardware.device.type == "cuda"
+    memory = torch.cuda.get_device_properties(hardware.device).total_memory if on_gpu \
+        else psutil.virtual_memory().total
     return {
-        "device": "cpu",  # both engines train on the CPU in this release
-        "device_count": 1,
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "device": hardware.device.type,
+        "device_count": torch.cuda.device_count() if on_gpu else 1,
+        "memory_gib": round(memory / 2**30, 1),
         "steps_per_minute": round(steps * 60.0 / elapsed, 2),
         "probed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }

@@ -45,7 +45,7 @@ from zenfed.site.encryption import SiteEncryption, find_site_context
 from zenfed.site.enrollment import enrollment_profile
 from zenfed.site.masking import SiteMasking
 from zenfed.site.personal import PersonalLayers
-from zenfed.site.policy import check_job_allowed, load_policy_for
+from zenfed.site.policy import check_base_model, check_job_allowed, load_policy_for, site_hardware
 from zenfed.site.ranks import RankCap
 from zenfed.site.stages import build_update_chain
 from zenfed.site.state import SiteStateStore
@@ -194,10 +194,12 @@ class SiteSession:
         self._dp = dp
         model_dir = resolve_base_model(spec.model.base)
         self._base_model_sha256 = model_fingerprint(model_dir)
+        check_base_model(policy, spec, fingerprint=self._base_model_sha256, model_dir=model_dir)
+        hardware = site_hardware(policy)
         self._rank_cap = RankCap.for_site(spec, policy.max_lora_rank)
         engine_spec = self._rank_cap.engine_spec(spec) if self._rank_cap else spec
         self._engine = make_engine(engine_spec, model_dir=model_dir, threads=policy.torch_threads,
-                                   engine=policy.engine)
+                                   engine=policy.engine, hardware=hardware)
         initial = self._engine.initial_adapter()
         if self._rank_cap is not None:  # the job's rank-r_max start, the same at every site
             initial = self._rank_cap.full_initial(initial, seed=spec.training.seed)
@@ -207,6 +209,7 @@ class SiteSession:
             E.POLICY_DECISION, decision="accepted", job=spec.name, spec_sha256=spec.spec_hash(),
             dataset=spec.data.dataset, base_model_sha256=self._base_model_sha256,
             engine=policy.engine or spec.model.engine, encrypted=spec.encryption.enabled,
+            hardware=hardware.describe(),
             reason="job, base model and dataset allowed by the site policy",
         )
 
