@@ -204,3 +204,23 @@ def test_provision_warns_of_a_dataset_path_missing_on_this_machine(tmp_path, cap
     # Assert: provisioned all the same (the path may exist on the site's machine), with a warning
     assert code == 0
     assert "site site-1's dataset 'builtin' path" in capsys.readouterr().err
+
+
+def test_a_job_on_a_model_folder_exports_only_once_pinned_by_models_hash(tmp_path, capsys, tiny_model_dir):
+    # Prepare
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"name: own-model\nmodel:\n  base: {tiny_model_dir}\n")
+    out = tmp_path / "jobs" / "own-model"
+
+    # Execute: unpinned, refused; `models hash` prints the pin; pinned, exported.
+    refused = main(["job", "export", str(spec), "--out", str(out)])
+    refusal, left = capsys.readouterr().err, out.exists()
+    assert main(["models", "hash", str(tiny_model_dir), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    spec.write_text(spec.read_text() + f"  base_sha256: {printed['base_sha256']}\n")
+    exported = main(["job", "export", str(spec), "--out", str(out)])
+
+    # Assert
+    assert refused == 2 and f"zenfed models hash {tiny_model_dir}" in refusal and not left
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(printed["files"])
+    assert exported == 0 and (out / "meta.json").is_file()
