@@ -157,7 +157,7 @@ class FederationSpec(_Strict):
     weighting: Literal["samples", "uniform"] = Field(
         "samples", description="'samples' (weight by training examples) or 'uniform'"
     )
-    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "ffa_lora", "scaffold"] = Field(
+    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "ffa_lora", "scaffold", "flexlora"] = Field(
         "fedavg", description="the federated algorithm (one class per file in zenfed/strategies/)"
     )
     proximal_mu: float = Field(
@@ -306,6 +306,14 @@ class JobSpec(_Strict):
         if self.federation.strategy == "scaffold" and self.lora.personal_layers:
             raise ValueError("scaffold does not combine with lora.personal_layers: the control variates of "
                              "personal layers would leave the sites; drop one of them")
+        if self.federation.strategy == "flexlora":
+            if self.encryption.enabled:
+                raise ValueError("flexlora sends each site's full update B·A (d_out x d_in per adapted module), "
+                                 "tens of times the adapter's size, which under encryption is too large; use "
+                                 "ffa_lora for heterogeneous ranks with encryption.enabled: true")
+            if self.lora.personal_layers or self.privacy.level == "client":
+                raise ValueError("flexlora does not combine with lora.personal_layers or privacy.level 'client' "
+                                 "yet; use privacy.level 'record', or another strategy")
         if self.federation.strategy == "scaffold" and self.privacy.level == "client":
             raise ValueError("scaffold does not combine with privacy.level 'client': the clipped, noised "
                              "control-variate changes are divided by local_steps * learning_rate, which "

@@ -150,3 +150,20 @@ def test_on_cuda_training_dp_and_evaluation_run_on_the_device(tiny_model_dir, ex
     assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in private.adapter.values())
     cpu.load_adapter(private.adapter)
     assert evaluated.num_examples == 4
+
+
+@needs_cuda
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (not installed here)")
+def test_a_4bit_base_trains_float32_lora_on_cuda(tiny_model_dir, examples):
+    # Prepare
+    engine = PeftEngine(model_dir=tiny_model_dir, lora=LORA, training=TRAINING,
+                        hardware=Hardware.for_site(device="cuda", precision="bf16", quantization="4bit"))
+
+    # Execute
+    trained = engine.train(adapter=engine.initial_adapter(), examples=examples, steps=2, seed=0)
+
+    # Assert: the base is quantized, the update float32 and shaped as any site's.
+    assert any("4bit" in type(m).__name__ for m in engine.model.modules())
+    assert trained.adapter.keys() == PeftEngine(model_dir=tiny_model_dir, lora=LORA,
+                                                training=TRAINING).initial_adapter().keys()
+    assert all(v.dtype == torch.float32 for v in trained.adapter.values())

@@ -363,6 +363,21 @@ def test_fp32_bf16_and_a_site_without_its_gpu_in_one_job(tiny_job_spec, three_si
                                        "base_quantization": "none"}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_a_cpu_site_and_a_gpu_site_train_one_job(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare
+    spec = tiny_job_spec("cpu-and-gpu", federation={"rounds": 2, "min_sites": 3})
+    updates = {"site-2": {"device": "cuda", "precision": "bf16"}, "site-3": {"device": "cuda"}}
+
+    # Execute
+    server, transport = signed_job(spec, three_site_data, tmp_path, policy_updates=updates)
+
+    # Assert
+    result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
+    assert [r["contributors"] for r in result["rounds"]] == [list(SITES)] * 2
+    assert result["final"]["adapter_dir"] is not None
+
+
 def transport_header(transport: InProcessTransport, site: str) -> dict:
     return next(a.header for task, s, a in transport.answers if s == site and task == P.TASK_TRAIN)
 
@@ -497,6 +512,38 @@ def test_sites_with_rank_caps_train_their_leading_ranks_of_one_job(tiny_job_spec
     b_names = [k for k in initial if ".lora_B." in k]
     assert all(released[k].shape == initial[k].shape and initial[k].shape[1] == 4 for k in b_names)
     assert any(float(released[k][:, 3].abs().max()) > 0 for k in b_names)
+
+
+def test_flexlora_sums_products_and_every_capped_site_trains_the_leading_singular_ranks(
+        tiny_job_spec, three_site_data, tmp_path):
+    # Prepare: the job's rank is 4; site-1 trains rank 1, site-2 rank 2, site-3 all 4; record-level DP.
+    spec = tiny_job_spec("in-process-flexlora", privacy={"level": "record", "noise_multiplier": 0.8},
+                         federation={"rounds": 2, "min_sites": 3, "strategy": "flexlora"})
+
+    # Execute
+    _, transport = run_job(spec, three_site_data, tmp_path, encrypted=False, rank_caps={"site-1": 1, "site-2": 2})
+
+    # Assert: products travel (d_out x d_in per module); the released rank-4 adapter's B·A is the SVD
+    # truncation of round 2's mean product, which the server holds.
+    result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
+    assert [r["contributors"] for r in result["rounds"]] == [list(SITES), list(SITES)]
+    updates = {site: decode_adapter(a.payload) for site, a in train_answers(transport, 2).items()}
+    initial = decode_adapter(json_adapter_template_of(spec))
+    a_names = [k for k in initial if ".lora_A." in k]
+    for update in updates.values():
+        assert sorted(update) == sorted(k.replace(".lora_A.", ".lora_BA.") for k in a_names)
+    weights = {site: float(a.header[P.H_NUM_EXAMPLES]) for site, a in train_answers(transport, 2).items()}
+    released = released_adapter(tmp_path)
+    scale = spec.lora.alpha / spec.lora.rank
+    for a_name in a_names:
+        product = a_name.replace(".lora_A.", ".lora_BA.")
+        mean = sum(weights[s] * updates[s][product].double() for s in updates) / sum(weights.values())
+        u, sv, vh = torch.linalg.svd(mean, full_matrices=False)
+        best = (u[:, :4] * sv[:4]) @ vh[:4]
+        b_name = a_name.replace(".lora_A.", ".lora_B.")
+        assert released[a_name].shape == initial[a_name].shape
+        got = scale * released[b_name].double() @ released[a_name].double()
+        assert torch.allclose(got, best, atol=1e-5), a_name
 
 
 def test_a_capped_sites_update_leaves_the_ranks_it_cannot_train_at_the_global(tiny_job_spec, three_site_data,

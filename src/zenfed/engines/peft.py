@@ -86,7 +86,7 @@ class PeftEngine:
         load: dict[str, Any] = {"torch_dtype": hardware.base_dtype}
         quantized = quantization_config(hardware)
         if quantized is not None:  # bitsandbytes places the quantized weights itself
-            load.update(quantization_config=quantized, device_map={"": hardware.device})
+            load.update(quantization_config=quantized, device_map={"": str(hardware.device)})
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
             base = AutoModelForCausalLM.from_pretrained(self.model_dir, **load)

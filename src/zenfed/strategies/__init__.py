@@ -13,10 +13,11 @@ from zenfed.strategies.fedavg import FedAvg
 from zenfed.strategies.fedopt import FedAdam, FedAvgM, FedYogi
 from zenfed.strategies.fedprox import FedProx
 from zenfed.strategies.ffa_lora import FFALoRA
+from zenfed.strategies.flexlora import FlexLoRA
 from zenfed.strategies.scaffold import Scaffold
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FFALoRA, Scaffold)
+    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FFALoRA, Scaffold, FlexLoRA)
 }
 
 
@@ -33,6 +34,6 @@ def make_strategy(spec: JobSpec) -> Strategy:
 
 
 __all__ = [
-    "STRATEGIES", "FFALoRA", "FedAdam", "FedAvg", "FedAvgM", "FedProx", "FedYogi", "LossTerm", "Strategy",
+    "STRATEGIES", "FFALoRA", "FedAdam", "FlexLoRA", "FedAvg", "FedAvgM", "FedProx", "FedYogi", "LossTerm", "Strategy",
     "Scaffold", "make_strategy",
 ]
