@@ -4,8 +4,9 @@ Prints one JSON object. Every arm runs the same job (same data, seed, rounds and
 local steps) through zenfed's own site and server sessions in one process
 (``zenfed.jobs.in_process``), so what is measured is what a deployment runs,
 less FLARE's transport. Arms: FedAvg, FedProx, FedAdam, SCAFFOLD, FFA-LoRA,
-FFA-LoRA with ranks capped at r_max/4, r_max/2 and r_max by site, and FedAvg with
-the top decoder layer personal. ``central`` trains one adapter on all sites'
+FFA-LoRA with ranks capped at r_max/4, r_max/2 and r_max by site, FlexLoRA
+(product-space mean, SVD to r_max) with the same caps, and FedAvg with the top
+decoder layer personal. ``central`` trains one adapter on all sites'
 data pooled, for the same total number of steps.
 
 Per arm: eval loss and accuracy of the released adapter on the union test set,
@@ -63,7 +64,7 @@ class AlgorithmsConfig:
     tiny_vocab: int = 1024
     tiny_output_scale: float = 8.0
     arms: tuple[str, ...] = field(default=(
-        "fedavg", "fedprox", "fedadam", "scaffold", "ffa_lora", "ffa_lora_ranks", "personal"))
+        "fedavg", "fedprox", "fedadam", "scaffold", "ffa_lora", "ffa_lora_ranks", "flexlora_ranks", "personal"))
 
 
 TINY = AlgorithmsConfig(rounds=10, local_steps=5, batch_size=8, learning_rate=5e-3, rank=8, alpha=16.0,
@@ -85,13 +86,20 @@ def _arm(name: str, config: AlgorithmsConfig, *, layers: int) -> tuple[dict[str,
         federation["proximal_mu"] = config.proximal_mu
     elif name == "fedadam" and config.server_learning_rate is not None:
         federation["server_optimizer"] = {"learning_rate": config.server_learning_rate}
-    elif name == "ffa_lora_ranks":
-        federation["strategy"] = "ffa_lora"
+    elif name in ("ffa_lora_ranks", "flexlora_ranks"):
+        federation["strategy"] = name.removesuffix("_ranks")
         sites = {site: {"max_lora_rank": cap} for site, cap in caps.items()}
     elif name == "personal":
         federation["strategy"] = "fedavg"
         lora["personal_layers"] = [layers - 1]
     return federation, sites, lora
+
+
+def _difference(results: dict[str, dict], arm: str, reference: str) -> float | None:
+    """``arm``'s accuracy minus ``reference``'s, where both ran."""
+    if arm not in results or reference not in results:
+        return None
+    return round(results[arm]["accuracy"] - results[reference]["accuracy"], 4)
 
 
 def _spec(config: AlgorithmsConfig, model: Path, *, name: str, federation: dict, lora: dict, seed: int) -> JobSpec:
@@ -181,9 +189,9 @@ def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: AlgorithmsConfig |
             blocks.append({
                 "skew": skew, "central": central, "arms": results, "best_arm": best,
                 "best_closes_gap_share": round((results[best]["accuracy"] - fedavg_acc) / gap, 4) if gap > 0 else None,
-                "ranks_vs_full_rank_accuracy": round(
-                    results["ffa_lora_ranks"]["accuracy"] - results["ffa_lora"]["accuracy"], 4)
-                if "ffa_lora_ranks" in results and "ffa_lora" in results else None,
+                "ranks_vs_full_rank_accuracy": _difference(results, "ffa_lora_ranks", "ffa_lora"),
+                # FlexLoRA with the same caps against FedAvg with every site at the job's rank.
+                "flexlora_ranks_vs_full_rank_accuracy": _difference(results, "flexlora_ranks", "fedavg"),
             })
     return {
         "benchmark": "algorithms", "tiny": tiny, "blocks": blocks,

@@ -29,7 +29,7 @@ def test_every_arm_is_reported_with_its_figures(result):
     json.dumps(result)  # one JSON object
     block = result["blocks"][0]
     assert block["skew"] == 0.98 and set(block["arms"]) == {
-        "fedavg", "fedprox", "fedadam", "scaffold", "ffa_lora", "ffa_lora_ranks", "personal"}
+        "fedavg", "fedprox", "fedadam", "scaffold", "ffa_lora", "ffa_lora_ranks", "flexlora_ranks", "personal"}
     for figures in block["arms"].values():
         assert {"eval_loss", "accuracy", "own_task_accuracy", "bytes_per_site_round", "seconds"} <= set(figures)
         assert sorted(figures["own_task_accuracy"]) == ["site-1", "site-2", "site-3"]
@@ -40,3 +40,6 @@ def test_the_bytes_follow_what_each_algorithm_sends(result):
     arms = result["blocks"][0]["arms"]
     assert arms["ffa_lora"]["bytes_per_site_round"] < 0.6 * arms["fedavg"]["bytes_per_site_round"]
     assert arms["scaffold"]["bytes_per_site_round"] > 1.9 * arms["fedavg"]["bytes_per_site_round"]
+    # FlexLoRA sends d_out x d_in per module: more than both factors at this width and rank
+    assert arms["flexlora_ranks"]["bytes_per_site_round"] > 1.5 * arms["fedavg"]["bytes_per_site_round"]
+    assert result["blocks"][0]["flexlora_ranks_vs_full_rank_accuracy"] is not None
