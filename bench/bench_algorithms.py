@@ -14,7 +14,14 @@ each site's accuracy on its own task's test examples (with its own personal
 layers, for that arm), bytes a site sends per round, and seconds. Each skew in
 ``skews`` is a separate block.
 
-Run: ``python bench/bench_algorithms.py [--tiny]`` or ``zenfed bench algorithms --json [--tiny]``.
+``dp_comparison``: FedAvg and FFA-LoRA under record-level DP at epsilon 8, in the
+privacy benchmark's preset (3 rounds x 8 steps of an expected 96 examples over 1,200
+records a site, LoRA r=2 on q and v of the top 8 layers), through the same round code
+with each site's own accountant, for each of ``dp_seeds``: accuracy per seed, mean and
+spread (max - min), and the epsilon each site spent.
+
+Run: ``python bench/bench_algorithms.py [--tiny] [--only skews|dp]`` or
+``zenfed bench algorithms --json [--tiny]``.
 """
 
 from __future__ import annotations
@@ -63,12 +70,25 @@ class AlgorithmsConfig:
     tiny_layers: int = 2
     tiny_vocab: int = 1024
     tiny_output_scale: float = 8.0
+    # The DP comparison (FedAvg vs FFA-LoRA at epsilon 8): the privacy benchmark's preset, several seeds.
+    dp_epsilon: float = 8.0
+    dp_seeds: tuple[int, ...] = (0, 1)
+    dp_rounds: int = 3
+    dp_local_steps: int = 8
+    dp_batch_size: int = 96
+    dp_learning_rate: float = 5e-2
+    dp_rank: int = 2
+    dp_top_layers: int = 8
+    dp_train_per_site: int = 1200
+    dp_test_per_task: int = 50
     arms: tuple[str, ...] = field(default=(
         "fedavg", "fedprox", "fedadam", "scaffold", "ffa_lora", "ffa_lora_ranks", "flexlora_ranks", "personal"))
 
 
 TINY = AlgorithmsConfig(rounds=10, local_steps=5, batch_size=8, learning_rate=5e-3, rank=8, alpha=16.0,
-                        target_modules=arms.ALL_LINEAR, train_per_site=200, test_per_task=20)
+                        target_modules=arms.ALL_LINEAR, train_per_site=200, test_per_task=20,
+                        dp_rounds=3, dp_local_steps=4, dp_batch_size=16, dp_learning_rate=2e-2, dp_rank=8,
+                        dp_top_layers=2, dp_train_per_site=400, dp_test_per_task=20)
 # SmolLM2-135M-Instruct at bench_quality's shape: about half an hour an arm and skew on 2 cores.
 FULL = AlgorithmsConfig(rounds=16, local_steps=4, batch_size=4, learning_rate=3e-3, rank=8, alpha=16.0,
                         target_modules=arms.ATTENTION, test_per_task=20)
@@ -145,14 +165,73 @@ def _run_arm(name: str, *, config: AlgorithmsConfig, model: Path, data: Path, te
     }
 
 
-def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: AlgorithmsConfig | None = None) -> dict:
-    """Run every arm at every skew and return the JSON object.
+DP_ARMS = ("fedavg", "ffa_lora")
+
+
+def _dp_arm(name: str, *, config: AlgorithmsConfig, model: Path, data: Path, test: Sequence[Any], engine: Any,
+            scratch: Path, seed: int, layers: int) -> dict[str, Any]:
+    """One strategy under record-level DP at ``dp_epsilon``, through the in-process round code."""
+    started = time.perf_counter()
+    top = tuple(range(max(0, layers - config.dp_top_layers), layers))
+    spec = JobSpec.model_validate({
+        "name": f"bench-dp-{name}", "model": {"base": str(model)},
+        "lora": {"rank": config.dp_rank, "alpha": 2.0 * config.dp_rank, "target_modules": ["q_proj", "v_proj"],
+                 "layers": list(top)},
+        "training": {"local_steps": config.dp_local_steps, "batch_size": config.dp_batch_size,
+                     "seq_len": config.seq_len, "learning_rate": config.dp_learning_rate, "seed": seed},
+        "federation": {"rounds": config.dp_rounds, "min_sites": 3, "strategy": name},
+        "privacy": {"level": "record", "target_epsilon": config.dp_epsilon, "clip_norm": 1.0},
+        "evaluation": {"max_examples": 8, "max_new_tokens": config.max_new_tokens},
+    })
+    policies = builtin_policies(data, sites=3, dataset="builtin", allow_any_model=True)
+    policies = {site: policy.model_copy(update={"torch_threads": arms.THREADS}) for site, policy in policies.items()}
+    run = run_in_process(spec, workspace=scratch / f"dp-{name}-{seed}", policies=policies)
+    result = json.loads((run.result_dir / RESULT_FILE).read_text())
+    from safetensors.torch import load_file
+
+    released = load_file(str(run.result_dir / result["final"]["adapter_dir"] / "adapter_model.safetensors"))
+    spent = {site: float(a.header[P.H_DP_SPENT]["epsilon"]) for task, site, a in run.transport.answers
+             if task == P.TASK_TRAIN and a.payload and a.header.get(P.H_DP_SPENT)}
+    scoring = engine.lora.model_copy(update={"rank": config.dp_rank, "alpha": 2.0 * config.dp_rank,
+                                             "target_modules": ("q_proj", "v_proj"), "layers": top})
+    scorer = type(engine)(model_dir=model, lora=scoring, training=engine.training)
+    return {**arms.scores(scorer, released, test, config=config), "epsilon_spent": spent,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def dp_comparison(config: AlgorithmsConfig, *, model: Path, engine: Any, scratch: Path, layers: int) -> dict[str, Any]:
+    """FedAvg vs FFA-LoRA under record-level DP at ``dp_epsilon``, each over ``dp_seeds``, with the spread."""
+    shaped = dataclasses.replace(config, train_per_site=config.dp_train_per_site,
+                                 test_per_task=config.dp_test_per_task, skew=0.9)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in DP_ARMS}
+    for seed in config.dp_seeds:
+        _, test = arms.load_sites(scratch / f"dp-seed-{seed}", sites=3, config=shaped, seed=seed)
+        for name in DP_ARMS:
+            figures = _dp_arm(name, config=config, model=model, data=scratch / f"dp-seed-{seed}" / "data",
+                              test=test, engine=engine, scratch=scratch / "dp-runs", seed=seed, layers=layers)
+            runs[name].append({"seed": seed, **figures})
+            _log(f"dp epsilon={config.dp_epsilon}: {name} seed {seed}: {figures}")
+    summary = {}
+    for name, rows in runs.items():
+        accuracies = [row["accuracy"] for row in rows]
+        summary[name] = {"runs": rows, "accuracy_mean": round(sum(accuracies) / len(accuracies), 4),
+                         "accuracy_spread": round(max(accuracies) - min(accuracies), 4),
+                         "eval_loss_mean": round(sum(row["eval_loss"] for row in rows) / len(rows), 4)}
+    return {"epsilon": config.dp_epsilon, "seeds": list(config.dp_seeds), "arms": summary,
+            "ffa_minus_fedavg_accuracy": round(summary["ffa_lora"]["accuracy_mean"]
+                                               - summary["fedavg"]["accuracy_mean"], 4)}
+
+
+def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: AlgorithmsConfig | None = None,
+        parts: tuple[str, ...] = ("skews", "dp")) -> dict:
+    """Run every arm at every skew, and the DP comparison, and return the JSON object.
 
     Args:
         tiny: Use a tiny random Llama (minutes) instead of SmolLM2-135M-Instruct.
         sites: Must be 3 (the arms' rank caps and own tasks are per site).
         seed: Seed of the data, the initial adapter and the data order.
         config: Override the preset (``TINY`` or ``FULL``).
+        parts: ``skews`` (every arm at every skew) and/or ``dp`` (the DP comparison).
     """
     if sites != 3:
         raise SystemExit("the algorithms benchmark runs 3 sites (one per built-in task)")
@@ -162,13 +241,16 @@ def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: AlgorithmsConfig |
     # In one process no kit holds keys: each session would warn that it is not audited, every arm.
     logging.getLogger("zenfed").setLevel(logging.ERROR)
     blocks = []
+    dp = None
     with tempfile.TemporaryDirectory(prefix="zenfed-bench-algorithms-") as tmp:
         scratch = Path(tmp)
         model, model_name = arms.model_dir(tiny=tiny, config=config, scratch=scratch, seed=seed,
                                            adjust=lambda path: arms.scale_output(path, factor=config.tiny_output_scale))
         engine = arms.make_engine(model, config=config, seed=seed)
         layers = int(engine.model.config.num_hidden_layers)
-        for skew in config.skews:
+        if "dp" in parts:
+            dp = dp_comparison(config, model=model, engine=engine, scratch=scratch, layers=layers)
+        for skew in config.skews if "skews" in parts else ():
             skewed = dataclasses.replace(config, skew=skew)
             train, test = arms.load_sites(scratch / f"skew-{skew}", sites=3, config=skewed, seed=seed)
             start = engine.initial_adapter()
@@ -194,7 +276,7 @@ def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: AlgorithmsConfig |
                 "flexlora_ranks_vs_full_rank_accuracy": _difference(results, "flexlora_ranks", "fedavg"),
             })
     return {
-        "benchmark": "algorithms", "tiny": tiny, "blocks": blocks,
+        "benchmark": "algorithms", "tiny": tiny, "blocks": blocks, "dp_comparison": dp,
         "config": {"model": model_name, "engine": "peft", "sites": 3, "seed": seed, "encrypted": False,
                    **arms.config_fields(config, tiny=tiny), "threads": arms.THREADS},
         "seconds": round(time.perf_counter() - started, 1),
@@ -202,7 +284,13 @@ def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: AlgorithmsConfig |
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    arms.main(run, description=__doc__.splitlines()[0], argv=argv,
+    parts = ("skews", "dp")
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--only" in argv:  # one part: `--only dp` runs the DP comparison alone
+        index = argv.index("--only")
+        parts, argv = (argv[index + 1],), [*argv[:index], *argv[index + 2:]]
+    arms.main(lambda **kw: run(**kw, parts=parts), description=__doc__.splitlines()[0], argv=argv,
               tiny_help="tiny random Llama, a few minutes (CI)")
 
 

@@ -20,7 +20,8 @@ def result():
     sys.modules["bench_algorithms"] = module
     spec.loader.exec_module(module)
     config = dataclasses.replace(module.TINY, rounds=1, local_steps=1, batch_size=2, train_per_site=12,
-                                 test_per_task=2, max_new_tokens=3, skews=(0.98,))
+                                 test_per_task=2, max_new_tokens=3, skews=(0.98,), dp_seeds=(0, 1), dp_rounds=1,
+                                 dp_local_steps=1, dp_batch_size=4, dp_train_per_site=12, dp_test_per_task=2)
     return module.run(tiny=True, config=config)
 
 
@@ -43,3 +44,15 @@ def test_the_bytes_follow_what_each_algorithm_sends(result):
     # FlexLoRA sends d_out x d_in per module: more than both factors at this width and rank
     assert arms["flexlora_ranks"]["bytes_per_site_round"] > 1.5 * arms["fedavg"]["bytes_per_site_round"]
     assert result["blocks"][0]["flexlora_ranks_vs_full_rank_accuracy"] is not None
+
+
+def test_the_dp_comparison_runs_both_strategies_at_the_budget_over_the_seeds(result):
+    # Assert: every run spent (almost) the whole epsilon at every site; the spread is over the seeds.
+    dp = result["dp_comparison"]
+    assert dp["epsilon"] == 8.0 and dp["seeds"] == [0, 1] and set(dp["arms"]) == {"fedavg", "ffa_lora"}
+    for arm in dp["arms"].values():
+        assert [run["seed"] for run in arm["runs"]] == [0, 1]
+        for run in arm["runs"]:
+            assert sorted(run["epsilon_spent"]) == ["site-1", "site-2", "site-3"]
+            assert all(7.0 < spent <= 8.0 for spent in run["epsilon_spent"].values())
+        assert arm["accuracy_spread"] >= 0
