@@ -464,6 +464,10 @@ class SiteSpec(_Strict):
     allowed_base_models: tuple[str, ...] = (DEFAULT_BASE_MODEL,)
     allowed_jobs: tuple[str, ...] = ("*",)
     torch_threads: int = Field(0, ge=0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    precision: Literal["fp32", "bf16", "fp16-mixed"] = "fp32"
+    gradient_checkpointing: bool = False
+    base_quantization: Literal["none", "8bit", "4bit"] = "none"
     keep_sent_updates: bool = True
     privacy: SitePrivacyPolicy = SitePrivacyPolicy()
     require_attested_server: bool = False
