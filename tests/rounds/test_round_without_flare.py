@@ -687,6 +687,35 @@ class ExtraTensorInTheGlobal(InProcessTransport):
         return super().broadcast(task=task, message=message, **kwargs)
 
 
+class Site3OnAnotherModel(InProcessTransport):
+    """site-3 reports another base model's hash, as a site with another copy of an unpinned model would."""
+
+    def broadcast(self, *, task, message, targets, on_result, **kwargs) -> bool:
+        def relay(site, answer):
+            if site == "site-3" and answer.header.get(P.H_BASE_MODEL_SHA256):
+                answer.header[P.H_BASE_MODEL_SHA256] = "f" * 64
+            on_result(site, answer)
+
+        return super().broadcast(task=task, message=message, targets=targets, on_result=relay, **kwargs)
+
+
+def test_a_site_on_another_base_model_is_left_out(tiny_job_spec, three_site_data, tmp_path, caplog):
+    # Prepare: no pin in the job, so each site trains whatever its folder holds.
+    spec = tiny_job_spec("in-process-other-model", model={"base_sha256": None},
+                         federation={"rounds": 1, "min_sites": 2})
+    policies = builtin_policies(three_site_data, sites=3, dataset="builtin", allow_any_model=True)
+
+    # Execute
+    run = run_in_process(spec, workspace=tmp_path, policies=policies, transport=Site3OnAnotherModel)
+
+    # Assert: site-3's update is not in the sum, with the reason naming both hashes; the others' are.
+    result = json.loads((run.result_dir / RESULT_FILE).read_text())
+    assert result["rounds"][0]["contributors"] == ["site-1", "site-2"]
+    assert result["base_model"]["sha256"] != "f" * 64
+    assert any(f"site-3 trains the base model {'f' * 64}, but this job's other sites train "
+               f"{result['base_model']['sha256']}" in record.getMessage() for record in caplog.records)
+
+
 def test_a_global_with_a_foreign_tensor_is_refused_with_the_reason(tiny_job_spec, three_site_data, tmp_path):
     # Prepare
     spec = tiny_job_spec("in-process-foreign-tensor", federation={"rounds": 2, "min_sites": 3})

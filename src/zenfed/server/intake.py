@@ -129,6 +129,13 @@ class RoundIntake:
                 raise ZenfedError("release answer carries no adapter")
             self.released = decode_adapter(payload)
             return
+        reported = header.get(P.H_BASE_MODEL_SHA256)
+        if reported and self.base_model_sha256 and str(reported) != self.base_model_sha256:
+            raise ZenfedError(
+                f"{site} trains the base model {reported}, but this job's other sites train {self.base_model_sha256}: "
+                f"its results cannot be combined with theirs; pin the model in the job (model.base_sha256, "
+                f"`zenfed models hash`) so that each site checks its copy before training"
+            )
         metrics: dict[str, Any] = {
             "eval_loss": _metric(header.get(P.H_EVAL_LOSS)), "accuracy": _metric(header.get(P.H_EVAL_ACCURACY)),
             "eval_examples": int(header[P.H_EVAL_EXAMPLES]), "release_ok": header.get(P.H_RELEASE_OK) is True,
