@@ -289,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv = sys.argv[1:]
     if "--only" in argv:  # one part: `--only dp` runs the DP comparison alone
         index = argv.index("--only")
+        if index + 1 >= len(argv) or argv[index + 1] not in ("skews", "dp"):
+            raise SystemExit("--only takes skews or dp")
         parts, argv = (argv[index + 1],), [*argv[:index], *argv[index + 2:]]
     arms.main(lambda **kw: run(**kw, parts=parts), description=__doc__.splitlines()[0], argv=argv,
               tiny_help="tiny random Llama, a few minutes (CI)")

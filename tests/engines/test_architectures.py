@@ -80,10 +80,16 @@ def test_the_pin_covers_config_and_tokenizer_not_the_folders_place_or_manifest(t
     config = json.loads((edited / "tokenizer_config.json").read_text())
     config["model_max_length"] = 7
     (edited / "tokenizer_config.json").write_text(json.dumps(config))
+    resaved = shutil.copytree(copy, tmp_path / "resaved")  # by another transformers release, reformatted
+    saved = json.loads((resaved / "config.json").read_text())
+    (resaved / "config.json").write_text(json.dumps({**saved, "transformers_version": "9.9.9"}, indent=4))
+    nested = shutil.copytree(copy, tmp_path / "nested")
+    (nested / "original").mkdir()
+    (nested / "original" / "params.bin").write_bytes(b"another copy of the weights")
 
     # Execute
-    pins = [model_fingerprint(folder) for folder in (tiny_model_dir, copy, edited)]
+    pins = [model_fingerprint(folder) for folder in (tiny_model_dir, copy, edited, resaved, nested)]
 
-    # Assert
-    assert pins[0] == pins[1] and len(pins[0]) == 64
-    assert pins[2] != pins[0]
+    # Assert: place, manifest and the saving library's version do not matter; content anywhere does.
+    assert pins[0] == pins[1] == pins[3] and len(pins[0]) == 64
+    assert pins[2] != pins[0] and pins[4] != pins[0]

@@ -232,3 +232,23 @@ def test_frozen_a_stays_put_inside_nemos_loop_as_in_pefts(nemo, peft, examples):
     # Assert: A untouched in both engines, and both took the same steps on B
     assert all(torch.equal(ours.adapter[k], start[k]) for k in frozen)
     assert max(float((ours.adapter[k] - theirs.adapter[k]).abs().max()) for k in ours.adapter) < 1e-5
+
+
+def test_bf16_with_checkpointing_trains_float32_lora_as_the_fp32_engine_does(model_dir, nemo, examples):
+    # Prepare: the site policy's bf16 and gradient checkpointing, on this CPU.
+    from zenfed.engines.hardware import Hardware
+
+    half = NemoEngine(model_dir=model_dir, lora=LORA, training=TRAINING,
+                      hardware=Hardware(precision="bf16", gradient_checkpointing=True))
+    start = nemo.initial_adapter()
+
+    # Execute
+    reference = nemo.train(adapter=start, examples=examples, steps=2, seed=5)
+    result = half.train(adapter=start, examples=examples, steps=2, seed=5)
+
+    # Assert: checkpointing is on, the LoRA weights (every one of them moved) stay float32 and close to fp32's.
+    assert half.module.model.is_gradient_checkpointing and half.runtime.precision == "bf16-mixed"
+    assert all(p.dtype == torch.float32 for n, p in half.module.named_parameters() if "lora_" in n)
+    moved = [k for k in start if ".lora_B." in k and float(result.adapter[k].abs().max()) > 0]
+    assert moved == [k for k in start if ".lora_B." in k]
+    assert max(float((result.adapter[k] - reference.adapter[k]).abs().max()) for k in start) < 0.05

@@ -85,17 +85,33 @@ def check_manifest(model_dir: Path) -> str | None:
 
 
 def model_files(model_dir: Path) -> list[Path]:
-    """Return the files a model folder's pin covers: its top-level files but dotfiles and zenfed's manifest."""
-    return sorted(p for p in model_dir.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST)
+    """Return the files a model folder's pin covers: every file below it but hidden ones and zenfed's manifest."""
+    return sorted(p for p in model_dir.rglob("*")
+                  if p.is_file() and p.name != MANIFEST
+                  and not any(part.startswith(".") for part in p.relative_to(model_dir).parts))
+
+
+def _content_sha256(path: Path) -> str:
+    """SHA-256 of a file; of a JSON file without the ``transformers_version`` its writer records."""
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return _sha256_file(path)
+        if isinstance(data, dict) and "transformers_version" in data:
+            # Which library version saved a config says nothing of the model, and sites differ in it.
+            data.pop("transformers_version")
+            return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    return _sha256_file(path)
 
 
 def model_fingerprint(model_dir: Path) -> str:
-    """Return the SHA-256 that pins a model folder: of every file's name and SHA-256, in name order.
+    """Return the SHA-256 that pins a model folder: of every file's relative path and SHA-256, in path order.
 
-    It covers the weights, the config and the tokenizer (every top-level file but dotfiles and
-    zenfed's manifest), so two sites with the same pin train the same model. It does not depend on
-    where the folder is or whether it has a manifest. A folder with a manifest must still match it.
+    It covers the weights, the config and the tokenizer (every file below the folder but hidden
+    ones and zenfed's manifest; a JSON file without the ``transformers_version`` that records who
+    wrote it), so two sites with the same pin train the same model. It does not depend on where
+    the folder is or whether it has a manifest. A folder with a manifest must still match it.
 
     Raises:
         ModelError: If the folder has no files, or a manifest it no longer matches.
@@ -110,7 +126,10 @@ def model_fingerprint(model_dir: Path) -> str:
         raise ModelError(f"base model folder {model_dir} holds no files")
     digest = hashlib.sha256()
     for path in files:
-        digest.update(f"{path.name}\t{verified.get(path.name) or _sha256_file(path)}\n".encode())
+        relative = path.relative_to(model_dir).as_posix()
+        # The manifest check just hashed the weights; a JSON file is hashed without its writer's version.
+        content = verified[relative] if relative in verified and path.suffix != ".json" else _content_sha256(path)
+        digest.update(f"{relative}\t{content}\n".encode())
     return digest.hexdigest()
 
 

@@ -71,6 +71,7 @@ def train_dp(
     private = DPSGD(
         model, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
         num_records=len(data), accountant=dp.accountant, chunk_size=max(1, min(chunk_size, MAX_DP_MICRO_BATCH)),
+        forward_context=hardware.autocast,
     )
     sampler = PoissonSampler(num_records=len(data), sample_rate=dp.sample_rate, num_steps=steps)
     losses: list[float] = []
@@ -79,9 +80,7 @@ def train_dp(
     model.train()
     try:
         for indices in sampler:
-            with hardware.autocast():
-                stats = private.privatize_grads(
-                    **hardware.to(collate_poisson([data[i] for i in indices], pad_id=pad_id)))
+            stats = private.privatize_grads(**hardware.to(collate_poisson([data[i] for i in indices], pad_id=pad_id)))
             if before_step is not None:
                 before_step()  # after the noise: a data-free term is post-processing of a private gradient
             optimizer.step()

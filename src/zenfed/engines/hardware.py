@@ -106,6 +106,12 @@ class Hardware:
                 f"precision fp16-mixed needs a CUDA device, and this site trains on {resolved}; "
                 f"use bf16 or fp32 on a CPU"
             )
+        if precision == "bf16" and resolved.type == "cuda" and cuda_count is None \
+                and not torch.cuda.is_bf16_supported():
+            raise HardwareError(
+                f"{torch.cuda.get_device_name(resolved)} has no native bfloat16 (it came with Ampere); "
+                f"set precision: fp16-mixed or fp32 on this site"
+            )
         if quantization != "none":
             check_quantization_available(quantization, resolved)
         return cls(device=resolved, precision=precision, gradient_checkpointing=gradient_checkpointing,

@@ -192,6 +192,7 @@ class NemoEngine:
         peft = llm.peft.LoRA(
             target_modules=nemo_target_patterns(self.lora, targets), dim=self.lora.rank,
             alpha=self.lora.alpha, dropout=self.lora.dropout, dropout_position="pre",
+            lora_dtype=torch.float32,  # master weights, whatever the base is loaded in
         )
         peft._add_via_setattr = True  # what NeMo's PEFT callback sets for HF models
         module = _reusable_model_class()(
@@ -199,7 +200,6 @@ class NemoEngine:
             model_name=str(self.model_dir),
             default_dtype=torch.bfloat16 if self.hardware.quantization == "4bit" else torch.float32,
             load_in_4bit=self.hardware.quantization == "4bit",
-            enable_grad_ckpt=self.hardware.gradient_checkpointing,
             use_linear_ce_loss=False, model_transform=peft,
         )
         # NeMo builds the model inside fit; build it now, once, with a trainer attached.
@@ -210,6 +210,10 @@ class NemoEngine:
             raise ModelError(f"cannot load base model from {self.model_dir}: {err}") from err
         finally:
             module.trainer = None
+        if self.hardware.gradient_checkpointing:
+            # NeMo's own switch is reentrant checkpointing, under which LoRA weights inside a
+            # checkpointed layer whose input needs no gradient would get none.
+            module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lora_params = {n: p for n, p in module.named_parameters() if is_nemo_lora_name(n)}
         if not lora_params:
             raise ModelError(

@@ -54,6 +54,12 @@ def lora_config(lora: LoraSpec, *, base_model_name: str | None = None,
     )
 
 
+def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimizer would apply is finite (a float16 step may overflow)."""
+    return all(bool(torch.isfinite(p.grad).all()) for group in optimizer.param_groups for p in group["params"]
+               if p.grad is not None)
+
+
 class PeftEngine:
     """Trains and evaluates LoRA adapters with PEFT. Loads the model once and reuses it.
 
@@ -69,6 +75,7 @@ class PeftEngine:
         self.lora = lora
         self.training = training
         self.hardware = hardware or Hardware()
+        self._scaler = self.hardware.grad_scaler()  # float16's loss scale carries over from round to round
         if threads > 0:
             torch.set_num_threads(threads)
         self._model: Any = None
@@ -182,7 +189,7 @@ class PeftEngine:
             result = self._train_dp(data=data, optimizer=optimizer, steps=steps, dp=dp, before_step=before_step)
             return replace(result, optimizer_state=copy.deepcopy(optimizer.state_dict()))
         generator = torch.Generator().manual_seed(seed)
-        scaler = self.hardware.grad_scaler()
+        scaler = self._scaler
         order: list[int] = []
         losses: list[float] = []
         model.train()
@@ -194,8 +201,8 @@ class PeftEngine:
             losses.append(self._accumulate_gradients([data[i] for i in batch_ids], scaler=scaler))
             if scaler is not None:
                 scaler.unscale_(optimizer)  # the hook and the step see true gradients
-            if before_step is not None:
-                before_step()
+            if before_step is not None and (scaler is None or _finite_gradients(optimizer)):
+                before_step()  # an overflowing step is skipped by the scaler: nothing may read its gradient
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()

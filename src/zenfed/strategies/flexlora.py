@@ -40,6 +40,7 @@ class FlexLoRA(FedAvg):
 
     name: ClassVar[str] = "flexlora"
     global_at_sites: ClassVar[bool] = True  # the server holds the mean products; a site factorises them
+    keeps_optimizer_moments: ClassVar[bool] = False  # each round's factors are in a new basis
 
     def __init__(self, spec: JobSpec) -> None:
         super().__init__(spec)

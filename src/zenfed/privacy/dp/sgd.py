@@ -16,9 +16,10 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -159,6 +160,8 @@ class DPSGD:
         accountant: if given, one step is composed on every call.
         generator: noise source; default a securely seeded one.
         chunk_size: examples per forward and backward pass (bounds memory); None for all at once.
+        forward_context: wraps each forward pass (a device's autocast); the backward pass and the
+            per-example gradients, norms and clipping stay outside it.
 
     """
 
@@ -173,8 +176,10 @@ class DPSGD:
         accountant: PrivacyAccountant | None = None,
         generator: torch.Generator | None = None,
         chunk_size: int | None = None,
+        forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
     ) -> None:
         self.model = model
+        self.forward_context = forward_context
         self.clip_norm = _positive("clip_norm", clip_norm)
         if noise_multiplier < 0:
             raise PrivacyError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
@@ -246,7 +251,9 @@ class DPSGD:
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 for start in range(0, batch, step):
                     rows = slice(start, start + step)
-                    example_losses = self._batch_losses(hooked, input_ids[rows], attention_mask[rows], labels[rows])
+                    with self.forward_context():
+                        example_losses = self._batch_losses(hooked, input_ids[rows], attention_mask[rows],
+                                                            labels[rows])
                     example_losses.sum().backward()
                     losses.append(example_losses.detach())
                     for name, param in self.params.items():
