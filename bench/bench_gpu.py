@@ -42,9 +42,9 @@ import torch
 
 from zenfed.data.builtin import TASKS, make_builtin, make_example
 from zenfed.data.jsonl import Example, Message, load_jsonl
-from zenfed.engines import ENGINES
+from zenfed.engines import make_engine
 from zenfed.engines.hardware import Hardware, peak_memory
-from zenfed.spec import LoraSpec, TrainingSpec
+from zenfed.spec import JobSpec, LoraSpec, TrainingSpec
 from zenfed.types import AdapterState, RecordDP
 
 
@@ -114,9 +114,8 @@ def fixed_length_examples(count: int, *, seq_len: int, seed: int) -> list[Exampl
 
 
 def _engine(name: str, model_dir: Path, hardware: Hardware, *, lora: LoraSpec, training: TrainingSpec) -> Any:
-    module_name, class_name = ENGINES[name].split(":")
-    module = __import__(module_name, fromlist=[class_name])
-    return getattr(module, class_name)(model_dir=model_dir, lora=lora, training=training, hardware=hardware)
+    spec = JobSpec(name="bench-gpu", model={"engine": name}, lora=lora, training=training)
+    return make_engine(spec, model_dir=model_dir, hardware=hardware)
 
 
 def _release(device: torch.device) -> None:

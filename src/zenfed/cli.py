@@ -28,7 +28,7 @@ def _models_hash(args: argparse.Namespace) -> int:
     pin = model_fingerprint(folder)
     if args.json:
         print(json.dumps({"folder": str(folder), "base_sha256": pin,
-                          "files": [path.name for path in model_files(folder)]}))
+                          "files": [path.relative_to(folder).as_posix() for path in model_files(folder)]}))
     else:
         print(pin)
         print(f"zenfed: put `base_sha256: {pin}` under model: in the job spec, or `sha256:{pin}` in a site's "

@@ -61,7 +61,8 @@ def train_dp(
     the accounting matches exactly what was done. The statistics are computed
     before noise: they are not private, and stay at the site. ``before_step`` runs
     after the gradient is privatized and before each optimizer step. Batches go to
-    ``hardware``'s device and forward passes run in its precision.
+    ``hardware``'s device and forward passes run in its precision; gradient checkpointing
+    is off for the steps (``without_checkpointing``).
     """
     from zenfed.privacy.dp import DPSGD, PoissonSampler
 
@@ -79,17 +80,19 @@ def train_dp(
     clipped: list[float] = []
     model.train()
     try:
-        for indices in sampler:
-            stats = private.privatize_grads(**hardware.to(collate_poisson([data[i] for i in indices], pad_id=pad_id)))
-            if before_step is not None:
-                before_step()  # after the noise: a data-free term is post-processing of a private gradient
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sizes.append(stats.batch_size)
-            if stats.mean_loss is not None:
-                losses.append(stats.mean_loss)
-            if stats.clipped_fraction is not None:
-                clipped.append(stats.clipped_fraction)
+        with without_checkpointing(model):
+            for indices in sampler:
+                stats = private.privatize_grads(**hardware.to(collate_poisson([data[i] for i in indices],
+                                                                              pad_id=pad_id)))
+                if before_step is not None:
+                    before_step()  # after the noise: a data-free term is post-processing of a private gradient
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                sizes.append(stats.batch_size)
+                if stats.mean_loss is not None:
+                    losses.append(stats.mean_loss)
+                if stats.clipped_fraction is not None:
+                    clipped.append(stats.clipped_fraction)
     finally:
         model.eval()
     metrics = {

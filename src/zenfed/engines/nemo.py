@@ -43,7 +43,7 @@ from zenfed.engines.base import (
     frozen_tensors,
     site_optimizer,
 )
-from zenfed.engines.dp_training import train_dp, without_checkpointing
+from zenfed.engines.dp_training import train_dp
 from zenfed.engines.generation import EVAL_BATCH, greedy_generate
 from zenfed.engines.hardware import Hardware, HardwareError
 from zenfed.engines.lora_init import check_layers, deterministic_init, nemo_target_patterns
@@ -313,10 +313,9 @@ class NemoEngine:
             hf_model = self._module.model
             hf_model.to(self._device())
             optimizer = site_optimizer(hf_model, learning_rate=self.training.learning_rate, state=optimizer_state)
-            with without_checkpointing(hf_model):
-                loss, metrics = train_dp(hf_model, data=data, optimizer=optimizer, steps=steps, dp=dp,
-                                         pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size,
-                                         before_step=before_step, hardware=self.hardware)
+            loss, metrics = train_dp(hf_model, data=data, optimizer=optimizer, steps=steps, dp=dp,
+                                     pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size,
+                                     before_step=before_step, hardware=self.hardware)
             return TrainResult(adapter=self.adapter_state(), num_examples=len(examples), steps=steps,
                                train_loss=loss, metrics=metrics,
                                optimizer_state=copy.deepcopy(optimizer.state_dict()))

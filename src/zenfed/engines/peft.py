@@ -26,7 +26,7 @@ from zenfed.engines.base import (
     site_optimizer,
     to_wire,
 )
-from zenfed.engines.dp_training import train_dp, without_checkpointing
+from zenfed.engines.dp_training import train_dp
 from zenfed.engines.generation import EVAL_BATCH, greedy_generate
 from zenfed.engines.hardware import Hardware, quantization_config
 from zenfed.engines.lora_init import check_layers, deterministic_init
@@ -243,15 +243,10 @@ class PeftEngine:
         self, *, data: list[TokenizedExample], optimizer: torch.optim.Optimizer, steps: int, dp: RecordDP,
         before_step: Callable[[], None] | None = None,
     ) -> TrainResult:
-        """DP-SGD steps on the PEFT model (see ``engines/dp_training.py``).
-
-        Gradient checkpointing is off for these steps: per-example gradients need each layer's
-        activations from one forward pass, and checkpointing recomputes them.
-        """
-        with without_checkpointing(self._model):
-            loss, metrics = train_dp(self._model, data=data, optimizer=optimizer, steps=steps, dp=dp,
-                                     pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size,
-                                     before_step=before_step, hardware=self.hardware)
+        """DP-SGD steps on the PEFT model (see ``engines/dp_training.py``)."""
+        loss, metrics = train_dp(self._model, data=data, optimizer=optimizer, steps=steps, dp=dp,
+                                 pad_id=self._tokenizer.pad_token_id, chunk_size=self.training.batch_size,
+                                 before_step=before_step, hardware=self.hardware)
         return TrainResult(adapter=self.adapter_state(), num_examples=len(data), steps=steps, train_loss=loss,
                            metrics=metrics)
 
