@@ -31,7 +31,7 @@ def tiny_job_spec(tiny_model_dir: Path) -> Callable[..., JobSpec]:
 
     pin = model_fingerprint(tiny_model_dir)
 
-    def make(name: str = "tiny-job", **sections: dict[str, Any]) -> JobSpec:
+    def make(name: str = "tiny-job", **sections: Any) -> JobSpec:
         data: dict[str, Any] = {
             "name": name,
             "model": {"base": str(tiny_model_dir), "engine": "peft", "base_sha256": pin},
@@ -53,7 +53,7 @@ def tiny_job_spec(tiny_model_dir: Path) -> Callable[..., JobSpec]:
             "evaluation": {"max_examples": 8, "max_new_tokens": 4},
         }
         for key, value in sections.items():
-            data[key] = {**data.get(key, {}), **value}
+            data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
         return JobSpec.model_validate(data)
 
     return make

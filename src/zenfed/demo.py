@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from zenfed.data import load_jsonl, make_builtin
-from zenfed.spec import AdminSpec, DatasetLocation, JobSpec, ProjectSpec, ServerSpec, SiteSpec, load_job_spec
+from zenfed.jobs.simulate import builtin_locations
+from zenfed.spec import AdminSpec, JobSpec, ProjectSpec, ServerSpec, SiteSpec, load_job_spec
 
 DEMO_SITES = 3
 DEMO_ADMIN = "admin@zenfed.local"
@@ -44,7 +45,7 @@ def loopback_project(name: str, *, data_dir: Path, sites: int, threads: int = 1)
         sites=tuple(
             SiteSpec(
                 name=f"site-{k}", org=f"org_{k}",
-                datasets={"builtin": DatasetLocation(path=data_dir / f"site-{k}")},
+                datasets=builtin_locations(data_dir / f"site-{k}"),
                 allowed_base_models=("*",), torch_threads=threads,
             )
             for k in range(1, sites + 1)

@@ -199,6 +199,20 @@ class DataSpec(_Strict):
     )
 
 
+class DPOSpec(_Strict):
+    """Direct preference optimisation (``objective: dpo``; see docs/alignment.md)."""
+
+    beta: float = Field(0.1, gt=0, le=10, description="DPO beta: how far the policy may move from the reference")
+    sft_rounds: int = Field(
+        0, ge=0, description="rounds of supervised fine-tuning on data.dataset before the DPO rounds (two-stage "
+        "job); 0: DPO from the first round"
+    )
+    dataset: str = Field(
+        "builtin-preferences", pattern=_NAME_PATTERN,
+        description="the preference dataset (chosen/rejected pairs) each site maps to a local path in its policy",
+    )
+
+
 class EvaluationSpec(_Strict):
     """Federated evaluation after each round."""
 
@@ -282,6 +296,10 @@ class JobSpec(_Strict):
     """A federated LoRA job, as written by a data scientist."""
 
     name: str = Field(pattern=_NAME_PATTERN, description="job name: letters, digits, . _ -")
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", description="'sft' (supervised fine-tuning) or 'dpo' (preference pairs, after dpo.sft_rounds of SFT)"
+    )
+    dpo: DPOSpec = DPOSpec()
     model: ModelSpec = ModelSpec()
     lora: LoraSpec = LoraSpec()
     training: TrainingSpec = TrainingSpec()
@@ -318,7 +336,37 @@ class JobSpec(_Strict):
             raise ValueError("scaffold does not combine with privacy.level 'client': the clipped, noised "
                              "control-variate changes are divided by local_steps * learning_rate, which "
                              "amplifies the noise; use privacy.level 'record'")
+        if self.objective == "sft" and self.dpo != DPOSpec():  # a dump of a supervised spec holds the defaults
+            changed = sorted(k for k, v in self.dpo.model_dump().items() if v != getattr(DPOSpec(), k))
+            raise ValueError(f"the dpo section sets {changed} but objective is 'sft'; set objective: dpo, or "
+                             "remove the dpo section")
+        if self.objective == "dpo" and self.dpo.sft_rounds >= self.federation.rounds:
+            raise ValueError(f"dpo.sft_rounds {self.dpo.sft_rounds} leaves no DPO round in federation.rounds "
+                             f"{self.federation.rounds}; raise federation.rounds or lower dpo.sft_rounds")
         return self
+
+    @property
+    def dpo_start_round(self) -> int | None:
+        """The first DPO round (1-based), or None for a supervised job."""
+        return self.dpo.sft_rounds + 1 if self.objective == "dpo" else None
+
+    def objective_for_round(self, round_index: int) -> Literal["sft", "dpo"]:
+        """Return what round ``round_index`` (1-based) trains: 'sft' or 'dpo'."""
+        start = self.dpo_start_round
+        return "dpo" if start is not None and round_index >= start else "sft"
+
+    def privacy_unit(self) -> str | None:
+        """What one unit of differential privacy is in this job, in words; None without DP."""
+        if self.privacy.level == "none":
+            return None
+        if self.privacy.level == "client":
+            return "a site's whole update in a round"
+        if self.objective == "sft":
+            return "one training record"
+        if self.dpo.sft_rounds == 0:
+            return "one preference pair (prompt, chosen and rejected answer)"
+        return (f"one training record in the SFT rounds 1-{self.dpo.sft_rounds} and one preference pair in the DPO "
+                "rounds, composed in one epsilon (which also covers a person in both datasets)")
 
     def spec_hash(self) -> str:
         """Return the SHA-256 of the canonical JSON form of this spec."""

@@ -28,7 +28,8 @@ def test_the_same_seed_writes_identical_files_and_another_seed_differs(tmp_path)
     assert set(first) == {
         "manifest.json",
         "test.jsonl",
-        *(f"site-{k}/{f}.jsonl" for k in (1, 2, 3) for f in ("train", "valid")),
+        "pref-test.jsonl",
+        *(f"site-{k}/{f}.jsonl" for k in (1, 2, 3) for f in ("train", "valid", "pref-train", "pref-valid")),
     }
 
 

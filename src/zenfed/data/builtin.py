@@ -6,6 +6,11 @@ notes to priority codes (a hospital), support tickets to queues (a bank) and
 contract clauses to clause types (a law firm). Codes are arbitrary, so the
 base model cannot answer zero-shot. Each site gets mostly one task, so a site
 training alone cannot learn the others; the union test set holds all three.
+
+Next to the SFT files, ``make_builtin`` writes preference pairs for DPO on the
+same prompts and mixtures (``site-K/pref-{train,valid}.jsonl`` and a union
+``pref-test.jsonl``; see ``zenfed.data.builtin_preferences``), from random
+streams of their own, so the SFT files are the same with or without them.
 """
 
 from __future__ import annotations
@@ -79,27 +84,39 @@ _PREAMBLE = ["Under clause {c},", "Subject to the schedule,", "Notwithstanding c
              "For the avoidance of doubt,", "Save as agreed in writing,"]
 
 
-def _triage(rng: random.Random) -> tuple[str, str, str]:
+def _triage_record(rng: random.Random) -> tuple[str, str, str, str]:
     code = rng.choice(sorted(TRIAGE_CUES))
     cue = rng.choice(TRIAGE_CUES[code])
     note = (f"{rng.choice(_NAMES)}, {rng.randint(18, 90)}, seen at the {rng.choice(_CLINICS)} clinic, "
             f"reports {cue}. History of {rng.choice(_HISTORY)}.")
-    return "Give the triage code (P1, P2, P3 or P4) for this note.", note, code
+    return "Give the triage code (P1, P2, P3 or P4) for this note.", note, code, cue
+
+
+def _routing_record(rng: random.Random) -> tuple[str, str, str, str]:
+    code = rng.choice(sorted(ROUTING_CUES))
+    cue = rng.choice(ROUTING_CUES[code])
+    name, ref, product = rng.choice(_NAMES), rng.randint(10000, 99999), rng.choice(_PRODUCTS)
+    ticket = f"Customer {name} (ref {ref}) {cue} {product}, contacted us {rng.choice(_CHANNELS)}."
+    return "Route this support ticket to a queue code.", ticket, code, f"{cue} {product}"
+
+
+def _clause_record(rng: random.Random) -> tuple[str, str, str, str]:
+    code = rng.choice(sorted(CLAUSE_CUES))
+    cue = rng.choice(CLAUSE_CUES[code]).format(n=rng.choice([2, 3, 5, 10, 14, 30, 60, 90]))
+    preamble, party = rng.choice(_PREAMBLE).format(c=rng.randint(2, 19)), rng.choice(_PARTIES).lower()
+    return "Classify this contract clause with its clause code.", f"{preamble} {party} {cue}.", code, f"{party} {cue}"
+
+
+def _triage(rng: random.Random) -> tuple[str, str, str]:
+    return _triage_record(rng)[:3]
 
 
 def _routing(rng: random.Random) -> tuple[str, str, str]:
-    code = rng.choice(sorted(ROUTING_CUES))
-    cue = rng.choice(ROUTING_CUES[code])
-    ticket = (f"Customer {rng.choice(_NAMES)} (ref {rng.randint(10000, 99999)}) {cue} "
-              f"{rng.choice(_PRODUCTS)}, contacted us {rng.choice(_CHANNELS)}.")
-    return "Route this support ticket to a queue code.", ticket, code
+    return _routing_record(rng)[:3]
 
 
 def _clause(rng: random.Random) -> tuple[str, str, str]:
-    code = rng.choice(sorted(CLAUSE_CUES))
-    cue = rng.choice(CLAUSE_CUES[code]).format(n=rng.choice([2, 3, 5, 10, 14, 30, 60, 90]))
-    text = f"{rng.choice(_PREAMBLE).format(c=rng.randint(2, 19))} {rng.choice(_PARTIES).lower()} {cue}."
-    return "Classify this contract clause with its clause code.", text, code
+    return _clause_record(rng)[:3]
 
 
 @dataclass(frozen=True)
@@ -124,11 +141,46 @@ def make_example(task: Task, rng: random.Random) -> Example:
     return Example(prompt=(Message("user", f"{instruction}\n\n{text}"),), response=code, task=task.name)
 
 
+_RECORD_MAKERS = {"triage": _triage_record, "routing": _routing_record, "clause": _clause_record}
+
+
+def make_record(task: Task, rng: random.Random) -> tuple[str, str, str, str]:
+    """Draw one record of ``task`` with the evidence that decides its code.
+
+    Makes the same draws from ``rng`` as ``task.make``, so the instruction, text
+    and code equal those of ``make_example`` for the same random state.
+
+    Returns:
+        ``(instruction, text, code, evidence)``, where ``evidence`` is the phrase
+        of ``text`` that decides the code (its cue, with the product for a
+        ticket and the party for a clause).
+
+    Raises:
+        DataError: If ``task`` is not one of ``TASKS``.
+    """
+    maker = _RECORD_MAKERS.get(task.name)
+    if maker is None:
+        raise DataError(f"task {task.name!r} is not a built-in task; use one of {sorted(_RECORD_MAKERS)}")
+    return maker(rng)
+
+
 def site_mixture(site_index: int, *, skew: float) -> dict[str, float]:
     """Return the task mixture of site ``site_index`` (0-based): mostly one task."""
     own = TASKS[site_index % len(TASKS)].name
     rest = (1.0 - skew) / (len(TASKS) - 1)
     return {t.name: (skew if t.name == own else rest) for t in TASKS}
+
+
+def check_builtin_arguments(*, sites: int, skew: float) -> None:
+    """Check the site count and skew of the built-in benchmark.
+
+    Raises:
+        DataError: If ``sites`` is below 1 or ``skew`` outside [1 / number of tasks, 1].
+    """
+    if sites < 1:
+        raise DataError(f"--sites must be at least 1, got {sites}")
+    if not 1 / len(TASKS) <= skew <= 1.0:
+        raise DataError(f"skew must be between {1 / len(TASKS):.2f} and 1, got {skew}")
 
 
 def _draw(rng: random.Random, mixture: dict[str, float], count: int) -> list[Example]:
@@ -147,8 +199,12 @@ def make_builtin(
     test_per_task: int = 40,
     skew: float = 0.9,
     seed: int = 0,
+    preferences: bool = True,
 ) -> dict[str, object]:
     """Write the built-in benchmark: ``site-K/{train,valid}.jsonl`` and a union ``test.jsonl``.
+
+    With ``preferences``, also the DPO pairs ``site-K/pref-{train,valid}.jsonl``
+    and ``pref-test.jsonl`` (at ``write_builtin_preferences``' default sizes).
 
     Args:
         out_dir: Folder to write into.
@@ -158,14 +214,16 @@ def make_builtin(
         test_per_task: Held-out test examples per task in the union test set.
         skew: Share of a site's data drawn from its own task (non-IID by task).
         seed: Everything is a deterministic function of the seed.
+        preferences: Also write the preference pairs; the SFT files are the same either way.
 
     Returns:
-        The manifest, also written as ``manifest.json``.
+        The manifest, also written as ``manifest.json``; the preference files are
+        under its ``"preferences"`` key.
+
+    Raises:
+        DataError: If ``sites`` or ``skew`` is out of range.
     """
-    if sites < 1:
-        raise DataError(f"--sites must be at least 1, got {sites}")
-    if not 1 / len(TASKS) <= skew <= 1.0:
-        raise DataError(f"skew must be between {1 / len(TASKS):.2f} and 1, got {skew}")
+    check_builtin_arguments(sites=sites, skew=skew)
     out = Path(out_dir)
     rng = random.Random(seed)
     test: list[Example] = []
@@ -187,6 +245,11 @@ def make_builtin(
         site_info[name] = {"mixture": mixture, "train": len(train), "valid": len(valid)}
     manifest["sites"] = site_info
     write_jsonl(out / "test.jsonl", (example_to_row(e) for e in test))
+    if preferences:
+        # Imported here: builtin_preferences builds on this module's tasks.
+        from zenfed.data.builtin_preferences import write_builtin_preferences
+
+        manifest["preferences"] = write_builtin_preferences(out, sites=sites, skew=skew, seed=seed)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 

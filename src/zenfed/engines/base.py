@@ -11,13 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from zenfed.data.jsonl import Example
 from zenfed.errors import ModelError
 from zenfed.types import AdapterState, LossTerm, RecordDP
+
+if TYPE_CHECKING:
+    from zenfed.data.preference import PreferencePair
+    from zenfed.engines.dpo import PreferenceEval
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,24 @@ class Engine(Protocol):
 
     def generate(self, *, adapter: AdapterState, prompts: Sequence[Example], max_new_tokens: int) -> list[str]:
         """Return greedy completions of ``prompts`` under ``adapter``."""
+        ...
+
+    def train_preferences(
+        self, *, adapter: AdapterState, reference: AdapterState, pairs: Sequence[PreferencePair], steps: int,
+        seed: int, beta: float, dp: RecordDP | None = None, optimizer_state: Any = None,
+        loss_term: LossTerm | None = None, frozen: Collection[str] = (),
+    ) -> TrainResult:
+        """Train ``steps`` DPO steps from ``adapter`` against the frozen ``reference`` adapter on ``pairs``.
+
+        The arguments mean what they mean in ``train``; under ``dp`` the unit of privacy is a pair
+        (see ``engines/dpo.py``).
+        """
+        ...
+
+    def evaluate_preferences(
+        self, *, adapter: AdapterState, pairs: Sequence[PreferencePair], beta: float
+    ) -> PreferenceEval:
+        """Return the preference accuracy and reward margin of ``adapter`` on held-out ``pairs``."""
         ...
 
 

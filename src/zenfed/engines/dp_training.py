@@ -11,13 +11,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from zenfed.data.tokenize import TokenizedExample, collate
 from zenfed.engines.hardware import Hardware
 from zenfed.types import RecordDP
+
+if TYPE_CHECKING:
+    from zenfed.privacy.dp.sgd import UnitLoss
+
+# Indices of a Poisson batch -> the model inputs and how their rows make privacy units.
+DPBatchBuilder = Callable[[list[int]], tuple[dict[str, torch.Tensor], "UnitLoss"]]
 
 # Examples per forward and backward pass of a DP step: the pass holds every layer's
 # activations for all of them (as plain training's MICRO_BATCH does).
@@ -50,9 +56,9 @@ def without_checkpointing(model: Any) -> Iterator[None]:
 
 
 def train_dp(
-    model: Any, *, data: Sequence[TokenizedExample], optimizer: torch.optim.Optimizer, steps: int,
+    model: Any, *, data: Sequence[Any], optimizer: torch.optim.Optimizer, steps: int,
     dp: RecordDP, pad_id: int, chunk_size: int, before_step: Callable[[], None] | None = None,
-    hardware: Hardware | None = None,
+    hardware: Hardware | None = None, batch_for: DPBatchBuilder | None = None,
 ) -> tuple[float, dict[str, float]]:
     """Run ``steps`` DP-SGD steps; return the mean pre-noise loss and DP statistics.
 
@@ -63,8 +69,13 @@ def train_dp(
     after the gradient is privatized and before each optimizer step. Batches go to
     ``hardware``'s device and forward passes run in its precision; gradient checkpointing
     is off for the steps (``without_checkpointing``).
+
+    ``data`` holds the privacy units (tokenized records by default). ``batch_for`` turns the
+    indices of a Poisson batch into model inputs and the :class:`UnitLoss` that makes unit losses
+    of their rows (a preference pair is two rows); by default each unit is one supervised row.
     """
     from zenfed.privacy.dp import DPSGD, PoissonSampler
+    from zenfed.privacy.dp.sgd import SEQUENCE_UNITS
 
     hardware = hardware or Hardware()
     hardware.check_dp()
@@ -82,8 +93,11 @@ def train_dp(
     try:
         with without_checkpointing(model):
             for indices in sampler:
-                stats = private.privatize_grads(**hardware.to(collate_poisson([data[i] for i in indices],
-                                                                              pad_id=pad_id)))
+                if batch_for is None:
+                    inputs, units = collate_poisson([data[i] for i in indices], pad_id=pad_id), SEQUENCE_UNITS
+                else:
+                    inputs, units = batch_for(indices)
+                stats = private.privatize_grads(**hardware.to(inputs), units=units)
                 if before_step is not None:
                     before_step()  # after the noise: a data-free term is post-processing of a private gradient
                 optimizer.step()

@@ -44,6 +44,7 @@ from zenfed.engines.base import (
     site_optimizer,
 )
 from zenfed.engines.dp_training import train_dp
+from zenfed.engines.dpo import PreferenceMethods
 from zenfed.engines.generation import EVAL_BATCH, greedy_generate
 from zenfed.engines.hardware import Hardware, HardwareError
 from zenfed.engines.lora_init import check_layers, deterministic_init, nemo_target_patterns
@@ -110,7 +111,7 @@ def _drop_file_handlers(log_dir: Path) -> None:
                 handler.close()
 
 
-class NemoEngine:
+class NemoEngine(PreferenceMethods):
     """Trains and evaluates LoRA adapters with NeMo. Builds the model once and reuses it."""
 
     name = "nemo"
@@ -241,6 +242,13 @@ class NemoEngine:
         """The NeMo Lightning module (``HFAutoModelForCausalLM`` with LoRA)."""
         self._load()
         return self._module
+
+    def _preference_model(self) -> Any:
+        # DPO runs in zenfed's loop on the HF module NeMo wraps (as DP-SGD does): NeMo 2.5's
+        # fine-tuning recipes have no preference objective for Hugging Face models.
+        module = self.module
+        module.to(self._device())
+        return module.model
 
     def _lora_params(self) -> dict[str, torch.nn.Parameter]:
         """The LoRA parameters under their wire (HF PEFT) names."""

@@ -27,6 +27,7 @@ from zenfed.engines.base import (
     to_wire,
 )
 from zenfed.engines.dp_training import train_dp
+from zenfed.engines.dpo import PreferenceMethods
 from zenfed.engines.generation import EVAL_BATCH, greedy_generate
 from zenfed.engines.hardware import Hardware, quantization_config
 from zenfed.engines.lora_init import check_layers, deterministic_init
@@ -60,7 +61,7 @@ def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
                if p.grad is not None)
 
 
-class PeftEngine:
+class PeftEngine(PreferenceMethods):
     """Trains and evaluates LoRA adapters with PEFT. Loads the model once and reuses it.
 
     The model, its batches, DP-SGD's per-example gradients, evaluation and generation all run
@@ -135,6 +136,9 @@ class PeftEngine:
         """The PEFT-wrapped model."""
         self._load()
         return self._model
+
+    def _preference_model(self) -> Any:
+        return self.model
 
     def adapter_state(self) -> AdapterState:
         """Return the model's current adapter, as it travels on the wire."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from zenfed.data.builtin_preferences import BUILTIN_PREFERENCES, PREFERENCE_TRAIN_FILE, PREFERENCE_VALID_FILE
 from zenfed.errors import JobError
 from zenfed.jobs.allow_list import class_allow_list
 from zenfed.jobs.export import export_job
@@ -20,12 +21,19 @@ from zenfed.spec import DatasetLocation, JobSpec, SitePolicy
 SIMULATOR_JOB = "simulate_job"
 
 
+def builtin_locations(site_dir: Path, *, dataset: str = "builtin") -> dict[str, DatasetLocation]:
+    """The datasets of one site's folder of the built-in data: ``dataset`` (SFT) and ``builtin-preferences``."""
+    return {dataset: DatasetLocation(path=site_dir),
+            BUILTIN_PREFERENCES: DatasetLocation(path=site_dir, train=PREFERENCE_TRAIN_FILE,
+                                                 valid=PREFERENCE_VALID_FILE)}
+
+
 def builtin_policies(data_dir: Path, *, sites: int, dataset: str, allow_any_model: bool) -> dict[str, SitePolicy]:
-    """Return site policies pointing each ``site-K`` at its folder of the built-in data."""
+    """Return site policies pointing each ``site-K`` at its folder of the built-in data (and preference pairs)."""
     models = ("*",) if allow_any_model else ("default",)
     return {
         f"site-{k}": SitePolicy(
-            site=f"site-{k}", datasets={dataset: DatasetLocation(path=data_dir / f"site-{k}")},
+            site=f"site-{k}", datasets=builtin_locations(data_dir / f"site-{k}", dataset=dataset),
             allowed_base_models=models, torch_threads=1,
         )
         for k in range(1, sites + 1)

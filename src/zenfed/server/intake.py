@@ -135,6 +135,10 @@ class RoundIntake:
             "eval_examples": int(header[P.H_EVAL_EXAMPLES]), "release_ok": header.get(P.H_RELEASE_OK) is True,
             "engine": str(header.get(P.H_ENGINE, "unknown")),
         }
+        if header.get(P.H_EVAL_PAIRS) is not None:  # a job with DPO rounds: held-out preference pairs
+            metrics.update(preference_accuracy=_metric(header.get(P.H_EVAL_PREFERENCE_ACCURACY)),
+                           reward_margin=_metric(header.get(P.H_EVAL_REWARD_MARGIN)),
+                           eval_pairs=int(header[P.H_EVAL_PAIRS]))
         if isinstance(header.get(P.H_DP_SPENT), dict):
             metrics["privacy"] = dict(header[P.H_DP_SPENT])
         if self.task == P.TASK_TRAIN:

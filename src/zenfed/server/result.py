@@ -14,20 +14,25 @@ from zenfed.types import AdapterState
 from zenfed.wire import encode_adapter, sha256_hex
 
 RESULT_FILE = "zenfed_result.json"
-_EVAL_KEYS = ("eval_loss", "accuracy", "eval_examples")
+_EVAL_KEYS = ("eval_loss", "accuracy", "eval_examples", "preference_accuracy", "reward_margin", "eval_pairs")
+# What the history shows per round: each metric, weighted by the count it was measured on.
+_WEIGHTED = (("eval_loss", "eval_examples"), ("accuracy", "eval_examples"),
+             ("preference_accuracy", "eval_pairs"), ("reward_margin", "eval_pairs"))
+PREFERENCE_METRICS = ("preference_accuracy", "reward_margin")
 
 
 def weighted_eval(round_sites: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Return the sites' evaluation, weighted by each site's number of eval examples.
+    """Return the sites' evaluation, each metric weighted by the examples (or pairs) it was measured on.
 
     Sites whose policy withholds their metrics are left out.
     """
-    reporting = [m for m in round_sites.values() if m.get("eval_loss") is not None and m.get("accuracy") is not None]
-    total = sum(m["eval_examples"] for m in reporting)
-    if not total:
-        return {}
-    return {"eval_loss": sum(m["eval_loss"] * m["eval_examples"] for m in reporting) / total,
-            "accuracy": sum(m["accuracy"] * m["eval_examples"] for m in reporting) / total}
+    out: dict[str, float] = {}
+    for metric, count in _WEIGHTED:
+        reporting = [m for m in round_sites.values() if m.get(metric) is not None and m.get(count)]
+        total = sum(m[count] for m in reporting)
+        if total:
+            out[metric] = sum(m[metric] * m[count] for m in reporting) / total
+    return out
 
 
 def round_record(rnd: int, started: float, aggregation: Aggregation, round_sites: dict[str, dict[str, Any]],
@@ -38,6 +43,7 @@ def round_record(rnd: int, started: float, aggregation: Aggregation, round_sites
     return {
         "round": rnd, "seconds": round(time.time() - started, 3), "evaluated_round": rnd - 1,
         "eval_loss": evaluated.get("eval_loss"), "accuracy": evaluated.get("accuracy"),
+        **{k: evaluated[k] for k in PREFERENCE_METRICS if k in evaluated},
         "train_loss": sum(losses) / len(losses) if losses else None,
         "contributors": sorted(aggregation.contributors), "total_weight": aggregation.total_weight,
         "global_adapter_sha256": aggregation.digest(new_global), "encrypted": aggregation.encrypted,
@@ -73,9 +79,23 @@ def shift_evaluations(
             sites[name] = shifted
         rounds.append({
             **entry, "eval_loss": global_eval.get("eval_loss"), "accuracy": global_eval.get("accuracy"),
+            **{k: global_eval.get(k) for k in PREFERENCE_METRICS if k in entry},
             "evaluated_round": entry["round"], "sites": sites,
         })
     return rounds
+
+
+def objective_summary(spec: JobSpec) -> dict[str, Any]:
+    """What the job trained, by round, and what one unit of privacy is (for the result and the report)."""
+    rounds = spec.federation.rounds
+    stages: list[dict[str, Any]] = []
+    start = spec.dpo_start_round or rounds + 1
+    if start > 1:
+        stages.append({"objective": "sft", "rounds": [1, start - 1], "dataset": spec.data.dataset})
+    if start <= rounds:
+        stages.append({"objective": "dpo", "rounds": [start, rounds], "dataset": spec.dpo.dataset,
+                       "beta": spec.dpo.beta, "reference": f"the global adapter of round {start}, kept at each site"})
+    return {"kind": spec.objective, "stages": stages, "privacy_unit": spec.privacy_unit()}
 
 
 def privacy_mechanisms(spec: JobSpec) -> list[dict[str, Any]]:
@@ -100,7 +120,8 @@ def build_result(
 ) -> dict[str, Any]:
     """Write the final adapter (if released) and ``zenfed_result.json`` into ``out_dir``; return the result."""
     final: dict[str, Any] = {
-        "eval_loss": final_eval.get("eval_loss"), "accuracy": final_eval.get("accuracy"), "sites": final_sites,
+        "eval_loss": final_eval.get("eval_loss"), "accuracy": final_eval.get("accuracy"),
+        **{k: final_eval[k] for k in PREFERENCE_METRICS if k in final_eval}, "sites": final_sites,
         "adapter_dir": None, "adapter_sha256": None, "global_sha256": global_sha256,
     }
     if released is not None:
@@ -109,7 +130,7 @@ def build_result(
     baseline = history[0] if history else {}
     result = {
         "job": {"name": spec.name, "job_id": job_id, "spec_hash": spec.spec_hash(),
-                "spec": spec.model_dump(mode="json")},
+                "objective": objective_summary(spec), "spec": spec.model_dump(mode="json")},
         "base_model": {"name": spec.model.base, "sha256": base_model_sha256},
         "aggregation": aggregation,
         "privacy": {"mechanisms": privacy_mechanisms(spec)},

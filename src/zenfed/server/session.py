@@ -277,7 +277,8 @@ class ServerSession:
         spec, intake = self.spec, self._require_intake()
         header, payload = self.aggregation.task_payload(global_state)
         header.update({P.H_JOB_ID: self.job_id, P.H_ROUND: self._round, P.H_SPEC_HASH: spec.spec_hash(),
-                       P.H_HAS_GLOBAL: global_state is not None, P.H_GLOBAL_ROUND: self._global_round})
+                       P.H_HAS_GLOBAL: global_state is not None, P.H_GLOBAL_ROUND: self._global_round,
+                       P.H_OBJECTIVE: spec.objective_for_round(self._round)})
         if payload is not None:
             header[P.H_PAYLOAD_SHA256], header[P.H_PAYLOAD_BYTES] = sha256_hex(payload), len(payload)
         message = Message(header=header, payload=payload, server_evidence=self._server_evidence or None)
@@ -300,7 +301,8 @@ class ServerSession:
                                                                       transport=transport):
                 return None
         needed = spec.federation.min_sites if min_sites is None else min_sites
-        self._audit.record(E.ROUND_STARTED, round=self._round, task=task, sites=targets)
+        self._audit.record(E.ROUND_STARTED, round=self._round, task=task, sites=targets,
+                           objective=header[P.H_OBJECTIVE])
         if not transport.broadcast(task=task, message=message, targets=targets,
                                    min_responses=keep or min(needed, len(targets)),
                                    timeout_s=spec.federation.task_timeout_s,
@@ -357,11 +359,13 @@ class ServerSession:
         drawn from the job's seed and the round, so the same job picks the same cohorts; recorded in
         ``round_started``. With ``over_selection`` s, s more sites are asked than the round keeps
         (with a fraction of 1, the round keeps all but s answers, at least ``min_sites``): the first
-        answers are used and the stragglers' are not. Sites outside the cohort get no task this round.
+        answers are used and the stragglers' are not. Sites outside the cohort get no task this round;
+        the first DPO round of a ``dpo`` job asks every eligible site, so that each holds the stage's reference.
         """
         fed = self.spec.federation
         eligible = self._enrollment.match(eligible)
-        if fed.cohort_fraction >= 1:
+        # The first DPO round asks every site: each keeps the adapter it starts from as its DPO reference.
+        if fed.cohort_fraction >= 1 or self._round == self.spec.dpo_start_round:
             keep = max(fed.min_sites, len(eligible) - fed.over_selection)
             return eligible, (keep if keep < len(eligible) else None)
         size = min(len(eligible), max(fed.min_sites, math.ceil(fed.cohort_fraction * len(eligible))))

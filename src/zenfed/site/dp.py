@@ -36,6 +36,7 @@ from zenfed.privacy.dp import (
     default_delta,
     plan_record_dp,
     planned_epsilon,
+    sample_rate_for,
     solve_noise_multiplier,
 )
 from zenfed.spec import JobSpec, SitePolicy, SitePrivacyPolicy
@@ -61,6 +62,9 @@ class SiteDP:
         num_records: training records at this site (n).
         num_sites: sites in the job; client-level distributed noise assumes
             ``k = min(min_sites, num_sites)`` honest sites in every sum.
+        num_pairs: preference pairs at this site, for a job with DPO rounds (a pair is their unit).
+        other_datasets: further datasets the job trains on (a two-stage job's preference set):
+            the job's spend counts against each one's budget as well.
 
     Raises:
         PrivacyError: If a parameter is invalid.
@@ -80,8 +84,10 @@ class SiteDP:
         job_id: str,
         num_records: int,
         num_sites: int,
+        num_pairs: int | None = None,
+        other_datasets: tuple[str, ...] = (),
     ) -> None:
-        if num_records < 1 or num_sites < 1:
+        if num_records < 1 or num_sites < 1 or (num_pairs is not None and num_pairs < 1):
             raise PrivacyError(
                 f"num_records and num_sites must be >= 1, got {num_records} and {num_sites}"
             )
@@ -91,8 +97,10 @@ class SiteDP:
         self.privacy = spec.privacy
         self.policy = policy.privacy if isinstance(policy, SitePolicy) else policy
         self.dataset = dataset
+        self.datasets = (dataset, *other_datasets)
         self.job_id = job_id
         self.num_records = num_records
+        self.num_pairs = num_pairs
         self.num_sites = num_sites
         self.level = self.privacy.level
         self.ledger = (
@@ -103,7 +111,7 @@ class SiteDP:
             else None
         )
         if self.level == "record":
-            self.delta = self.policy.delta or default_delta(num_records)
+            self.delta = self.policy.delta or default_delta(max(num_records, num_pairs or 0))
         else:
             self.delta = self.policy.delta or DEFAULT_CLIENT_DELTA
         saved = self.ledger.accountant_state(dataset=dataset, job=job_id) if self.ledger else None
@@ -116,6 +124,7 @@ class SiteDP:
         self._recorded_epsilon = self.accountant.get_epsilon(self.delta) if saved else 0.0
         self.noise_multiplier: float | None = None
         self.sample_rate = 1.0
+        self._stage_rates: dict[str, float] = {}
         self.steps_per_round = 1
         self.planned_epsilon: float | None = None
         self._client: ClientLevelDP | None = None
@@ -131,6 +140,7 @@ class SiteDP:
         job_id: str,
         num_records: int,
         num_sites: int,
+        num_pairs: int | None = None,
     ) -> SiteDP:
         """Build the stage from a FLARE kit: ledger in ``local/``, key and cert in ``startup/``.
 
@@ -150,7 +160,8 @@ class SiteDP:
         return cls(
             spec=spec, policy=policy, ledger_path=ledger, signing_key_path=key,
             certificate_path=cert, dataset=spec.data.dataset, job_id=job_id,
-            num_records=num_records, num_sites=num_sites,
+            num_records=num_records, num_sites=num_sites, num_pairs=num_pairs,
+            other_datasets=(spec.dpo.dataset,) if spec.objective == "dpo" else (),
         )
 
     # -- before training -----------------------------------------------------------------
@@ -173,7 +184,9 @@ class SiteDP:
         self._check_setup()
         rounds = self.spec.federation.rounds
         method = self.accountant.method
-        if self.level == "record":
+        if self.level == "record" and self.spec.objective == "dpo":
+            self.planned_epsilon = self._plan_stages(method)
+        elif self.level == "record":
             plan = plan_record_dp(
                 rounds=rounds, local_steps=self.spec.training.local_steps,
                 batch_size=self.spec.training.batch_size, num_records=self.num_records,
@@ -203,13 +216,37 @@ class SiteDP:
         decision = self._decide(self.planned_epsilon, what="job")
         self._refuse_if(decision, PrivacyBudgetError)
         return {
-            "level": self.level, "planned_epsilon": self.planned_epsilon, "delta": self.delta,
-            "noise_multiplier": self.noise_multiplier, "clip_norm": self.privacy.clip_norm,
-            "sample_rate": self.sample_rate, "rounds": rounds,
+            "level": self.level, "unit": self.spec.privacy_unit(), "planned_epsilon": self.planned_epsilon,
+            "delta": self.delta, "noise_multiplier": self.noise_multiplier, "clip_norm": self.privacy.clip_norm,
+            "sample_rate": self.sample_rate, "stage_sample_rates": self._stage_rates or None, "rounds": rounds,
             "steps_per_round": self.steps_per_round, "accounting": method,
             "client_mode": self.privacy.client_mode if self.level == "client" else None,
             "decision": decision.to_dict(),
         }
+
+    def _plan_stages(self, method: str) -> float:
+        """Record-level DP for a job with DPO rounds: each stage samples its own data set at its own rate.
+
+        One sigma for the whole job, solved so that the SFT stage's steps (records) and the DPO
+        stage's steps (pairs) composed stay within the target: a conservative bound that also holds
+        for a person whose record and preference pair are both at this site.
+        """
+        if self.num_pairs is None:
+            raise PrivacyError("a job with DPO rounds needs the site's number of preference pairs")
+        spec, steps = self.spec, self.spec.training.local_steps
+        dpo_rounds = spec.federation.rounds - spec.dpo.sft_rounds
+        self._stage_rates = {
+            "sft": sample_rate_for(batch_size=spec.training.batch_size, num_records=self.num_records),
+            "dpo": sample_rate_for(batch_size=spec.training.batch_size, num_records=self.num_pairs),
+        }
+        schedule = [(self._stage_rates["sft"], spec.dpo.sft_rounds * steps),
+                    (self._stage_rates["dpo"], dpo_rounds * steps)]
+        sigma = self.privacy.noise_multiplier or solve_noise_multiplier(
+            target_epsilon=float(self.privacy.target_epsilon or 0), delta=self.delta, method=method,
+            schedule=schedule)
+        self.noise_multiplier, self.steps_per_round = sigma, steps
+        self.sample_rate = self._stage_rates["dpo"]
+        return planned_epsilon(noise_multiplier=sigma, delta=self.delta, method=method, schedule=schedule)
 
     def _admit_without_dp(self) -> dict[str, Any]:
         limits = self.policy.max_epsilon_per_job, self.policy.lifetime_epsilon
@@ -280,9 +317,10 @@ class SiteDP:
             return None
         if self.noise_multiplier is None:
             raise PrivacyError("call admit() before the first round")
+        rate = self._stage_rates.get(self.spec.objective_for_round(round), self.sample_rate)
         after = self.accountant.projected_epsilon(
             delta=self.delta, noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate, num_steps=self.steps_per_round,
+            sample_rate=rate, num_steps=self.steps_per_round,
         )
         decision = self._decide(after, what=f"round {round}")
         self._refuse_if(decision, BudgetExhausted, prefix=f"round {round}: this site stops "
@@ -291,7 +329,7 @@ class SiteDP:
             return None
         return RecordDP(
             noise_multiplier=self.noise_multiplier, clip_norm=self.privacy.clip_norm,
-            sample_rate=self.sample_rate, accountant=self.accountant,
+            sample_rate=rate, accountant=self.accountant,
         )
 
     def clip(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -347,10 +385,11 @@ class SiteDP:
             raise PrivacyError("call admit() before the first round")
         epsilon = self.accountant.get_epsilon(self.delta)
         if self.ledger is not None:
-            self.ledger.record_spend(
-                dataset=self.dataset, job=self.job_id, round=round, epsilon=epsilon,
-                delta=self.delta, level=self.level, accountant_state=self.accountant.state_dict(),
-            )
+            for dataset in self.datasets:
+                self.ledger.record_spend(
+                    dataset=dataset, job=self.job_id, round=round, epsilon=epsilon,
+                    delta=self.delta, level=self.level, accountant_state=self.accountant.state_dict(),
+                )
         spent_round = max(0.0, epsilon - self._recorded_epsilon)
         self._recorded_epsilon = epsilon
         return {
@@ -365,6 +404,11 @@ class SiteDP:
     # -- helpers -------------------------------------------------------------------------
 
     def _decide(self, epsilon: float, *, what: str) -> BudgetDecision:
+        """The budget decision for the job's ``epsilon``: the first dataset it would overspend, else allowed."""
+        decisions = [self._decide_for(dataset, epsilon, what=what) for dataset in self.datasets]
+        return next((d for d in decisions if not d.allowed), decisions[0])
+
+    def _decide_for(self, dataset: str, epsilon: float, *, what: str) -> BudgetDecision:
         limits = {
             "max_epsilon_per_job": self.policy.max_epsilon_per_job,
             "lifetime_budget": self.policy.lifetime_epsilon,
@@ -373,16 +417,16 @@ class SiteDP:
             raise PrivacyError(f"the {what}'s epsilon is not finite; add noise")
         if self.ledger is None:
             return decide_budget(
-                job_totals={self.job_id: self._recorded_epsilon}, dataset=self.dataset,
+                job_totals={self.job_id: self._recorded_epsilon}, dataset=dataset,
                 job=self.job_id, job_epsilon=epsilon, what=f"the {what} of job {self.job_id!r}",
                 **limits,
             )
         if what == "job":
             return self.ledger.check_job(
-                planned_epsilon=epsilon, dataset=self.dataset, job=self.job_id, **limits
+                planned_epsilon=epsilon, dataset=dataset, job=self.job_id, **limits
             )
         return self.ledger.can_spend(
-            dataset=self.dataset, job=self.job_id, epsilon_after=epsilon, **limits
+            dataset=dataset, job=self.job_id, epsilon_after=epsilon, **limits
         )
 
     @staticmethod

@@ -11,8 +11,9 @@ A task's path at a site::
     check         server attested (where required), spec hash matches
     load (once)   data, privacy budget admitted, base model and engine
     incoming      global bytes -> update chain, reversed -> strategy.after_decrypt
-    evaluate      the received adapter on the local validation split
-    train         budget for this round -> strategy.prepare_global -> engine.train
+    evaluate      the received adapter on the local validation split (and held-out pairs, DPO jobs)
+    train         budget for this round -> strategy.prepare_global -> engine.train (DPO rounds:
+                  engine.train_preferences against the stage's reference, site/alignment.py)
     outgoing      local - global -> update chain -> payload bytes, audited
 """
 
@@ -38,6 +39,7 @@ from zenfed.engines.base_model import model_fingerprint, resolve_base_model
 from zenfed.errors import PolicyError, ZenfedError
 from zenfed.kit_files import KitFolders
 from zenfed.protocol import Message
+from zenfed.site.alignment import SitePreferences
 from zenfed.site.attestation import SiteAttestation
 from zenfed.site.chain import IncomingGlobal, OutgoingUpdate, RoundInfo, UpdateChain
 from zenfed.site.dp import SiteDP
@@ -99,6 +101,7 @@ class SiteSession:
         self._store: SiteStateStore | None = None
         self._train: list[Example] = []
         self._valid: list[Example] = []
+        self._preferences: SitePreferences | None = None
         self._base_model_sha256: str | None = None
         self._optimizer_state: Any = None
         self._final_global_sha256: str | None = None
@@ -183,10 +186,13 @@ class SiteSession:
         # A fixed, seeded subset keeps per-round evaluation cheap and comparable across rounds.
         random.Random(spec.training.seed).shuffle(valid)
         self._valid = valid[: spec.evaluation.max_examples]
+        self._preferences = SitePreferences.load(spec, policy, folder=SiteStateStore(root=self.folders.root,
+                                                                                     spec=spec).folder)
         # The privacy budget is decided before any model is loaded: a refused job costs nothing.
         dp = SiteDP.from_kit(
             spec=spec, policy=policy, startup_dir=self.folders.startup, local_dir=self.folders.local,
             job_id=self.job_id, num_records=len(self._train), num_sites=spec.federation.min_sites,
+            num_pairs=len(self._preferences.train) if self._preferences else None,
         )
         plan = dp.admit()
         self._record(E.POLICY_DECISION, decision="accepted", subject="privacy budget",
@@ -209,7 +215,10 @@ class SiteSession:
         self._start_site_state(spec, fresh=False)  # resumes what an earlier run of this job left
         self._record(
             E.POLICY_DECISION, decision="accepted", job=spec.name, spec_sha256=spec.spec_hash(),
-            dataset=spec.data.dataset, base_model_sha256=self._base_model_sha256,
+            dataset=spec.data.dataset, base_model_sha256=self._base_model_sha256, objective=spec.objective,
+            **({"preference_dataset": spec.dpo.dataset, "dpo_from_round": spec.dpo_start_round}
+               if spec.objective == "dpo" else {}),
+            privacy_unit=spec.privacy_unit(),
             engine=policy.engine or spec.model.engine, encrypted=spec.encryption.enabled,
             hardware=hardware.describe(),
             reason="job, base model and dataset allowed by the site policy",
@@ -287,6 +296,9 @@ class SiteSession:
              should_abort: Callable[[], bool]) -> Message:
         engine, policy = self._require(self._engine), self._require(self._policy)
         rnd = int(header[P.H_ROUND])
+        if header.get(P.H_OBJECTIVE, spec.objective_for_round(rnd)) != spec.objective_for_round(rnd):
+            raise PolicyError(f"the task says round {rnd} trains {header.get(P.H_OBJECTIVE)!r}, but this job's spec "
+                              f"says {spec.objective_for_round(rnd)!r}; refusing it")
         evaluation = engine.evaluate(adapter=self._for_engine(adapter), examples=self._valid,
                                      max_new_tokens=spec.evaluation.max_new_tokens)
         out: dict[str, Any] = {
@@ -297,11 +309,15 @@ class SiteSession:
             P.H_EVAL_EXAMPLES: evaluation.num_examples, P.H_BASE_MODEL_SHA256: self._base_model_sha256,
             P.H_RELEASE_OK: policy.allow_plaintext_release, P.H_ENGINE: policy.engine or spec.model.engine,
         }
-        self._record(
-            E.EVALUATED, round=rnd - 1 if task == P.TASK_TRAIN else rnd, scope="local validation",
-            metrics={"eval_loss": evaluation.loss, "accuracy": evaluation.accuracy,
-                     "examples": evaluation.num_examples},
-        )
+        metrics: dict[str, Any] = {"eval_loss": evaluation.loss, "accuracy": evaluation.accuracy,
+                                   "examples": evaluation.num_examples}
+        if self._preferences is not None:
+            fields, scored = self._preferences.evaluate(engine, self._for_engine(adapter),
+                                                        report=policy.report_metrics)
+            out.update(fields)
+            metrics.update(scored)
+        self._record(E.EVALUATED, round=rnd - 1 if task == P.TASK_TRAIN else rnd, scope="local validation",
+                     metrics=metrics)
         if task != P.TASK_TRAIN:
             # The final evaluation names the one adapter this site may later release.
             self._final_global_sha256 = header.get(P.H_PAYLOAD_SHA256)
@@ -324,13 +340,20 @@ class SiteSession:
         store = self._require(self._store)
         if self._optimizer_state is None:  # a new process (a resumed job): the moments this site kept
             self._optimizer_state = store.optimizer_before(info.round)
-        if not strategy.keeps_optimizer_moments:
-            self._optimizer_state = None
-        trained = engine.train(adapter=engine_start, examples=self._train, steps=spec.training.local_steps,
-                               seed=round_seed(job_seed=spec.training.seed, round_index=info.round, site=self.site),
-                               dp=record_dp, optimizer_state=self._optimizer_state,
-                               loss_term=strategy.loss_term(global_adapter=engine_start),
-                               frozen=strategy.frozen_names(start))
+        if not strategy.keeps_optimizer_moments or info.round == spec.dpo_start_round:
+            self._optimizer_state = None  # moments of another objective's gradients do not carry over
+        common: dict[str, Any] = {
+            "adapter": engine_start, "steps": spec.training.local_steps, "dp": record_dp,
+            "seed": round_seed(job_seed=spec.training.seed, round_index=info.round, site=self.site),
+            "optimizer_state": self._optimizer_state, "frozen": strategy.frozen_names(start),
+            "loss_term": strategy.loss_term(global_adapter=engine_start),
+        }
+        if spec.objective_for_round(info.round) == "dpo":
+            preferences = self._require(self._preferences)
+            trained = engine.train_preferences(reference=preferences.reference(info.round, engine_start),
+                                               pairs=preferences.train, beta=preferences.beta, **common)
+        else:
+            trained = engine.train(examples=self._train, **common)
         self._optimizer_state = trained.optimizer_state  # Stays at the site for its next round.
         store.keep_optimizer(info.round, trained.optimizer_state)
         # A rank-capped site's trained ranks go back into the job's rank; the others keep the global's values.
@@ -412,7 +435,9 @@ class SiteSession:
         """
         store = SiteStateStore(root=self.folders.root, spec=spec)
         if fresh:
-            store.clear()
+            store.clear()  # the DPO reference too
+            if self._preferences is not None:
+                self._preferences.forget()
             self._started_fresh = True
         strategy = make_strategy(spec)
         store.resume(strategy)

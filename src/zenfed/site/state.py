@@ -28,6 +28,7 @@ from zenfed.strategies import Strategy
 
 STRATEGY_STATE_FILE = "strategy_state.safetensors"
 OPTIMIZER_FILE = "optimizer-after-round-{:04d}.safetensors"
+REFERENCE_FILE = "dpo-reference.safetensors"  # the adapter a job's DPO stage started from (site/alignment.py)
 
 
 class SiteStateStore:
@@ -45,7 +46,7 @@ class SiteStateStore:
 
     def clear(self) -> None:
         """Forget everything an earlier run of this job left (a job that starts afresh)."""
-        for name in (STRATEGY_STATE_FILE, PERSONAL_FILE):
+        for name in (STRATEGY_STATE_FILE, PERSONAL_FILE, REFERENCE_FILE):
             (self.folder / name).unlink(missing_ok=True)
         for kept in self._optimizer_files():
             kept.unlink(missing_ok=True)

@@ -41,7 +41,7 @@ from zenfed.privacy.dp.errors import (
     PrivacyError,
 )
 from zenfed.privacy.dp.ledger import BudgetDecision, PrivacyLedger, SpendRecord
-from zenfed.privacy.dp.sgd import DPSGD, DPStepStats, PoissonSampler, secure_generator
+from zenfed.privacy.dp.sgd import DPSGD, DPStepStats, PoissonSampler, UnitLoss, secure_generator
 
 __all__ = [
     "DEFAULT_CLIENT_DELTA",
@@ -63,6 +63,7 @@ __all__ = [
     "PrivacyLedger",
     "RecordDPPlan",
     "SpendRecord",
+    "UnitLoss",
     "add_gaussian_noise",
     "client_level_dp",
     "clip_update",

@@ -9,7 +9,7 @@ site's ledger, restored after a restart, and written into the audit report.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -211,11 +211,18 @@ class PrivacyAccountant:
 
 
 def planned_epsilon(
-    *, noise_multiplier: float, sample_rate: float, steps: int, delta: float, method: str = "pld"
+    *, noise_multiplier: float, sample_rate: float = 1.0, steps: int = 0, delta: float, method: str = "pld",
+    schedule: Sequence[tuple[float, int]] | None = None,
 ) -> float:
-    """Return epsilon of ``steps`` Poisson-subsampled Gaussian steps, at ``delta``."""
+    """Return epsilon of ``steps`` Poisson-subsampled Gaussian steps, at ``delta``.
+
+    ``schedule`` replaces ``sample_rate`` and ``steps`` with several ``(sample_rate, steps)``
+    stages composed in order (a job whose stages sample different data sets).
+    """
     accountant = PrivacyAccountant(method=method)
-    accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=steps)
+    for rate, count in schedule if schedule is not None else [(sample_rate, steps)]:
+        if count:
+            accountant.step(noise_multiplier=noise_multiplier, sample_rate=rate, num_steps=count)
     return accountant.get_epsilon(delta)
 
 
@@ -223,10 +230,11 @@ def solve_noise_multiplier(
     *,
     target_epsilon: float,
     delta: float,
-    sample_rate: float,
-    steps: int,
+    sample_rate: float = 1.0,
+    steps: int = 0,
     method: str = "pld",
     rel_tol: float = 1e-3,
+    schedule: Sequence[tuple[float, int]] | None = None,
 ) -> float:
     """Return the smallest sigma (within ``rel_tol``) whose epsilon is at most ``target_epsilon``.
 
@@ -238,13 +246,12 @@ def solve_noise_multiplier(
 
     """
     target_epsilon = _positive("target_epsilon", target_epsilon)
-    if steps < 1:
-        raise PrivacyError(f"steps must be at least 1 to solve for sigma, got {steps}")
+    stages = list(schedule) if schedule is not None else [(sample_rate, steps)]
+    if sum(count for _, count in stages) < 1:
+        raise PrivacyError(f"steps must be at least 1 to solve for sigma, got {stages}")
 
     def eps(sigma: float) -> float:
-        return planned_epsilon(
-            noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta, method=method
-        )
+        return planned_epsilon(noise_multiplier=sigma, delta=delta, method=method, schedule=stages)
 
     low, high = 0.25, 1.0
     while eps(high) > target_epsilon:

@@ -7,7 +7,9 @@ clipped to L2 norm C, the clipped gradients are summed, Gaussian noise of std
 sigma*C is added, and the result is divided by the expected batch size q*n. The
 result is written to ``.grad``, so any optimizer can step.
 
-The privacy unit is one training record (one sequence). Batches must be drawn
+The privacy unit is one training record: one sequence, or, with a
+:class:`UnitLoss`, a fixed number of rows that make one record together (DPO's
+preference pair: the chosen and the rejected answer). Batches must be drawn
 with :class:`PoissonSampler` at the same rate the accountant is told.
 """
 
@@ -81,6 +83,29 @@ class PoissonSampler:
 
 
 @dataclass(frozen=True)
+class UnitLoss:
+    """How the rows of a batch make the losses of its privacy units.
+
+    Unit ``i`` is rows ``i * rows_per_unit`` to ``(i + 1) * rows_per_unit - 1``; its gradient
+    (the sum of its rows' per-row gradients) is what is clipped. ``loss`` takes each row's summed
+    label-token log-probability and label-token count, both ``(units, rows_per_unit)``, and the
+    index of the first unit in the batch, and returns each unit's loss ``(units,)``.
+    """
+
+    rows_per_unit: int
+    loss: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def mean_token_loss(logp_sums: torch.Tensor, counts: torch.Tensor, first_unit: int) -> torch.Tensor:
+    """The supervised loss of one-row units: mean next-token cross-entropy over the label tokens."""
+    del first_unit  # the loss needs nothing beyond the rows themselves
+    return (-logp_sums / counts.clamp(min=1)).sum(dim=1)
+
+
+SEQUENCE_UNITS = UnitLoss(rows_per_unit=1, loss=mean_token_loss)
+
+
+@dataclass(frozen=True)
 class DPStepStats:
     """What one DP-SGD step did, computed before noise: not DP, so keep it at the site."""
 
@@ -108,7 +133,37 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, targets
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+def label_logps(
+    model: torch.nn.Module, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+    keeps_logits: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return each row's summed next-token log-probability over its label tokens, and their count.
+
+    Only the logits at positions some row has a label after are computed (``keeps_logits``: the
+    model takes ``logits_to_keep``): the output layer over the whole vocabulary at every prompt
+    token was ~40% of a step, for no loss.
+    """
+    positions, targets = label_positions(labels)
+    kept = positions[targets != IGNORE_INDEX].unique()
+    if kept.numel() == 0:
+        kept = torch.zeros(1, dtype=torch.long, device=labels.device)
+    kwargs: dict[str, object] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if keeps_logits:
+        kwargs["logits_to_keep"] = kept
+    out = model(**kwargs)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    if not keeps_logits:
+        logits = logits[:, kept]
+    # Column of each (row, label) position among the kept ones; filler entries are ignored.
+    columns = torch.searchsorted(kept, positions).clamp(max=kept.numel() - 1)
+    chosen = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))
+    token_loss = torch.nn.functional.cross_entropy(
+        chosen.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return -token_loss.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the (possibly PEFT-wrapped) Hugging Face model can compute only some logits."""
     get_base = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model
@@ -194,51 +249,34 @@ class DPSGD:
         self.generator = generator if generator is not None else secure_generator()
         self.chunk_size = chunk_size
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self._keeps_logits = _accepts_logits_to_keep(model)
+        self._keeps_logits = accepts_logits_to_keep(model)
         if not self.params:
             raise PrivacyError("the model has no trainable parameters; add LoRA adapters first")
 
-    def _batch_losses(
+    def _row_logps(
         self, hooked: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-    ) -> torch.Tensor:
-        """Return each example's mean next-token cross-entropy over its label tokens, ``(B,)``.
-
-        Only the logits at positions some example has a label after are computed: the output
-        layer over the whole vocabulary at every prompt token was ~40% of a step, for no loss.
-        """
-        positions, targets = label_positions(labels)
-        kept = positions[targets != IGNORE_INDEX].unique()
-        if kept.numel() == 0:
-            kept = torch.zeros(1, dtype=torch.long, device=labels.device)
-        kwargs: dict[str, object] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if self._keeps_logits:
-            kwargs["logits_to_keep"] = kept
-        out = hooked(**kwargs)
-        logits = out if isinstance(out, torch.Tensor) else out.logits
-        if not self._keeps_logits:
-            logits = logits[:, kept]
-        # Column of each (row, label) position among the kept ones; filler entries are ignored.
-        columns = torch.searchsorted(kept, positions).clamp(max=kept.numel() - 1)
-        chosen = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))
-        token_loss = torch.nn.functional.cross_entropy(
-            chosen.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        return token_loss.sum(dim=1) / (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return each row's summed label-token log-probability and label-token count, both ``(B,)``."""
+        return label_logps(hooked, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                           keeps_logits=self._keeps_logits)
 
     def per_example_grads(
-        self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        units: UnitLoss = SEQUENCE_UNITS,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Return per-example gradients ``{name: (B, *shape)}`` and per-example losses ``(B,)``.
+        """Return per-unit gradients ``{name: (U, *shape)}`` and per-unit losses ``(U,)``.
 
-        One batched forward and backward per micro-batch of ``chunk_size`` examples, with
-        Opacus' hooks turning each trainable layer's activations and output gradients into
-        per-example gradients. Examples do not interact in a causal LM (each row has its own
-        attention mask), so the gradient of the summed per-example losses splits exactly.
+        One batched forward and backward per micro-batch of ``chunk_size`` units, with Opacus'
+        hooks turning each trainable layer's activations and output gradients into per-row
+        gradients; a unit's gradient is the sum of its rows'. Rows do not interact in a causal
+        LM (each has its own attention mask), so the gradient of the summed unit losses splits
+        exactly.
         """
-        batch = int(input_ids.shape[0])
-        if batch == 0:
+        per_unit = units.rows_per_unit
+        count = int(input_ids.shape[0]) // per_unit
+        if count == 0:
             return {n: p.new_zeros((0, *p.shape)) for n, p in self.params.items()}, torch.zeros(0)
-        step = self.chunk_size or batch
+        step = self.chunk_size or count
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.params}
         losses: list[torch.Tensor] = []
         # The backward pass also sums into .grad; the caller's .grad is put back afterwards.
@@ -249,22 +287,25 @@ class DPSGD:
             with per_sample_hooks(self.model) as hooked, warnings.catch_warnings():
                 # The frozen layers below the first adapter need no input gradient; torch warns.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                for start in range(0, batch, step):
-                    rows = slice(start, start + step)
+                for first in range(0, count, step):
+                    taken = min(step, count - first)
+                    rows = slice(first * per_unit, (first + taken) * per_unit)
                     with self.forward_context():
-                        example_losses = self._batch_losses(hooked, input_ids[rows], attention_mask[rows],
-                                                            labels[rows])
-                    example_losses.sum().backward()
-                    losses.append(example_losses.detach())
+                        logps, tokens = self._row_logps(hooked, input_ids[rows], attention_mask[rows], labels[rows])
+                    unit_losses = units.loss(logps.view(taken, per_unit), tokens.view(taken, per_unit), first)
+                    unit_losses.sum().backward()
+                    losses.append(unit_losses.detach())
                     for name, param in self.params.items():
-                        parts[name].append(_take_grad_sample(name, param))
+                        sample = _take_grad_sample(name, param)
+                        parts[name].append(sample.view(taken, per_unit, *sample.shape[1:]).sum(dim=1))
         finally:
             for name, param in self.params.items():
                 param.grad = saved[name]
         return {name: torch.cat(chunks) for name, chunks in parts.items()}, torch.cat(losses)
 
     def privatize_grads(
-        self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        units: UnitLoss = SEQUENCE_UNITS,
     ) -> DPStepStats:
         """Write clipped, summed, noised, normalised gradients to each trainable ``.grad``.
 
@@ -272,6 +313,7 @@ class DPSGD:
             input_ids: (B, T) token ids of a Poisson-sampled batch; B may be 0.
             attention_mask: (B, T), 1 for real tokens.
             labels: (B, T), -100 for tokens without loss.
+            units: how rows make privacy units (default: one row each); each unit's gradient is clipped.
 
         Returns:
             Statistics of the batch before noise.
@@ -283,12 +325,15 @@ class DPSGD:
                 f"shape, got {tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, "
                 f"{tuple(labels.shape)}"
             )
-        batch = int(input_ids.shape[0])
+        if input_ids.shape[0] % units.rows_per_unit:
+            raise PrivacyError(f"a batch of {input_ids.shape[0]} rows does not split into units of "
+                               f"{units.rows_per_unit} rows; build the batch unit by unit")
+        batch = int(input_ids.shape[0]) // units.rows_per_unit
         sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
         stats = DPStepStats(0, None, None, None)
         if batch > 0:
             grads, losses = self.per_example_grads(
-                input_ids=input_ids, attention_mask=attention_mask, labels=labels
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, units=units
             )
             flat = torch.cat([g.reshape(batch, -1).double() for g in grads.values()], dim=1)
             norms = flat.norm(dim=1)
