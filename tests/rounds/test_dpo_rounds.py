@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from test_round_without_flare import SITES, signed_job
 
 from zenfed import protocol as P
+from zenfed.audit.report import build_report
 from zenfed.server.result import RESULT_FILE
 from zenfed.site.state import REFERENCE_FILE, SiteStateStore
 
@@ -72,3 +73,15 @@ def test_sft_then_dpo_under_encryption_and_pair_level_dp(tiny_job_spec, three_si
     # All sites kept the same reference: the decrypted mean of round 1.
     kept = [load_file(str(SiteStateStore(root=tmp_path / s, spec=spec).folder / REFERENCE_FILE)) for s in SITES]
     assert all(torch.equal(kept[0][k], other[k]) for other in kept[1:] for k in kept[0])
+    # The compliance report names the objective, its stages and the unit of privacy, with the preference curve.
+    paths = build_report(server.folders.run, out_dir=tmp_path / "report")
+    report = json.loads(paths.json.read_text())
+    assert report["summary"]["objective"].startswith("SFT in rounds 1-1 on builtin; DPO (beta 0.2) in rounds 2-3 "
+                                                     "on builtin-preferences")
+    assert "preference pair" in report["summary"]["privacy_unit"]
+    assert report["summary"]["final_preference_accuracy"] == result["final"]["preference_accuracy"]
+    assert [r["preference_accuracy"] for r in report["curves"]["rounds"]] == \
+        [r["preference_accuracy"] for r in result["rounds"]]
+    html = paths.html.read_text()
+    assert "Unit of privacy" in html and "Preference accuracy" in html
+    assert paths.pdf.read_bytes().startswith(b"%PDF")

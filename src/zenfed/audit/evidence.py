@@ -99,6 +99,8 @@ def _rounds(result: dict[str, Any]) -> list[dict[str, Any]]:
             "round": entry["round"],
             "eval_loss": _num(entry.get("eval_loss")),
             "accuracy": _num(entry.get("accuracy")),
+            "preference_accuracy": _num(entry.get("preference_accuracy")),
+            "reward_margin": _num(entry.get("reward_margin")),
             "global_adapter_sha256": entry.get("global_adapter_sha256")
             if isinstance(entry.get("global_adapter_sha256"), str) else None,
             "sites": sites,
@@ -308,16 +310,21 @@ def _summary(
         str(_dict(r.get("fields")).get("decision")).lower() for recs in logs.values()
         for r in recs if r.get("event") == events.POLICY_DECISION
     ]
+    objective = _dict(job.get("objective"))
     return {
         "job_name": job.get("name"),
         "job_id": job.get("job_id"),
         "spec_sha256": job.get("spec_hash"),
+        "objective": _objective_text(objective),
+        "privacy_unit": objective.get("privacy_unit") if isinstance(objective.get("privacy_unit"), str) else None,
         "submitted_by": next((s for s in submitted if isinstance(s, str)), None),
         "rounds_completed": len(report["curves"]["rounds"]),
         "rounds_planned": planned if isinstance(planned, int) else None,
         "sites": sites,
         "final_eval_loss": _num(final.get("eval_loss")),
         "final_accuracy": _num(final.get("accuracy")),
+        "final_preference_accuracy": _num(final.get("preference_accuracy")),
+        "final_reward_margin": _num(final.get("reward_margin")),
         "final_adapter_sha256": final.get("adapter_sha256"),
         "privacy_mechanisms": [m["name"] for m in report["privacy"]["mechanisms"]],
         "bytes_left_sites": report["data_residency"]["total_bytes"],
@@ -327,3 +334,17 @@ def _summary(
         "policy_decisions": {"accepted": decisions.count("accepted"),
                              "refused": decisions.count("refused")},
     }
+
+
+def _objective_text(objective: dict[str, Any]) -> str | None:
+    """The job's stages in words, e.g. 'SFT in rounds 1-2 on builtin; DPO (beta 0.1) in rounds 3-5 on ...'."""
+    parts = []
+    for stage in _list(objective.get("stages")):
+        stage = _dict(stage)
+        rounds = _list(stage.get("rounds"))
+        span = f"{rounds[0]}-{rounds[1]}" if len(rounds) == 2 else "?"
+        name = str(stage.get("objective", "?")).upper()
+        beta = f" (beta {stage['beta']})" if stage.get("beta") is not None else ""
+        reference = f", against {stage['reference']}" if stage.get("reference") else ""
+        parts.append(f"{name}{beta} in rounds {span} on {stage.get('dataset', '?')}{reference}")
+    return "; ".join(parts) or None

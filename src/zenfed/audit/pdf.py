@@ -97,6 +97,8 @@ def render_pdf(report: dict[str, Any], plots: dict[str, bytes]) -> bytes:
     story.append(_kv([
         ("Job", f"{s['job_name'] or 'unrecorded'} ({s['job_id'] or 'no id'})"),
         ("Job specification hash", s["spec_sha256"] or "unrecorded"),
+        ("Objective", s["objective"] or "unrecorded"),
+        ("Unit of privacy", s["privacy_unit"] or "no differential privacy"),
         ("Submitted by", s["submitted_by"] or "unrecorded"),
         ("Rounds completed", f"{s['rounds_completed']}{planned}"),
         ("Sites", ", ".join(s["sites"]) or "none recorded"),
@@ -105,6 +107,9 @@ def render_pdf(report: dict[str, Any], plots: dict[str, bytes]) -> bytes:
          f"{human_bytes(s['bytes_left_sites'])} of model updates, no data records"),
         ("Final evaluation loss", format_number(s["final_eval_loss"])),
         ("Final accuracy", format_number(s["final_accuracy"])),
+        *([("Final preference accuracy", f"{format_number(s['final_preference_accuracy'])} (reward margin "
+                                         f"{format_number(s['final_reward_margin'])})")]
+          if s["final_preference_accuracy"] is not None else []),
         ("Final adapter hash", s["final_adapter_sha256"] or "unrecorded"),
         ("Events recorded", f"from {s['first_event'] or '?'} to {s['last_event'] or '?'}"),
         ("Site policy decisions", f"{s['policy_decisions']['accepted']} accepted, "
@@ -173,13 +178,17 @@ def render_pdf(report: dict[str, Any], plots: dict[str, bytes]) -> bytes:
     if not plots:
         story.append(_p("No round metrics were recorded."))
     sites = s["sites"]
-    rows = [[r["round"], format_number(r["eval_loss"]), format_number(r["accuracy"])]
+    metrics = ["eval_loss", "accuracy"]
+    headers = ["Round", "Evaluation loss", "Accuracy"]
+    if s["final_preference_accuracy"] is not None:
+        metrics += ["preference_accuracy", "reward_margin"]
+        headers += ["Preference accuracy", "Reward margin"]
+    rows = [[r["round"], *(format_number(r[m]) for m in metrics)]
             + [format_number(r["sites"][x].get("train_loss")) if x in r["sites"] else "n/a"
                for x in sites]
             for r in report["curves"]["rounds"]]
-    n = 3 + len(sites)
-    story.append(_table(["Round", "Evaluation loss", "Accuracy"]
-                        + [f"{x} training loss" for x in sites], rows, [1 / n] * n))
+    n = len(headers) + len(sites)
+    story.append(_table(headers + [f"{x} training loss" for x in sites], rows, [1 / n] * n))
     story.append(_p("n/a: not reported. A site under differential privacy keeps its training loss: "
                     "epsilon does not cover it.", _CELL))
 
