@@ -20,6 +20,7 @@ import torch
 
 from zenfed.data.builtin import make_builtin
 from zenfed.data.jsonl import Example, load_jsonl
+from zenfed.engines.base import TrainResult
 from zenfed.engines.peft import PeftEngine
 from zenfed.server.aggregation import WeightedMean
 from zenfed.spec import LoraSpec, TrainingSpec
@@ -155,13 +156,16 @@ def scores(engine: PeftEngine, adapter: AdapterState, test: Sequence[Example], *
     return {"eval_loss": round(result.loss, 4), "accuracy": round(result.accuracy, 4)}
 
 
-def fedavg(engine: PeftEngine, start: AdapterState, data: Mapping[str, list[Example]], *,
+def fedavg(engine: PeftEngine, start: AdapterState, data: Mapping[str, Sequence[Any]], *,
            config: ArmConfig, seed: int, log: Callable[[str], None], label: str,
-           dp: Callable[[str], RecordDP | None] = lambda site: None) -> AdapterState:
+           dp: Callable[[str], RecordDP | None] = lambda site: None,
+           local_train: Callable[..., TrainResult] | None = None) -> AdapterState:
     """FedAvg over the sites, in-process, with the controller's aggregator.
 
     Each round every site trains ``local_steps`` steps from the global adapter on
     its own data, and the adapters are averaged weighted by sample count.
+    ``local_train`` (default: supervised ``engine.train``) takes ``adapter``, ``data``,
+    ``steps``, ``seed``, ``dp`` and ``optimizer_state`` (DPO passes its own).
 
     Args:
         engine: The engine every site trains with.
@@ -175,12 +179,13 @@ def fedavg(engine: PeftEngine, start: AdapterState, data: Mapping[str, list[Exam
 
     """
     global_adapter = start
+    train = local_train or (lambda data, **kw: engine.train(examples=data, **kw))
     optimizer_states: dict[str, object] = {}  # Each site keeps its own optimizer, as the executor does.
     for round_index in range(config.rounds):
         mean = WeightedMean()
         for site_index, (site, examples) in enumerate(data.items()):
-            result = engine.train(
-                adapter=global_adapter, examples=examples, steps=config.local_steps,
+            result = train(
+                adapter=global_adapter, data=examples, steps=config.local_steps,
                 seed=seed * 100_003 + round_index * len(data) + site_index, dp=dp(site),
                 optimizer_state=optimizer_states.get(site),
             )

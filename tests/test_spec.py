@@ -314,3 +314,35 @@ def test_an_infinite_number_in_a_job_spec_is_refused():
     # Execute / Assert: infinity has no canonical JSON, so it could never be hashed
     with pytest.raises(ValidationError):
         JobSpec(name="inf", privacy={"level": "record", "target_epsilon": float("inf")})
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"objective": "dpo", "dpo": {"sft_rounds": 3}, "federation": {"rounds": 3}}, "leaves no DPO round"),
+    ({"dpo": {"beta": 0.5}}, "sets ['beta'] but objective is 'sft'"),
+    ({"objective": "rlhf"}, "objective"),
+    ({"objective": "dpo", "dpo": {"beta": 0}}, "dpo.beta"),
+    ({"objective": "dpo", "dpo": {"dataset": "../prefs"}}, "dpo.dataset"),
+])
+def test_a_bad_dpo_job_is_refused_with_the_fix(data, message):
+    # Execute
+    with pytest.raises(SpecError) as caught:
+        parse_model(JobSpec, {"name": "x", **data}, kind="job spec", source="test")
+
+    # Assert
+    assert message in str(caught.value)
+
+
+def test_a_two_stage_job_trains_sft_then_dpo_and_survives_its_own_dump():
+    # Prepare
+    spec = JobSpec(name="x", objective="dpo", dpo={"sft_rounds": 2}, federation={"rounds": 5})
+
+    # Execute
+    again = JobSpec.model_validate(spec.model_dump(mode="json"))
+    supervised = JobSpec.model_validate(JobSpec(name="y").model_dump(mode="json"))
+
+    # Assert: rounds 1-2 SFT, 3-5 DPO; a dump of either kind loads back (the sites parse it).
+    assert [spec.objective_for_round(r) for r in range(1, 6)] == ["sft", "sft", "dpo", "dpo", "dpo"]
+    assert spec.dpo_start_round == 3 and again == spec
+    assert supervised.dpo_start_round is None and supervised.privacy_unit() is None
+    assert "preference pair" in JobSpec(name="z", objective="dpo", privacy={
+        "level": "record", "target_epsilon": 8}).privacy_unit()

@@ -40,7 +40,8 @@ def _data_make(args: argparse.Namespace) -> int:
     from zenfed.data import make_builtin
 
     manifest = make_builtin(args.out, sites=args.sites, seed=args.seed, skew=args.skew)
-    print(f"wrote {len(manifest['sites'])} site folders and test.jsonl to {args.out}")  # type: ignore[arg-type]
+    print(f"wrote {len(manifest['sites'])} site folders (SFT data and preference pairs), test.jsonl and "  # type: ignore[arg-type]
+          f"pref-test.jsonl to {args.out}")
     return 0
 
 
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root-ca", help="the project's rootCA.pem (default: found next to the logs)")
 
     p = command("bench", _bench, "run a benchmark and print one JSON object")
-    p.add_argument("name", choices=["quality", "he", "privacy", "scale", "engines", "algorithms"])
+    p.add_argument("name", choices=["quality", "he", "privacy", "scale", "engines", "algorithms", "gpu", "alignment"])
     p.add_argument("--json", action="store_true", help="print compact JSON")
     p.add_argument("--tiny", action="store_true", help="use the tiny random model (fast)")
     return parser

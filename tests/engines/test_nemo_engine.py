@@ -91,6 +91,27 @@ def test_training_matches_peft_step_for_step(nemo, peft, examples, trained):
     assert diff < 1e-5
 
 
+def test_dpo_in_zenfeds_loop_on_the_nemo_model_matches_peft(nemo, peft):
+    # Prepare: a reference that is not the start (one SFT-like step), and preference pairs.
+    from zenfed.data.builtin_preferences import make_preference_pair
+
+    rng = random.Random(2)
+    pairs = [make_preference_pair(TASKS[i % 3], rng) for i in range(12)]
+    reference = peft.train(adapter=peft.initial_adapter(), examples=[p.chosen_example() for p in pairs], steps=1,
+                           seed=1).adapter
+
+    # Execute: the same DPO steps from the same start in both engines.
+    ours = nemo.train_preferences(adapter=reference, reference=reference, pairs=pairs, steps=3, seed=4, beta=0.1)
+    theirs = peft.train_preferences(adapter=reference, reference=reference, pairs=pairs, steps=3, seed=4, beta=0.1)
+    scored = nemo.evaluate_preferences(adapter=ours.adapter, pairs=pairs, beta=0.1)
+
+    # Assert: the NeMo model's LoRA layers train to PEFT's adapter, and B moved.
+    assert ours.train_loss == pytest.approx(theirs.train_loss, rel=1e-4)
+    assert max(float((ours.adapter[k] - theirs.adapter[k]).abs().max()) for k in ours.adapter) < 1e-4
+    assert any(not torch.equal(ours.adapter[k], reference[k]) for k in reference if ".lora_B." in k)
+    assert scored.num_pairs == 12 and scored.reward_margin != 0
+
+
 def test_dp_sgd_matches_peft_step_for_step_and_keeps_its_optimizer_across_rounds(nemo, peft, examples):
     # Prepare: no noise and every record in every batch make DP-SGD deterministic; a clip
     # norm this small clips every example's gradient, so the clipping is compared too.

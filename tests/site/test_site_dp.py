@@ -268,3 +268,57 @@ def test_a_kit_without_a_key_accounts_but_refuses_a_lifetime_budget(tiny_job_spe
     assert math.isfinite(plain.after_round(1)["epsilon"])
     with pytest.raises(DPRequiredError, match="lifetime_epsilon"):
         limited.admit()
+
+
+def _two_stage(tiny_job_spec, name="dpo-job", **privacy):
+    return tiny_job_spec(name, objective="dpo", dpo={"sft_rounds": 1}, federation={"rounds": 3},
+                         privacy={"level": "record", **privacy})
+
+
+def test_a_two_stage_job_composes_both_stages_each_at_its_own_rate(tiny_job_spec, kit, local_dir):
+    # Prepare: 60 SFT records, 40 preference pairs, batch 4, 4 steps a round; round 1 SFT, rounds 2-3 DPO.
+    spec = _two_stage(tiny_job_spec, target_epsilon=6.0)
+    stage = SiteDP.from_kit(spec=spec, policy=_policy(), startup_dir=kit / "startup", local_dir=local_dir,
+                            job_id="job-1", num_records=60, num_sites=2, num_pairs=40)
+
+    # Execute
+    plan = stage.admit()
+    rates = [stage.for_round(r).sample_rate for r in (1, 2, 3)]
+
+    # Assert: one sigma; epsilon is 4 steps at q=4/60 composed with 8 steps at q=4/40, at delta 1/(10*60).
+    assert plan["stage_sample_rates"] == {"sft": 4 / 60, "dpo": 4 / 40} and rates == [4 / 60, 4 / 40, 4 / 40]
+    direct = PLDAccountant(value_discretization_interval=1e-3)
+    gaussian = dp_accounting.GaussianDpEvent(plan["noise_multiplier"])
+    direct.compose(dp_accounting.PoissonSampledDpEvent(4 / 60, gaussian), 4)
+    direct.compose(dp_accounting.PoissonSampledDpEvent(4 / 40, gaussian), 8)
+    assert plan["planned_epsilon"] == pytest.approx(direct.get_epsilon(1 / 600), rel=1e-6)
+    assert 5.9 < plan["planned_epsilon"] <= 6.0 and plan["delta"] == 1 / 600
+    assert "preference pair" in plan["unit"]
+
+
+def test_a_two_stage_jobs_spend_counts_against_both_datasets_budgets(tiny_job_spec, kit, local_dir):
+    # Prepare: an earlier DPO-only job spent part of the preference set's budget;
+    # the lifetime budget fits the new job alone, but not on top of that spend.
+    spec = _two_stage(tiny_job_spec, noise_multiplier=SIGMA)
+    planned = SiteDP.from_kit(spec=spec, policy=_policy(), startup_dir=None, local_dir=None, job_id="plan",
+                              num_records=60, num_sites=2, num_pairs=40).admit()["planned_epsilon"]
+    earlier = SiteDP.from_kit(spec=tiny_job_spec("prefs-only", objective="dpo", federation={"rounds": 1},
+                                                 data={"dataset": "other"},
+                                                 privacy={"level": "record", "noise_multiplier": SIGMA}),
+                              policy=_policy(), startup_dir=kit / "startup", local_dir=local_dir, job_id="job-0",
+                              num_records=60, num_sites=2, num_pairs=40)
+    earlier.admit()
+    earlier.accountant.step(noise_multiplier=SIGMA, sample_rate=0.1, num_steps=4)
+    spent = earlier.after_round(1)["epsilon"]
+    stage = SiteDP.from_kit(spec=spec, policy=_policy(lifetime_epsilon=planned + spent / 2),
+                            startup_dir=kit / "startup", local_dir=local_dir, job_id="job-1", num_records=60,
+                            num_sites=2, num_pairs=40)
+
+    # Execute / Assert: the job fits the SFT dataset's budget but not the preference set's.
+    with pytest.raises(PrivacyBudgetError) as caught:
+        stage.admit()
+    assert caught.value.decision["code"] == "lifetime_budget" and spent > 0
+    ledger = PrivacyLedger(local_dir / "privacy_ledger.json", signing_key_path=kit / "startup" / "client.key")
+    # A DPO-only job trains on its preference set alone: its SFT dataset's budget is untouched.
+    assert ledger.spent(dataset="builtin-preferences") == spent and ledger.spent(dataset="other") == 0
+    assert ledger.spent(dataset="builtin") == 0

@@ -292,6 +292,7 @@ class PreferenceMethods:
             self._preference_trainer = PreferenceTrainer(
                 model=model, tokenizer=self.tokenizer, hardware=self.hardware, training=self.training,
                 load_adapter=self.load_adapter, adapter_state=self.adapter_state)
+        self._preference_trainer.training = self.training  # an engine whose training section changed
         return self._preference_trainer
 
     def train_preferences(

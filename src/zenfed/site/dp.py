@@ -157,11 +157,14 @@ class SiteDP:
             ledger = Path(local_dir) / policy.privacy.ledger
             cert_path = key.with_name(CERTIFICATE)
             cert = cert_path if cert_path.is_file() else None
+        # The budgets charged are those of the datasets the job trains on: SFT rounds, DPO rounds or both.
+        trained = [spec.data.dataset] if spec.objective == "sft" or spec.dpo.sft_rounds else []
+        trained += [spec.dpo.dataset] if spec.objective == "dpo" else []
         return cls(
             spec=spec, policy=policy, ledger_path=ledger, signing_key_path=key,
-            certificate_path=cert, dataset=spec.data.dataset, job_id=job_id,
+            certificate_path=cert, dataset=trained[0], job_id=job_id,
             num_records=num_records, num_sites=num_sites, num_pairs=num_pairs,
-            other_datasets=(spec.dpo.dataset,) if spec.objective == "dpo" else (),
+            other_datasets=tuple(trained[1:]),
         )
 
     # -- before training -----------------------------------------------------------------
