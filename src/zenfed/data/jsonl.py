@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from zenfed.atomic import atomic_write_bytes
 from zenfed.errors import DataError
 
 _ROLES = ("system", "user", "assistant")
+_Row = TypeVar("_Row")
 
 
 @dataclass(frozen=True)
@@ -94,18 +96,19 @@ def parse_row(row: object, *, path: Path, line_no: int) -> Example:
     )
 
 
-def load_jsonl(path: str | Path) -> list[Example]:
-    """Read a JSONL dataset file.
+def read_rows(path: str | Path, parse: Callable[..., _Row], *, what: str, items: str) -> list[_Row]:
+    """Read every row of a JSONL file with ``parse(row, path=, line_no=)``; blank lines are skipped.
 
-    Blank lines are skipped. Every other line must be a valid row.
+    The whole file is checked before anything is returned: a bad line leaves nothing half-loaded.
 
     Raises:
-        DataError: If the file is missing, empty, or a line is bad (naming the line).
+        DataError: If the file (a ``what`` file) is missing or holds no ``items``, or a line is
+            not UTF-8, not JSON or not a valid row (naming the line).
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"dataset file {path} does not exist; check the site policy's dataset path")
-    examples: list[Example] = []
+        raise DataError(f"{what} file {path} does not exist; check the site policy's dataset path")
+    rows: list[_Row] = []
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             try:
@@ -119,10 +122,19 @@ def load_jsonl(path: str | Path) -> list[Example]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise _bad(path, line_no, f"not valid JSON ({err.msg} at column {err.colno})") from None
-            examples.append(parse_row(row, path=path, line_no=line_no))
-    if not examples:
-        raise DataError(f"dataset file {path} holds no examples")
-    return examples
+            rows.append(parse(row, path=path, line_no=line_no))
+    if not rows:
+        raise DataError(f"{what} file {path} holds no {items}; add one JSON object per line")
+    return rows
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """Read a JSONL dataset file of SFT rows (see ``parse_row``).
+
+    Raises:
+        DataError: If the file is missing, empty, or a line is bad (naming the line).
+    """
+    return read_rows(path, parse_row, what="dataset", items="examples")
 
 
 def example_to_row(example: Example, *, style: str = "alpaca") -> dict[str, object]:

@@ -8,12 +8,10 @@ the prompt as chat turns ending with the user's. Both read into one
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from zenfed.data.jsonl import _ROLES, Example, Message, _bad, normalise_answer
-from zenfed.errors import DataError
+from zenfed.data.jsonl import _ROLES, Example, Message, _bad, normalise_answer, read_rows
 
 _FIELDS = ("prompt", "messages", "chosen", "rejected", "task")
 
@@ -128,27 +126,7 @@ def load_preferences(path: str | Path) -> list[PreferencePair]:
     Raises:
         DataError: If the file is missing, holds no pairs, or a line is bad (naming the line).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"preference file {path} does not exist; check the site policy's dataset path")
-    pairs: list[PreferencePair] = []
-    with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise _bad(path, line_no, f"not valid UTF-8 (byte {err.start + 1} of the line); "
-                                          "save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise _bad(path, line_no, f"not valid JSON ({err.msg} at column {err.colno})") from None
-            pairs.append(parse_preference_row(row, path=path, line_no=line_no))
-    if not pairs:
-        raise DataError(f"preference file {path} holds no preference pairs; add one JSON row per line")
-    return pairs
+    return read_rows(path, parse_preference_row, what="preference", items="preference pairs")
 
 
 def preference_to_row(pair: PreferencePair) -> dict[str, object]:
