@@ -69,7 +69,10 @@ def print_round_table(result: dict[str, Any]) -> None:
     site_names = sorted({s for _, _, sites in rows for s in sites})
     with_dp = any("privacy" in m for _, _, sites in rows for m in sites.values())
     with_loss = any(m.get("train_loss") is not None for _, _, sites in rows for m in sites.values())
+    with_preferences = any(row.get("preference_accuracy") is not None for _, row, _ in rows)
     columns = [f"{'round':>5}", f"{'eval loss':>9}", f"{'accuracy':>8}"]
+    if with_preferences:
+        columns += [f"{'trained':>7}", f"{'pref acc':>8}", f"{'margin':>7}"]
     if with_loss:
         columns += [f"{'train loss':>10}", *(f"{'loss ' + s:>12}" for s in site_names)]
     columns += [f"{'eps ' + s:>10}" for s in site_names] if with_dp else []
@@ -78,6 +81,9 @@ def print_round_table(result: dict[str, Any]) -> None:
     print("-" * len(header))
     for label, row, sites in rows:
         cells = [f"{label:>5}", f"{_fmt(row.get('eval_loss'), '9.4f'):>9}", f"{_fmt(row.get('accuracy'), '8.1%'):>8}"]
+        if with_preferences:
+            cells += [f"{row.get('objective', '-').upper():>7}", f"{_fmt(row.get('preference_accuracy'), '8.1%'):>8}",
+                      f"{_fmt(row.get('reward_margin'), '7.3f'):>7}"]
         if with_loss:
             cells += [f"{_fmt(row.get('train_loss'), '10.4f'):>10}"]
             cells += [f"{_fmt(sites.get(s, {}).get('train_loss'), '12.4f'):>12}" for s in site_names]
@@ -86,6 +92,9 @@ def print_round_table(result: dict[str, Any]) -> None:
         print("  ".join(cells))
     legend = ["eval loss / accuracy: federated evaluation of the global adapter after that round, weighted by "
               "validation examples"]
+    if with_preferences:
+        legend += ["trained: the round's objective; pref acc / margin: share of held-out preference pairs whose "
+                   "chosen answer the adapter prefers (against the base model), and the mean reward margin"]
     legend += ["loss SITE: local training loss"] if with_loss else []
     legend += ["eps SITE: epsilon spent by that site so far"] if with_dp else []
     print(f"({'; '.join(legend)})")

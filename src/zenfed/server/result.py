@@ -36,12 +36,12 @@ def weighted_eval(round_sites: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def round_record(rnd: int, started: float, aggregation: Aggregation, round_sites: dict[str, dict[str, Any]],
-                 new_global: Any) -> dict[str, Any]:
+                 new_global: Any, *, objective: str = "sft") -> dict[str, Any]:
     """Return one row of the history. Sites evaluated the adapter they received: the previous global."""
     evaluated = weighted_eval(round_sites)
     losses = [m["train_loss"] for m in round_sites.values() if "train_loss" in m]
     return {
-        "round": rnd, "seconds": round(time.time() - started, 3), "evaluated_round": rnd - 1,
+        "round": rnd, "objective": objective, "seconds": round(time.time() - started, 3), "evaluated_round": rnd - 1,
         "eval_loss": evaluated.get("eval_loss"), "accuracy": evaluated.get("accuracy"),
         **{k: evaluated[k] for k in PREFERENCE_METRICS if k in evaluated},
         "train_loss": sum(losses) / len(losses) if losses else None,
@@ -134,7 +134,8 @@ def build_result(
         "base_model": {"name": spec.model.base, "sha256": base_model_sha256},
         "aggregation": aggregation,
         "privacy": {"mechanisms": privacy_mechanisms(spec)},
-        "baseline": {"eval_loss": baseline.get("eval_loss"), "accuracy": baseline.get("accuracy")},
+        "baseline": {"eval_loss": baseline.get("eval_loss"), "accuracy": baseline.get("accuracy"),
+                     **{k: baseline[k] for k in PREFERENCE_METRICS if k in baseline}},
         "rounds": shift_evaluations(history, final_eval, final_sites),
         "final": final,
     }

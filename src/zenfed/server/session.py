@@ -192,7 +192,8 @@ class ServerSession:
             if new_global is None:
                 return
             intake = self._require_intake()
-            state.history.append(round_record(rnd, started, self.aggregation, intake.sites, new_global))
+            state.history.append(round_record(rnd, started, self.aggregation, intake.sites, new_global,
+                                              objective=spec.objective_for_round(rnd)))
             global_state = new_global
             state.global_payload, state.global_meta = self.aggregation.to_checkpoint(new_global)
             state.completed_round = self._global_round = rnd
