@@ -322,6 +322,7 @@ def test_an_infinite_number_in_a_job_spec_is_refused():
     ({"objective": "rlhf"}, "objective"),
     ({"objective": "dpo", "dpo": {"beta": 0}}, "dpo.beta"),
     ({"objective": "dpo", "dpo": {"dataset": "../prefs"}}, "dpo.dataset"),
+    ({"objective": "dpo", "dpo": {"sft_rounds": 1}, "federation": {"strategy": "scaffold"}}, "would steer the DPO"),
 ])
 def test_a_bad_dpo_job_is_refused_with_the_fix(data, message):
     # Execute

@@ -64,6 +64,7 @@ H_EVAL_PREFERENCE_ACCURACY = "eval_preference_accuracy"  # DPO jobs: share of he
 H_EVAL_REWARD_MARGIN = "eval_reward_margin"  # DPO jobs: mean implicit-reward margin, chosen minus rejected
 H_EVAL_PAIRS = "eval_pairs"  # DPO jobs: held-out pairs the site scored
 H_OBJECTIVE = "objective"  # what the round trains: "sft" or "dpo" (from the spec; checked by the site)
+H_DPO_REFERENCE = "dpo_reference_sha256"  # DPO rounds: SHA-256 of the global payload the DPO stage started from
 H_STEPS = "steps"
 H_BASE_MODEL_SHA256 = "base_model_sha256"
 H_ENGINE = "engine"  # which engine trained this site's update

@@ -340,6 +340,10 @@ class JobSpec(_Strict):
             changed = sorted(k for k, v in self.dpo.model_dump().items() if v != getattr(DPOSpec(), k))
             raise ValueError(f"the dpo section sets {changed} but objective is 'sft'; set objective: dpo, or "
                              "remove the dpo section")
+        if self.objective == "dpo" and self.dpo.sft_rounds and self.federation.strategy in SITE_STATE_STRATEGIES:
+            raise ValueError(f"federation.strategy {self.federation.strategy!r} keeps state estimated from the SFT "
+                             "rounds' updates (control variates, server moments) that would steer the DPO rounds; "
+                             "use fedavg, fedprox, ffa_lora or flexlora for a two-stage job, or set dpo.sft_rounds 0")
         if self.objective == "dpo" and self.dpo.sft_rounds >= self.federation.rounds:
             raise ValueError(f"dpo.sft_rounds {self.dpo.sft_rounds} leaves no DPO round in federation.rounds "
                              f"{self.federation.rounds}; raise federation.rounds or lower dpo.sft_rounds")

@@ -163,3 +163,22 @@ def test_no_pairs_is_a_data_error(engine):
         engine.train_preferences(adapter=start, reference=start, pairs=[], steps=1, seed=0, beta=0.1)
     with pytest.raises(DataError, match="no held-out preference pairs"):
         engine.evaluate_preferences(adapter=start, pairs=[], beta=0.1)
+
+
+def test_both_answers_of_a_pair_follow_the_same_prompt_when_it_is_cut(engine):
+    # Prepare: a long prompt and answers of very different lengths, in a short sequence length.
+    from zenfed.data.jsonl import Message
+    from zenfed.data.preference import PreferencePair
+
+    pair = PreferencePair(prompt=(Message("user", "note " * 60),), chosen="P1: " + "careful reason " * 8,
+                          rejected="P3.")
+
+    # Execute
+    (tokenized,) = tokenize_pairs(engine.tokenizer, [pair], max_len=48)
+
+    # Assert: both rows fit, and their prompts are the same tokens.
+    chosen, rejected = tokenized.chosen, tokenized.rejected
+    assert len(chosen.input_ids) <= 48 and len(rejected.input_ids) <= 48
+    assert chosen.prompt_len == rejected.prompt_len
+    assert chosen.input_ids[:chosen.prompt_len] == rejected.input_ids[:rejected.prompt_len]
+    assert len(rejected.input_ids) < 48  # the short answer's row gave up the prompt tokens the long one needed

@@ -45,6 +45,8 @@ def test_sft_then_dpo_under_encryption_and_pair_level_dp(tiny_job_spec, three_si
     assert [s["objective"] for s in objective["stages"]] == ["sft", "dpo"]
     assert objective["stages"][1]["rounds"] == [2, 3]
     assert "preference pair" in objective["privacy_unit"]
+    # The reference is round 1's result, named by its hash (sites refuse a DPO round that names another).
+    assert objective["stages"][1]["reference_sha256"] == result["rounds"][0]["global_adapter_sha256"]
     # Federated evaluation reports preference accuracy and reward margin next to the SFT metrics.
     for entry in result["rounds"]:
         assert 0.0 <= entry["preference_accuracy"] <= 1.0 and entry["accuracy"] is not None

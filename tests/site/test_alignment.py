@@ -7,6 +7,7 @@ import stat
 import pytest
 import torch
 
+from zenfed import protocol as P
 from zenfed.errors import AdapterError, PolicyError
 from zenfed.jobs.simulate import builtin_locations
 from zenfed.site.alignment import SitePreferences
@@ -49,15 +50,23 @@ def test_a_site_without_the_preference_dataset_is_told_which_one_to_add(dpo_spec
         SitePreferences.load(dpo_spec, only_sft, folder=tmp_path)
 
 
-def test_the_reference_is_kept_at_the_stages_first_round_and_a_restarted_site_resumes_it(dpo_spec, policy, tmp_path):
+def header(payload_sha: str | None, reference_sha: str | None) -> dict:
+    return {P.H_PAYLOAD_SHA256: payload_sha, P.H_DPO_REFERENCE: reference_sha}
+
+
+def test_the_reference_is_kept_as_the_stages_first_global_arrives_and_a_restarted_site_resumes_it(
+        dpo_spec, policy, tmp_path):
     # Prepare
     folder = tmp_path / "state"
     site = SitePreferences.load(dpo_spec, policy, folder=folder)
 
-    # Execute: round 3 opens the stage with adapter(1); round 4 starts from adapter(2).
-    kept = site.reference(3, adapter(1.0))
-    later = site.reference(4, adapter(2.0))
-    restarted = SitePreferences.load(dpo_spec, policy, folder=folder).reference(4, adapter(3.0))
+    # Execute: round 3 opens the stage with global "g3" = adapter(1); later rounds name g3 as the reference.
+    site.keep_reference(2, adapter(9.0), header=header("g2", None))  # an SFT round: nothing kept
+    site.keep_reference(3, adapter(1.0), header=header("g3", "g3"))
+    kept = site.reference(3, header=header("g3", "g3"), initial=adapter(0.0))
+    later = site.reference(4, header=header("g4", "g3"), initial=adapter(0.0))
+    restarted = SitePreferences.load(dpo_spec, policy, folder=folder).reference(
+        4, header=header("g4", "g3"), initial=adapter(0.0))
 
     # Assert: the reference stays the stage's start, on disk 0600 in a 0700 folder.
     for reference in (kept, later, restarted):
@@ -65,36 +74,69 @@ def test_the_reference_is_kept_at_the_stages_first_round_and_a_restarted_site_re
     assert stat.S_IMODE(site.path.stat().st_mode) == 0o600 and stat.S_IMODE(folder.stat().st_mode) == 0o700
 
 
+def test_dpo_from_round_1_trains_against_the_initial_adapter_without_keeping_anything(tiny_job_spec, policy,
+                                                                                       tmp_path):
+    # Prepare
+    spec = tiny_job_spec("dpo-only", objective="dpo", federation={"rounds": 3})
+    site = SitePreferences.load(spec, policy, folder=tmp_path / "state")
+
+    # Execute: a site that missed round 1 still has the reference every site has.
+    site.keep_reference(1, adapter(1.0), header=header(None, None))
+    reference = site.reference(2, header=header("g2", None), initial=adapter(0.0))
+
+    # Assert
+    assert all(torch.equal(reference[k], adapter(0.0)[k]) for k in reference)
+    assert not site.path.exists()
+
+
 def test_a_site_that_missed_the_stages_first_round_refuses_the_dpo_rounds_with_the_reason(dpo_spec, policy, tmp_path):
     # Prepare
     site = SitePreferences.load(dpo_spec, policy, folder=tmp_path / "state")
 
     # Execute / Assert
-    with pytest.raises(PolicyError, match="did not train round 3, where the DPO stage started"):
-        site.reference(4, adapter(2.0))
+    with pytest.raises(PolicyError, match="did not receive round 3's global, where the DPO stage started"):
+        site.reference(4, header=header("g4", "g3"), initial=adapter(0.0))
+
+
+def test_another_runs_reference_is_refused(dpo_spec, policy, tmp_path):
+    # Prepare: a reference kept by an earlier run of the same spec, whose stage started from "old".
+    folder = tmp_path / "state"
+    SitePreferences.load(dpo_spec, policy, folder=folder).keep_reference(3, adapter(1.0), header=header("old", "old"))
+
+    # Execute / Assert: this run's server names another global as the stage's start.
+    with pytest.raises(PolicyError, match="is another run's"):
+        SitePreferences.load(dpo_spec, policy, folder=folder).reference(4, header=header("g4", "new"),
+                                                                        initial=adapter(0.0))
+
+
+def test_a_server_that_names_another_reference_than_the_global_it_sent_is_refused(dpo_spec, policy, tmp_path):
+    site = SitePreferences.load(dpo_spec, policy, folder=tmp_path / "state")
+    with pytest.raises(PolicyError, match="not the global it sent"):
+        site.keep_reference(3, adapter(1.0), header=header("g3", "other"))
 
 
 def test_a_damaged_or_foreign_kept_reference_is_refused(dpo_spec, policy, tmp_path):
     # Prepare
     folder = tmp_path / "state"
-    SitePreferences.load(dpo_spec, policy, folder=folder).reference(3, adapter(1.0))
+    SitePreferences.load(dpo_spec, policy, folder=folder).keep_reference(3, adapter(1.0), header=header("g3", "g3"))
     path = folder / "dpo-reference.safetensors"
     good = path.read_bytes()
 
     # Execute / Assert: a truncated file, and one of another LoRA shape.
     path.write_bytes(good[: len(good) // 2])
     with pytest.raises(PolicyError, match="cannot be read"):
-        SitePreferences.load(dpo_spec, policy, folder=folder).reference(4, adapter(2.0))
+        SitePreferences.load(dpo_spec, policy, folder=folder).reference(4, header=header("g4", "g3"),
+                                                                        initial=adapter(0.0))
     path.write_bytes(good)
     other = {"m.lora_A.weight": torch.zeros(3, 4), "m.lora_B.weight": torch.zeros(4, 3)}
     with pytest.raises(AdapterError):
-        SitePreferences.load(dpo_spec, policy, folder=folder).reference(4, other)
+        SitePreferences.load(dpo_spec, policy, folder=folder).reference(4, header=header("g4", "g3"), initial=other)
 
 
 def test_a_fresh_start_forgets_the_kept_reference(dpo_spec, policy, tmp_path):
     # Prepare
     site = SitePreferences.load(dpo_spec, policy, folder=tmp_path / "state")
-    site.reference(3, adapter(1.0))
+    site.keep_reference(3, adapter(1.0), header=header("g3", "g3"))
 
     # Execute
     site.forget()
@@ -102,4 +144,4 @@ def test_a_fresh_start_forgets_the_kept_reference(dpo_spec, policy, tmp_path):
     # Assert
     assert not site.path.exists()
     with pytest.raises(PolicyError, match="has no reference adapter"):
-        site.reference(4, adapter(2.0))
+        site.reference(4, header=header("g4", "g3"), initial=adapter(0.0))

@@ -60,10 +60,25 @@ class PreferenceEval:
     num_pairs: int
 
 
+def _cut_prompt(row: TokenizedExample, prompt_len: int) -> TokenizedExample:
+    """Drop the first tokens of ``row``'s prompt so that ``prompt_len`` of them are left."""
+    drop = row.prompt_len - prompt_len
+    return TokenizedExample(row.input_ids[drop:], row.labels[drop:], prompt_len)
+
+
 def tokenize_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], *, max_len: int) -> list[TokenizedPair]:
-    """Tokenise both answers of every pair (see ``tokenize_example``)."""
-    return [TokenizedPair(tokenize_example(tokenizer, pair.chosen_example(), max_len=max_len),
-                          tokenize_example(tokenizer, pair.rejected_example(), max_len=max_len)) for pair in pairs]
+    """Tokenise both answers of every pair (see ``tokenize_example``), after the same prompt.
+
+    Where a prompt is cut from the left to fit ``max_len``, both rows keep the part the longer answer
+    leaves room for: DPO compares two answers to one prompt.
+    """
+    out = []
+    for pair in pairs:
+        chosen = tokenize_example(tokenizer, pair.chosen_example(), max_len=max_len)
+        rejected = tokenize_example(tokenizer, pair.rejected_example(), max_len=max_len)
+        shared = min(chosen.prompt_len, rejected.prompt_len)
+        out.append(TokenizedPair(_cut_prompt(chosen, shared), _cut_prompt(rejected, shared)))
+    return out
 
 
 def collate_pairs(batch: Sequence[TokenizedPair], *, pad_id: int) -> dict[str, torch.Tensor]:

@@ -85,7 +85,18 @@ def shift_evaluations(
     return rounds
 
 
-def objective_summary(spec: JobSpec) -> dict[str, Any]:
+def dpo_reference(spec: JobSpec, history: list[dict[str, Any]]) -> str | None:
+    """SHA-256 of the global the DPO stage started from (round ``dpo.sft_rounds``'s result), once it exists.
+
+    None for a supervised job, and for DPO from round 1, whose reference is the initial adapter.
+    """
+    start = spec.dpo_start_round
+    if start is None or start == 1:
+        return None
+    return next((entry["global_adapter_sha256"] for entry in history if entry.get("round") == start - 1), None)
+
+
+def objective_summary(spec: JobSpec, history: list[dict[str, Any]]) -> dict[str, Any]:
     """What the job trained, by round, and what one unit of privacy is (for the result and the report)."""
     rounds = spec.federation.rounds
     stages: list[dict[str, Any]] = []
@@ -93,8 +104,11 @@ def objective_summary(spec: JobSpec) -> dict[str, Any]:
     if start > 1:
         stages.append({"objective": "sft", "rounds": [1, start - 1], "dataset": spec.data.dataset})
     if start <= rounds:
+        reference = (f"the global adapter after round {start - 1} (sha256 {dpo_reference(spec, history)}), "
+                     "kept at each site" if start > 1 else "the initial adapter (the base model)")
         stages.append({"objective": "dpo", "rounds": [start, rounds], "dataset": spec.dpo.dataset,
-                       "beta": spec.dpo.beta, "reference": f"the global adapter of round {start}, kept at each site"})
+                       "beta": spec.dpo.beta, "reference": reference,
+                       "reference_sha256": dpo_reference(spec, history)})
     return {"kind": spec.objective, "stages": stages, "privacy_unit": spec.privacy_unit()}
 
 
@@ -130,7 +144,7 @@ def build_result(
     baseline = history[0] if history else {}
     result = {
         "job": {"name": spec.name, "job_id": job_id, "spec_hash": spec.spec_hash(),
-                "objective": objective_summary(spec), "spec": spec.model_dump(mode="json")},
+                "objective": objective_summary(spec, history), "spec": spec.model_dump(mode="json")},
         "base_model": {"name": spec.model.base, "sha256": base_model_sha256},
         "aggregation": aggregation,
         "privacy": {"mechanisms": privacy_mechanisms(spec)},

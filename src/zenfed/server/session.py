@@ -39,7 +39,14 @@ from zenfed.server.checkpoint import CheckpointStore, RunState
 from zenfed.server.enrollment import Enrollment
 from zenfed.server.intake import RoundIntake
 from zenfed.server.masking import MaskedRounds
-from zenfed.server.result import RESULT_FILE, build_result, round_record, round_summary, weighted_eval
+from zenfed.server.result import (
+    RESULT_FILE,
+    build_result,
+    dpo_reference,
+    round_record,
+    round_summary,
+    weighted_eval,
+)
 from zenfed.server.transport import Transport
 from zenfed.spec import JobSpec, parse_model
 from zenfed.strategies import make_strategy
@@ -79,6 +86,7 @@ class ServerSession:
         self._submitter = submitter
         self._round = 0
         self._global_round = 0  # rounds aggregated into the global that tasks carry
+        self._dpo_reference: str | None = None  # SHA-256 of the global the DPO stage started from
         self._phase = "init"
         self._last_eval: dict[str, float] = {}
         self._audit = AuditSink(None)
@@ -176,6 +184,7 @@ class ServerSession:
             if state.global_payload is not None else None
         )
         self._global_round = state.completed_round
+        self._dpo_reference = dpo_reference(spec, state.history)  # a resumed job's DPO stage keeps its reference
         for rnd in range(state.completed_round + 1, spec.federation.rounds + 1):
             self._round, self._phase = rnd, "train"
             started = time.time()
@@ -195,6 +204,7 @@ class ServerSession:
             state.history.append(round_record(rnd, started, self.aggregation, intake.sites, new_global,
                                               objective=spec.objective_for_round(rnd)))
             global_state = new_global
+            self._dpo_reference = dpo_reference(spec, state.history)
             state.global_payload, state.global_meta = self.aggregation.to_checkpoint(new_global)
             state.completed_round = self._global_round = rnd
             own_audit = str(self.folders.run / "audit")
@@ -282,6 +292,8 @@ class ServerSession:
                        P.H_OBJECTIVE: spec.objective_for_round(self._round)})
         if payload is not None:
             header[P.H_PAYLOAD_SHA256], header[P.H_PAYLOAD_BYTES] = sha256_hex(payload), len(payload)
+        if header[P.H_OBJECTIVE] == "dpo" and self._dpo_reference is not None:
+            header[P.H_DPO_REFERENCE] = self._dpo_reference  # sites check the reference they kept against it
         message = Message(header=header, payload=payload, server_evidence=self._server_evidence or None)
         intake.begin(task=task, round_index=self._round)
         targets = targets or self._eligible(transport)

@@ -2,12 +2,13 @@
 
 The job's DPO rounds train on the site's preference pairs (``dpo.dataset`` in its
 policy) against a frozen reference: the adapter the DPO stage started from, that
-is, the global adapter of round ``dpo.sft_rounds + 1`` (the SFT result of a
-two-stage job, the initial adapter of a DPO-only one). A site keeps that adapter
-in its state folder (0600) when it first trains the stage, so a restarted site
-resumes with the same reference. Every round, every site also scores the adapter
-it received on its held-out pairs (``engines/dpo.py``: preference accuracy and
-reward margin against the base model).
+is, the global adapter sites receive in round ``dpo.sft_rounds + 1`` (the result of
+the SFT rounds), or the initial adapter for DPO from round 1. A site keeps the
+former in its state folder (0600, with the SHA-256 of the global's payload) as the
+stage's first task arrives; the server names that SHA-256 in every DPO round, so a
+restarted site resumes with the same reference and another run's is refused.
+Every round, every site also scores the adapter it received on its held-out pairs
+(``engines/dpo.py``: preference accuracy and reward margin against the base model).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -29,6 +30,8 @@ from zenfed.errors import PolicyError
 from zenfed.site.state import REFERENCE_FILE
 from zenfed.spec import JobSpec, SitePolicy
 from zenfed.types import AdapterState, check_compatible
+
+_PAYLOAD_KEY = "global_payload_sha256"  # in the kept file's metadata: which global the reference is
 
 
 @dataclass
@@ -49,6 +52,7 @@ class SitePreferences:
     start_round: int
     folder: Path
     _reference: AdapterState | None = None
+    _reference_sha: str | None = None
 
     @classmethod
     def load(cls, spec: JobSpec, policy: SitePolicy, *, folder: Path) -> SitePreferences | None:
@@ -75,33 +79,65 @@ class SitePreferences:
 
     def forget(self) -> None:
         """Drop a kept reference (a job that starts afresh)."""
-        self._reference = None
+        self._reference = self._reference_sha = None
         self.path.unlink(missing_ok=True)
 
-    def reference(self, round_index: int, start: AdapterState) -> AdapterState:
-        """Return the DPO reference for ``round_index``, keeping ``start`` if this round opens the stage.
+    def keep_reference(self, round_index: int, adapter: AdapterState, *, header: dict[str, Any]) -> None:
+        """Keep ``adapter``, the global this site received, if ``round_index`` opens a DPO stage that follows SFT.
+
+        Called as the task arrives, before evaluation and training, so that a site cancelled later in the
+        round (a straggler) still holds the reference. The file records the SHA-256 of the global's payload,
+        which the server names in every DPO round.
 
         Raises:
-            PolicyError: If the site did not train the stage's first round, so it never held the
-                adapter the stage started from, or the kept file cannot be read.
+            PolicyError: If the server names another payload than the one this site received.
         """
-        if round_index == self.start_round:
-            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            atomic_write_bytes(self.path, bytes(save_tensors({k: v.contiguous() for k, v in start.items()})))
-            self._reference = dict(start)
+        if round_index != self.start_round or self.start_round == 1:
+            return
+        received = header.get(P.H_PAYLOAD_SHA256)
+        if header.get(P.H_DPO_REFERENCE) != received:
+            raise PolicyError(f"round {round_index} opens the DPO stage, but the server names "
+                              f"{header.get(P.H_DPO_REFERENCE)} as its reference, not the global it sent "
+                              f"({received}); refusing it")
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data = save_tensors({k: v.contiguous() for k, v in adapter.items()}, metadata={_PAYLOAD_KEY: str(received)})
+        atomic_write_bytes(self.path, bytes(data))
+        self._reference, self._reference_sha = dict(adapter), str(received)
+
+    def reference(self, round_index: int, *, header: dict[str, Any], initial: AdapterState) -> AdapterState:
+        """Return the DPO reference for DPO round ``round_index``.
+
+        DPO from round 1 trains against ``initial`` (every site builds the same one). After SFT rounds it is
+        the adapter kept in the stage's first round, which must be the one the server names.
+
+        Raises:
+            PolicyError: If this site holds no reference (it did not take part in the stage's first round),
+                holds another run's, or the kept file cannot be read.
+        """
+        if self.start_round == 1:
+            return initial
+        expected = header.get(P.H_DPO_REFERENCE)
         if self._reference is None:
             if not self.path.is_file():
                 raise PolicyError(
-                    f"round {round_index} is a DPO round, but this site did not train round {self.start_round}, "
-                    "where the DPO stage started, so it has no reference adapter; it cannot take part in this "
-                    "job's DPO rounds (restart the job so that every site trains the stage's first round)")
+                    f"round {round_index} is a DPO round, but this site did not receive round {self.start_round}'s "
+                    "global, where the DPO stage started, so it has no reference adapter; it cannot take part in "
+                    "this job's DPO rounds (restart the job so that every site takes part in that round)")
             try:
-                kept = load_tensors(self.path.read_bytes())
-            except (SafetensorError, ValueError, RuntimeError) as err:
+                data = self.path.read_bytes()
+                kept = load_tensors(data)
+                with safe_open(str(self.path), framework="pt") as handle:
+                    sha = (handle.metadata() or {}).get(_PAYLOAD_KEY)
+            except (SafetensorError, ValueError, RuntimeError, OSError) as err:
                 raise PolicyError(f"{self.path} cannot be read ({err}); restart the job from round 1") from None
-            check_compatible(start, kept, what=f"the DPO reference kept in {self.path}")
-            self._reference = kept
+            check_compatible(initial, kept, what=f"the DPO reference kept in {self.path}")
+            self._reference, self._reference_sha = kept, sha
+        if self._reference_sha != expected:
+            raise PolicyError(f"the DPO reference this site kept (from the global {self._reference_sha}) is not the "
+                              f"one the server names for this job ({expected}): it is another run's; restart the "
+                              "job so that every site takes part in the stage's first round")
         return self._reference
+
 
     def evaluate(self, engine: Engine, adapter: AdapterState, *, report: bool) -> tuple[dict[str, Any], dict[str, Any]]:
         """Score ``adapter`` on the held-out pairs; return the header fields and the audit metrics.

@@ -299,6 +299,9 @@ class SiteSession:
         if header.get(P.H_OBJECTIVE, spec.objective_for_round(rnd)) != spec.objective_for_round(rnd):
             raise PolicyError(f"the task says round {rnd} trains {header.get(P.H_OBJECTIVE)!r}, but this job's spec "
                               f"says {spec.objective_for_round(rnd)!r}; refusing it")
+        if task == P.TASK_TRAIN and self._preferences is not None:  # kept before anything slow can be cancelled
+            start = self._for_engine(self._require(self._strategy).prepare_global(adapter))
+            self._preferences.keep_reference(rnd, start, header=header)
         evaluation = engine.evaluate(adapter=self._for_engine(adapter), examples=self._valid,
                                      max_new_tokens=spec.evaluation.max_new_tokens)
         out: dict[str, Any] = {
@@ -350,8 +353,9 @@ class SiteSession:
         }
         if spec.objective_for_round(info.round) == "dpo":
             preferences = self._require(self._preferences)
-            trained = engine.train_preferences(reference=preferences.reference(info.round, engine_start),
-                                               pairs=preferences.train, beta=preferences.beta, **common)
+            reference = preferences.reference(info.round, header=header, initial=self._for_engine(self._initial))
+            trained = engine.train_preferences(reference=reference, pairs=preferences.train, beta=preferences.beta,
+                                               **common)
         else:
             trained = engine.train(examples=self._train, **common)
         self._optimizer_state = trained.optimizer_state  # Stays at the site for its next round.
