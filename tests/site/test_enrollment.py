@@ -33,6 +33,16 @@ def test_a_site_keeps_its_record_count_or_its_whole_profile(tmp_path):
         "withheld": True}
 
 
+def test_a_dpo_job_also_counts_the_preference_pairs_where_counts_are_disclosed(tmp_path):
+    # Prepare: the same file stands for the preference set here (only non-empty lines are counted).
+    spec = JobSpec(name="j", objective="dpo", dpo={"dataset": "builtin"})
+    hidden = _policy(tmp_path, disclose_record_counts=False)
+
+    # Execute / Assert
+    assert enrollment_profile(_policy(tmp_path), spec) == {"records": 3, "preference_pairs": 3}
+    assert "preference_pairs" not in enrollment_profile(hidden, spec)
+
+
 def test_a_missing_dataset_leaves_the_count_out(tmp_path):
     profile = enrollment_profile(_policy(tmp_path), JobSpec(name="j", data={"dataset": "other"}))
     assert "records" not in profile

@@ -2,8 +2,9 @@
 
 The profile is sent in the clear, so the site's policy decides each part of it
 (``enrollment`` in ``local/zenfed_site.yaml``): nothing is sent with
-``disclose: false``; the record count of the job's dataset only with
-``disclose_record_counts``; domain tags only those listed. The compute fields
+``disclose: false``; the record count of the job's dataset (and, for a DPO job,
+the pair count of its preference set) only with ``disclose_record_counts``;
+domain tags only those listed. The compute fields
 come from ``zenfed site probe``. The server uses profiles to match cohorts to a
 job's ``federation.cohort_requirements`` and records them for the report.
 """
@@ -37,16 +38,19 @@ def enrollment_profile(policy: SitePolicy, spec: JobSpec) -> dict[str, Any]:
     if declared.domain_tags:
         profile["domain_tags"] = sorted(declared.domain_tags)
     if declared.disclose_record_counts:
-        records = count_training_records(policy, spec)
+        records = count_training_records(policy, spec.data.dataset)
         if records is not None:
             profile["records"] = records
+        pairs = count_training_records(policy, spec.dpo.dataset) if spec.objective == "dpo" else None
+        if pairs is not None:
+            profile["preference_pairs"] = pairs
     return profile
 
 
-def count_training_records(policy: SitePolicy, spec: JobSpec) -> int | None:
-    """Non-empty lines of the job's training file at this site, or None if it cannot be read (yet)."""
+def count_training_records(policy: SitePolicy, dataset: str) -> int | None:
+    """Non-empty lines of ``dataset``'s training file at this site, or None if it cannot be read (yet)."""
     try:
-        location = policy.dataset(spec.data.dataset)
+        location = policy.dataset(dataset)
         with (location.path / location.train).open("rb") as rows:
             return sum(1 for line in rows if line.strip())
     except (OSError, ValueError, ZenfedError):
