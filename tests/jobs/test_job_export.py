@@ -149,6 +149,19 @@ def test_the_checked_in_demo_job_equals_a_fresh_export(tmp_path):
     assert relative_files(CHECKED_IN) == relative_files(fresh)
 
 
+@pytest.mark.parametrize("spec_file", sorted(SPEC_FILE.parent.glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_shipped_job_spec_exports_a_submittable_job(spec_file, tmp_path):
+    # Execute: the pinned-base check included, as `zenfed job export` runs it.
+    spec = load_job_spec(spec_file)
+    exported = export_job(spec, out=tmp_path / spec.name, require_pinned_base=True)
+
+    # Assert: the sites' executor carries the whole spec, which parses back to the same job.
+    assert spec.name == spec_file.stem
+    client = json.loads((exported / "app" / "config" / "config_fed_client.json").read_text())
+    carried = client["executors"][0]["executor"]["args"]["spec"]
+    assert JobSpec.model_validate(carried).spec_hash() == spec.spec_hash()
+
+
 def test_the_simulator_is_not_started_with_fewer_processes_than_sites(tmp_path):
     from zenfed.jobs.simulate import builtin_policies, run_simulation
 
