@@ -369,8 +369,9 @@ class JobSpec(_Strict):
             return "one training record"
         if self.dpo.sft_rounds == 0:
             return "one preference pair (prompt, chosen and rejected answer)"
-        return (f"one training record in the SFT rounds 1-{self.dpo.sft_rounds} and one preference pair in the DPO "
-                "rounds, composed in one epsilon (which also covers a person in both datasets)")
+        sft = "round 1" if self.dpo.sft_rounds == 1 else f"rounds 1-{self.dpo.sft_rounds}"
+        return (f"one training record in the SFT {sft} and one preference pair in the DPO rounds, composed in one "
+                "epsilon (which also covers a person in both datasets)")
 
     def spec_hash(self) -> str:
         """Return the SHA-256 of the canonical JSON form of this spec."""

@@ -78,7 +78,7 @@ def test_sft_then_dpo_under_encryption_and_pair_level_dp(tiny_job_spec, three_si
     # The compliance report names the objective, its stages and the unit of privacy, with the preference curve.
     paths = build_report(server.folders.run, out_dir=tmp_path / "report")
     report = json.loads(paths.json.read_text())
-    assert report["summary"]["objective"].startswith("SFT in rounds 1-1 on builtin; DPO (beta 0.2) in rounds 2-3 "
+    assert report["summary"]["objective"].startswith("SFT in round 1 on builtin; DPO (beta 0.2) in rounds 2-3 "
                                                      "on builtin-preferences")
     assert "preference pair" in report["summary"]["privacy_unit"]
     assert report["summary"]["final_preference_accuracy"] == result["final"]["preference_accuracy"]

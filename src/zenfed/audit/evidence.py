@@ -342,9 +342,10 @@ def _objective_text(objective: dict[str, Any]) -> str | None:
     for stage in _list(objective.get("stages")):
         stage = _dict(stage)
         rounds = _list(stage.get("rounds"))
-        span = f"{rounds[0]}-{rounds[1]}" if len(rounds) == 2 else "?"
+        span = "rounds ?" if len(rounds) != 2 else f"round {rounds[0]}" if rounds[0] == rounds[1] else \
+            f"rounds {rounds[0]}-{rounds[1]}"
         name = str(stage.get("objective", "?")).upper()
         beta = f" (beta {stage['beta']})" if stage.get("beta") is not None else ""
         reference = f", against {stage['reference']}" if stage.get("reference") else ""
-        parts.append(f"{name}{beta} in rounds {span} on {stage.get('dataset', '?')}{reference}")
+        parts.append(f"{name}{beta} in {span} on {stage.get('dataset', '?')}{reference}")
     return "; ".join(parts) or None
