@@ -150,6 +150,26 @@ def before_step_hook(params: dict[str, torch.nn.Parameter], *, loss_term: LossTe
     return run
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, *, scaler: torch.amp.GradScaler | None,
+                   before_step: Callable[[], None] | None) -> None:
+    """Take one optimizer step, through float16's loss ``scaler`` where there is one.
+
+    ``before_step`` (a strategy's term, frozen tensors) sees true gradients: they are unscaled
+    first. On a step the scaler skips for overflow, nothing may read the gradient, so it does not run.
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    finite = scaler is None or all(bool(torch.isfinite(p.grad).all()) for group in optimizer.param_groups
+                                   for p in group["params"] if p.grad is not None)
+    if before_step is not None and finite:
+        before_step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def to_wire(state: dict[str, torch.Tensor]) -> AdapterState:
     """Return a detached, contiguous float32 CPU copy of ``state``, sorted by name."""
     return {k: state[k].detach().to(device="cpu", dtype=torch.float32).contiguous().clone() for k in sorted(state)}

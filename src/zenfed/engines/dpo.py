@@ -26,7 +26,7 @@ import torch
 
 from zenfed.data.preference import PreferencePair
 from zenfed.data.tokenize import TokenizedExample, collate, tokenize_example
-from zenfed.engines.base import TrainResult, before_step_hook, frozen_tensors, site_optimizer
+from zenfed.engines.base import TrainResult, before_step_hook, frozen_tensors, optimizer_step, site_optimizer
 from zenfed.engines.dp_training import MAX_DP_MICRO_BATCH, train_dp
 from zenfed.engines.hardware import Hardware
 from zenfed.errors import DataError
@@ -211,27 +211,12 @@ class PreferenceTrainer:
                     step_loss += float(loss.detach())
                     margins.append(pair_margins.detach().cpu())
                 losses.append(step_loss)
-                self._step(optimizer, before_step)
+                optimizer_step(optimizer, scaler=scaler, before_step=before_step)
         finally:
             self.model.eval()
         seen = torch.cat(margins)
         return sum(losses) / len(losses), {"train_loss_last": losses[-1], "dpo_reward_margin": float(seen.mean()),
                                            "dpo_reward_accuracy": _pair_accuracy(seen)}
-
-    def _step(self, optimizer: torch.optim.Optimizer, before_step: Callable[[], None] | None) -> None:
-        scaler = self._scaler
-        if scaler is None:
-            if before_step is not None:
-                before_step()
-            optimizer.step()
-            return
-        scaler.unscale_(optimizer)  # the hook and the step see true gradients
-        finite = all(bool(torch.isfinite(p.grad).all()) for group in optimizer.param_groups
-                     for p in group["params"] if p.grad is not None)
-        if before_step is not None and finite:
-            before_step()  # an overflowing step is skipped by the scaler: nothing may read its gradient
-        scaler.step(optimizer)
-        scaler.update()
 
     def _train_dp(self, data: list[TokenizedPair], refs: torch.Tensor, *, steps: int, beta: float, dp: RecordDP,
                   optimizer: torch.optim.Optimizer, before_step: Callable[[], None] | None,

@@ -23,6 +23,7 @@ from zenfed.engines.base import (
     TrainResult,
     before_step_hook,
     frozen_tensors,
+    optimizer_step,
     site_optimizer,
     to_wire,
 )
@@ -53,12 +54,6 @@ def lora_config(lora: LoraSpec, *, base_model_name: str | None = None,
         layers_to_transform=list(lora.layers) if lora.layers else None,
         base_model_name_or_path=base_model_name,
     )
-
-
-def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient the optimizer would apply is finite (a float16 step may overflow)."""
-    return all(bool(torch.isfinite(p.grad).all()) for group in optimizer.param_groups for p in group["params"]
-               if p.grad is not None)
 
 
 class PeftEngine(PreferenceMethods):
@@ -203,15 +198,7 @@ class PeftEngine(PreferenceMethods):
             batch_ids, order = order[: self.training.batch_size], order[self.training.batch_size:]
             optimizer.zero_grad(set_to_none=True)
             losses.append(self._accumulate_gradients([data[i] for i in batch_ids], scaler=scaler))
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # the hook and the step see true gradients
-            if before_step is not None and (scaler is None or _finite_gradients(optimizer)):
-                before_step()  # an overflowing step is skipped by the scaler: nothing may read its gradient
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            optimizer_step(optimizer, scaler=scaler, before_step=before_step)
         model.eval()
         return TrainResult(
             adapter=self.adapter_state(), num_examples=len(examples), steps=steps,

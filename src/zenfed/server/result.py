@@ -104,11 +104,11 @@ def objective_summary(spec: JobSpec, history: list[dict[str, Any]]) -> dict[str,
     if start > 1:
         stages.append({"objective": "sft", "rounds": [1, start - 1], "dataset": spec.data.dataset})
     if start <= rounds:
-        reference = (f"the global adapter after round {start - 1} (sha256 {dpo_reference(spec, history)}), "
-                     "kept at each site" if start > 1 else "the initial adapter (the base model)")
+        sha = dpo_reference(spec, history)
+        reference = (f"the global adapter after round {start - 1} (sha256 {sha}), kept at each site" if start > 1
+                     else "the initial adapter (the base model)")
         stages.append({"objective": "dpo", "rounds": [start, rounds], "dataset": spec.dpo.dataset,
-                       "beta": spec.dpo.beta, "reference": reference,
-                       "reference_sha256": dpo_reference(spec, history)})
+                       "beta": spec.dpo.beta, "reference": reference, "reference_sha256": sha})
     return {"kind": spec.objective, "stages": stages, "privacy_unit": spec.privacy_unit()}
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from zenfed import protocol as P
@@ -124,10 +123,9 @@ class SitePreferences:
                     "global, where the DPO stage started, so it has no reference adapter; it cannot take part in "
                     "this job's DPO rounds (restart the job so that every site takes part in that round)")
             try:
-                data = self.path.read_bytes()
-                kept = load_tensors(data)
                 with safe_open(str(self.path), framework="pt") as handle:
                     sha = (handle.metadata() or {}).get(_PAYLOAD_KEY)
+                    kept = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
             except (SafetensorError, ValueError, RuntimeError, OSError) as err:
                 raise PolicyError(f"{self.path} cannot be read ({err}); restart the job from round 1") from None
             check_compatible(initial, kept, what=f"the DPO reference kept in {self.path}")
