@@ -90,7 +90,7 @@ def _simulate(args: argparse.Namespace) -> int:
             data_dir.resolve(), sites=args.sites, dataset=spec.data.dataset, allow_any_model=True
         )
     print(f"zenfed: simulating {spec.name} with {len(policies)} sites in {workspace} ...", flush=True)
-    result_dir = run_simulation(spec, workspace=workspace, policies=policies)
+    result_dir = run_simulation(spec, workspace=workspace, policies=policies, threads=args.workers)
     result = json.loads((result_dir / "zenfed_result.json").read_text())
     print_round_table(result)
     adapter = result["final"].get("adapter_dir")
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default="workspace/simulate")
     p.add_argument("--sites", type=int, default=3, help="sites on the built-in data (without --policies)")
     p.add_argument("--policies", help="folder of SITE.yaml site policies (default: built-in data)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="simulator worker processes (default: one per site); fewer saves memory with many sites, "
+                        "each task then starting a process of its own")
 
     p = command("provision", _provision, "provision a project: kits with certificates and site policies")
     p.add_argument("project")

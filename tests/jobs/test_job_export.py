@@ -162,10 +162,10 @@ def test_every_shipped_job_spec_exports_a_submittable_job(spec_file, tmp_path):
     assert JobSpec.model_validate(carried).spec_hash() == spec.spec_hash()
 
 
-def test_the_simulator_is_not_started_with_fewer_processes_than_sites(tmp_path):
+def test_the_simulator_is_not_started_without_a_worker(tmp_path):
     from zenfed.jobs.simulate import builtin_policies, run_simulation
 
     policies = builtin_policies(tmp_path / "data", sites=3, dataset="builtin", allow_any_model=True)
-    with pytest.raises(JobError, match="fewer than the 3 sites"):
-        run_simulation(small_spec("sim"), workspace=tmp_path / "sim", policies=policies, threads=2)
+    with pytest.raises(JobError, match="at least one worker"):
+        run_simulation(small_spec("sim"), workspace=tmp_path / "sim", policies=policies, threads=0)
     assert not (tmp_path / "sim").exists()

@@ -11,6 +11,7 @@ import copy
 import io
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import yaml
 from _pki import make_ca, make_kit
 from zenfed import protocol as P
 from zenfed.digest import sha256_hex
-from zenfed.jobs.in_process import run_in_process
+from zenfed.jobs.in_process import SessionPerTask, run_in_process
 from zenfed.jobs.simulate import builtin_policies
 from zenfed.kit_files import SHARED_SITE_DIR, KitFolders
 from zenfed.privacy.he import (
@@ -255,11 +256,11 @@ class TamperingTransport(InProcessTransport):
 
 def signed_job(spec: JobSpec, data: Path, root: Path, transport_class: type[InProcessTransport] = InProcessTransport,
                *, corrupt: tuple[str, ...] = (), unreachable: tuple[str, ...] = (),
-               policy_updates: dict[str, dict] | None = None):
+               policy_updates: dict[str, dict] | None = None, session_per_task: bool = False):
     """Run ``spec`` with provisioned-style kits: site and server keys issued by one root CA, all audited.
 
     Sites in ``corrupt`` get a training file with a line that is not UTF-8; ``policy_updates`` changes
-    fields of a site's policy.
+    fields of a site's policy; ``session_per_task`` runs each site task in a new session, as in a new process.
     """
     ca = make_ca()
     policies = builtin_policies(data, sites=3, dataset="builtin", allow_any_model=True)
@@ -275,9 +276,10 @@ def signed_job(spec: JobSpec, data: Path, root: Path, transport_class: type[InPr
             (copy / "train.jsonl").write_bytes((copy / "train.jsonl").read_bytes() + b'{"instruction": "\xff"}\n')
             policy = policy.model_copy(update={"datasets": {"builtin": DatasetLocation(path=copy)}})
         (local / "zenfed_site.yaml").write_text(yaml.safe_dump(policy.model_dump(mode="json")))
-        sessions[site] = SiteSession(spec_data=spec.model_dump(mode="json"), site=site, job_id="job-1",
-                                     folders=KitFolders(startup=startup, local=local, root=startup.parent,
-                                                        run=startup.parent / "run"))
+        make = partial(SiteSession, spec_data=spec.model_dump(mode="json"), site=site, job_id="job-1",
+                       folders=KitFolders(startup=startup, local=local, root=startup.parent,
+                                          run=startup.parent / "run"))
+        sessions[site] = SessionPerTask(make) if session_per_task else make()
     server_startup = make_kit(root, "server", ca, stem="server")
     if spec.encryption.enabled:  # one CKKS key pair: the secret in every site's kit, the public one in the server's
         from zenfed.privacy.he import SERVER_CONTEXT_FILE, make_public_context, make_secret_context, save_context

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from zenfed.jobs.simulate import prepare_workspace
 from zenfed.kit_files import KitFolders
+from zenfed.protocol import Message
 from zenfed.server.session import ServerSession
 from zenfed.server.transport import InProcessTransport, SiteHandler
 from zenfed.site.session import SiteSession
@@ -25,7 +28,7 @@ class InProcessRun:
     """What a job run in one process leaves: the sessions, the transport (every answer) and the result."""
 
     server: ServerSession
-    sites: dict[str, SiteSession]
+    sites: dict[str, SiteSession | SessionPerTask]
     transport: InProcessTransport
 
     @property
@@ -34,10 +37,28 @@ class InProcessRun:
         return self.server.folders.run
 
 
+class SessionPerTask:
+    """A site whose every task runs in a new :class:`SiteSession`, as in a new process.
+
+    FLARE's simulator starts a fresh process for each task when its sites outnumber its
+    worker processes; this is that case without FLARE. Whatever a session decides in
+    one task and checks in a later one must come back from the run folder.
+    """
+
+    def __init__(self, make: Callable[[], SiteSession]) -> None:
+        self._make = make
+        self.sessions = 0  # how many sessions (processes) took a task
+
+    def handle(self, task: str, message: Message, **kwargs: Any) -> Message:
+        """Run ``task`` in a session of its own."""
+        self.sessions += 1
+        return self._make().handle(task, message, **kwargs)
+
+
 def run_in_process(
     spec: JobSpec, *, workspace: Path, policies: Mapping[str, SitePolicy], job_id: str = "job-1",
     transport: Callable[[Mapping[str, SiteHandler]], InProcessTransport] = InProcessTransport,
-    unreachable: Sequence[str] = (),
+    unreachable: Sequence[str] = (), session_per_task: bool = False,
 ) -> InProcessRun:
     """Run ``spec`` with one site session per policy and the server session, in this process.
 
@@ -48,6 +69,7 @@ def run_in_process(
         job_id: The job's id.
         transport: Builds the transport from the sites' handlers (a test may pass one that tampers).
         unreachable: Sites that never answer.
+        session_per_task: Run each site's every task in a new session (:class:`SessionPerTask`).
 
     Returns:
         The sessions and the transport; the result is under ``run.result_dir``.
@@ -55,10 +77,14 @@ def run_in_process(
     prepare_workspace(workspace, policies, encrypted=spec.encryption.enabled)
     local = workspace / "local"
     data = spec.model_dump(mode="json")
-    sites = {
-        name: SiteSession(spec_data=data, site=name, job_id=job_id,
-                          folders=KitFolders(startup=None, local=local, root=workspace / name,
-                                             run=workspace / name / "run"))
+
+    def make_site(name: str) -> SiteSession:
+        return SiteSession(spec_data=data, site=name, job_id=job_id,
+                           folders=KitFolders(startup=None, local=local, root=workspace / name,
+                                              run=workspace / name / "run"))
+
+    sites: dict[str, SiteSession | SessionPerTask] = {
+        name: SessionPerTask(partial(make_site, name)) if session_per_task else make_site(name)
         for name in policies
     }
     server = ServerSession(spec_data=data, job_id=job_id, identity="server",

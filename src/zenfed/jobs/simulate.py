@@ -79,7 +79,10 @@ def run_simulation(
         spec: The job.
         workspace: Run folder (replaced if it exists): ``job/``, the simulator's ``sim/``, and its log.
         policies: Site name -> its policy; one simulated site each.
-        threads: Sites run at once (default and minimum: all of them).
+        threads: Worker processes (default: one per site). With fewer workers than sites the
+            simulator starts a new process for every task of a site; a zenfed site resumes what it
+            decided in earlier tasks from its run folder (``site/run_state.py``), so this only costs
+            time, and lets many sites share a machine's memory.
         log_path: Where the simulator's output goes (default: ``WORKSPACE/simulator.log``).
         watch: Called with the simulator's process id once it started (a benchmark samples it).
 
@@ -87,14 +90,10 @@ def run_simulation(
         The folder holding ``zenfed_result.json`` and the final adapter.
 
     Raises:
-        JobError: If ``threads`` is fewer than the sites, the simulator fails, or the job leaves no result.
+        JobError: If ``threads`` is below 1, the simulator fails, or the job leaves no result.
     """
-    if threads is not None and threads < len(policies):
-        raise JobError(
-            f"threads={threads} is fewer than the {len(policies)} sites: the FLARE simulator then re-creates a "
-            "site's executor between its tasks, and a zenfed site keeps its round state there; run one process "
-            "per site (threads=None)"
-        )
+    if threads is not None and threads < 1:
+        raise JobError(f"threads={threads}: the simulator needs at least one worker process")
     # The simulator clears its own workspace at start, so the job folder and the
     # log live beside it: WORKSPACE/{job,sim,simulator.log}.
     root = Path(workspace).resolve()
@@ -108,7 +107,7 @@ def run_simulation(
     log = log_path or root / "simulator.log"
     cmd = [
         str(Path(sys.executable).with_name("nvflare")), "simulator", str(job_dir), "-w", str(ws),
-        "-c", ",".join(sites), "-t", str(threads or len(sites)),
+        "-c", ",".join(sites), "-t", str(min(threads or len(sites), len(sites))),
     ]
     with log.open("w") as out:
         simulator = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)

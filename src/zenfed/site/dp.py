@@ -39,6 +39,7 @@ from zenfed.privacy.dp import (
     sample_rate_for,
     solve_noise_multiplier,
 )
+from zenfed.site.run_state import SiteRunState
 from zenfed.spec import JobSpec, SitePolicy, SitePrivacyPolicy
 from zenfed.types import AdapterState, RecordDP
 
@@ -65,6 +66,8 @@ class SiteDP:
         num_pairs: preference pairs at this site, for a job with DPO rounds (a pair is their unit).
         other_datasets: further datasets the job trains on (a two-stage job's preference set):
             the job's spend counts against each one's budget as well.
+        run_state: where a kit without a ledger keeps the job's accountant between tasks, so a
+            later process of the same job run goes on counting (the ledger does this where there is one).
 
     Raises:
         PrivacyError: If a parameter is invalid.
@@ -86,6 +89,7 @@ class SiteDP:
         num_sites: int,
         num_pairs: int | None = None,
         other_datasets: tuple[str, ...] = (),
+        run_state: SiteRunState | None = None,
     ) -> None:
         if num_records < 1 or num_sites < 1 or (num_pairs is not None and num_pairs < 1):
             raise PrivacyError(
@@ -114,7 +118,11 @@ class SiteDP:
             self.delta = self.policy.delta or default_delta(max(num_records, num_pairs or 0))
         else:
             self.delta = self.policy.delta or DEFAULT_CLIENT_DELTA
-        saved = self.ledger.accountant_state(dataset=dataset, job=job_id) if self.ledger else None
+        self._run_state = run_state
+        if self.ledger is not None:
+            saved = self.ledger.accountant_state(dataset=dataset, job=job_id)
+        else:
+            saved = run_state.get("accountant") if run_state is not None else None
         # Resume after a restart: the ledger holds the accountant of every round already sent.
         self.accountant = (
             PrivacyAccountant.from_state_dict(saved)
@@ -141,6 +149,7 @@ class SiteDP:
         num_records: int,
         num_sites: int,
         num_pairs: int | None = None,
+        run_state: SiteRunState | None = None,
     ) -> SiteDP:
         """Build the stage from a FLARE kit: ledger in ``local/``, key and cert in ``startup/``.
 
@@ -164,7 +173,7 @@ class SiteDP:
             spec=spec, policy=policy, ledger_path=ledger, signing_key_path=key,
             certificate_path=cert, dataset=trained[0], job_id=job_id,
             num_records=num_records, num_sites=num_sites, num_pairs=num_pairs,
-            other_datasets=tuple(trained[1:]),
+            other_datasets=tuple(trained[1:]), run_state=run_state,
         )
 
     # -- before training -----------------------------------------------------------------
@@ -393,6 +402,8 @@ class SiteDP:
                     dataset=dataset, job=self.job_id, round=round, epsilon=epsilon,
                     delta=self.delta, level=self.level, accountant_state=self.accountant.state_dict(),
                 )
+        elif self._run_state is not None:
+            self._run_state.set(accountant=self.accountant.state_dict())
         spent_round = max(0.0, epsilon - self._recorded_epsilon)
         self._recorded_epsilon = epsilon
         return {

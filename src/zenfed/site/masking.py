@@ -7,7 +7,10 @@ the packing) and every peer's key announcement against the project's root CA:
 a server cannot slip in a key of its own. It answers a correction request only
 for the round it just masked, once, for sites of that round's cohort, and only
 if the survivors still number at least ``min_sites``: a server cannot shrink a
-sum to one site by declaring the others dropped.
+sum to one site by declaring the others dropped. The round it masked (cohort,
+checked peer keys, whether it was corrected) is kept in the job run's
+:class:`~zenfed.site.run_state.SiteRunState`, so a later process of the same
+run answers the correction as this one would.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from zenfed.privacy.pairwise import (
     parse_public_key,
     public_key_text,
 )
+from zenfed.site.run_state import SiteRunState
 from zenfed.update_auth import UpdateAuthError, UpdateSigner, UpdateVerifier
 
 KEY_FOLDER = "pairwise-key"  # inside the site's folder for the job
@@ -56,11 +60,13 @@ class SiteMasking:
         min_sites: The fewest survivors a correction may leave.
         signer: This site's provisioned key; None in the simulator.
         verifier: The project's root CA, to check peers' keys; None in the simulator.
+        run_state: Where the masked round is kept between tasks; None keeps it in memory only.
         audit: This site's audit log.
     """
 
     def __init__(self, *, site: str, job_id: str, job_folder: Path, max_sites: int, min_sites: int,
-                 signer: UpdateSigner | None, verifier: UpdateVerifier | None, audit: AuditSink) -> None:
+                 signer: UpdateSigner | None, verifier: UpdateVerifier | None, audit: AuditSink,
+                 run_state: SiteRunState | None = None) -> None:
         self.site = site
         self.job_id = job_id
         self.max_sites = max_sites
@@ -70,7 +76,8 @@ class SiteMasking:
         self._signer = signer
         self._verifier = verifier
         self._audit = audit
-        self._last: _MaskedRound | None = None
+        self._run_state = run_state
+        self._last: _MaskedRound | None = self._restore_last()
 
     def announce(self) -> dict[str, Any]:
         """The header fields that announce this site's public key, signed where the site has a key."""
@@ -104,6 +111,7 @@ class SiteMasking:
         masker = PairwiseMasker(key=self._key, site=self.site, peers=peers, job_id=self.job_id,
                                 round_index=round_index)
         self._last = _MaskedRound(round=round_index, cohort=cohort, masker=masker)
+        self._keep_last(peers={peer: str(announcements[peer][P.H_PAIRWISE_KEY]) for peer in peers})
         self._audit.record(E.MASKS_APPLIED, round=round_index, cohort=cohort,
                            announced={s: key_fingerprint(str(announcements[s][P.H_PAIRWISE_KEY])) for s in cohort},
                            announcements_signed=self._verifier is not None)
@@ -132,8 +140,35 @@ class SiteMasking:
                               f"{len(survivors)} site(s) in the sum, fewer than min_sites {self.min_sites}")
         correction = last.masker.correction(dropped)
         last.corrected = True
+        self._keep_last()
         self._audit.record(E.MASKS_CORRECTED, round=round_index, dropped=dropped, survivors=survivors)
         return correction
+
+    def _keep_last(self, *, peers: Mapping[str, str] | None = None) -> None:
+        """Write the masked round to the run state (peers: the checked public keys, when it is new)."""
+        last = self._last
+        if self._run_state is None or last is None:
+            return
+        kept = dict(self._run_state.get("masked_round") or {})
+        if peers is not None:
+            kept = {"round": last.round, "cohort": last.cohort, "peers": dict(peers)}
+        kept["corrected"] = last.corrected
+        self._run_state.set(masked_round=kept)
+
+    def _restore_last(self) -> _MaskedRound | None:
+        """The round an earlier process of this job run masked, rebuilt from its checked keys; or None."""
+        kept = self._run_state.get("masked_round") if self._run_state is not None else None
+        if not kept:
+            return None
+        try:
+            peers = {peer: parse_public_key(text, site=peer) for peer, text in kept["peers"].items()}
+            masker = PairwiseMasker(key=self._key, site=self.site, peers=peers, job_id=self.job_id,
+                                    round_index=int(kept["round"]))
+            return _MaskedRound(round=int(kept["round"]), cohort=[str(s) for s in kept["cohort"]],
+                                masker=masker, corrected=bool(kept["corrected"]))
+        except (KeyError, TypeError, ValueError, AttributeError, PairwiseError) as err:
+            raise PolicyError(f"the masked round kept in {self._run_state.path if self._run_state else '?'} "
+                              f"is malformed ({err}); this site cannot correct its masks in this job run") from None
 
     def _checked_key(self, peer: str, announcement: Any) -> Any:
         if not isinstance(announcement, Mapping):

@@ -49,6 +49,7 @@ from zenfed.site.masking import SiteMasking
 from zenfed.site.personal import PersonalLayers
 from zenfed.site.policy import check_base_model, check_job_allowed, load_policy_for, site_hardware
 from zenfed.site.ranks import RankCap
+from zenfed.site.run_state import SiteRunState
 from zenfed.site.stages import build_update_chain
 from zenfed.site.state import SiteStateStore
 from zenfed.spec import JobSpec, SitePolicy, parse_model
@@ -88,7 +89,7 @@ class SiteSession:
         self._attestation: SiteAttestation | None = None
         self._encryption: SiteEncryption | None = None
         self._masking: SiteMasking | None = None
-        self._last_sent_values = 0
+        self._run_state: SiteRunState | None = None
         self._strategy: Strategy | None = None
         self._engine: Engine | None = None
         self._dp: SiteDP | None = None
@@ -104,8 +105,6 @@ class SiteSession:
         self._preferences: SitePreferences | None = None
         self._base_model_sha256: str | None = None
         self._optimizer_state: Any = None
-        self._final_global_sha256: str | None = None
-        self._released = False
 
     # -- the one entry point ------------------------------------------------------------------
     def handle(self, task: str, message: Message, *, should_abort: Callable[[], bool] = lambda: False) -> Message:
@@ -151,11 +150,12 @@ class SiteSession:
         if self._spec is not None and self._policy is not None:
             return self._spec, self._policy
         if self._audit is None:
-            self._audit = AuditSink.for_participant(
-                startup_dir=self.folders.startup, participant=self.site,
-                log_path=self.folders.run / "audit" / f"{self.site}.jsonl",
-            )
-            self._audit.record(E.JOB_STARTED, job_id=self.job_id)
+            log_path = self.folders.run / "audit" / f"{self.site}.jsonl"
+            continued = log_path.is_file()  # an earlier process of this job run started it
+            self._audit = AuditSink.for_participant(startup_dir=self.folders.startup, participant=self.site,
+                                                    log_path=log_path)
+            self._audit.record(E.JOB_STARTED, job_id=self.job_id, **({"continued": True} if continued else {}))
+        self._run_state = SiteRunState(self.folders.run)  # what an earlier process of this job run decided
         spec = parse_model(JobSpec, self._spec_data, kind="job spec", source="the job's site config")
         policy = load_policy_for(site=self.site, site_config_dir=self.folders.local)
         check_job_allowed(policy, spec)
@@ -171,6 +171,7 @@ class SiteSession:
                 site=self.site, job_id=self.job_id, job_folder=self.folders.run, max_sites=spec.encryption.max_sites,
                 min_sites=spec.federation.min_sites, signer=self._signer,
                 verifier=UpdateVerifier.from_kit(self.folders.startup), audit=self._audit,
+                run_state=self._run_state,
             )
         self._strategy = make_strategy(spec)
         self._spec, self._policy = spec, policy
@@ -192,7 +193,7 @@ class SiteSession:
         dp = SiteDP.from_kit(
             spec=spec, policy=policy, startup_dir=self.folders.startup, local_dir=self.folders.local,
             job_id=self.job_id, num_records=len(self._train), num_sites=spec.federation.min_sites,
-            num_pairs=len(self._preferences.train) if self._preferences else None,
+            num_pairs=len(self._preferences.train) if self._preferences else None, run_state=self._run_state,
         )
         plan = dp.admit()
         self._record(E.POLICY_DECISION, decision="accepted", subject="privacy budget",
@@ -249,7 +250,8 @@ class SiteSession:
             raise PolicyError("the server asked for a mask correction, but this job does not use pairwise masks")
         encryption, info = self._require(self._encryption), self._round_info(header)
         correction = masking.correction_for(info.round, header)
-        ciphertext, n_values = encryption.encrypt_correction(self._last_sent_values, correction)
+        sent_values = int(self._require(self._run_state).get("last_sent_values", 0))
+        ciphertext, n_values = encryption.encrypt_correction(sent_values, correction)
         payload = encryption.envelope(ciphertext, n_values=n_values, job_id=info.job_id, round_index=info.round,
                                       site=self.site)
         digest = sha256_hex(payload)
@@ -323,7 +325,7 @@ class SiteSession:
                      metrics=metrics)
         if task != P.TASK_TRAIN:
             # The final evaluation names the one adapter this site may later release.
-            self._final_global_sha256 = header.get(P.H_PAYLOAD_SHA256)
+            self._require(self._run_state).set(final_global_sha256=header.get(P.H_PAYLOAD_SHA256))
             self._record(E.ROUND_ENDED, round=rnd, task=task)
             return Message(header=out, audit_log=self._log_bytes())
         if should_abort():
@@ -381,7 +383,7 @@ class SiteSession:
         out.update({P.H_STEPS: trained.steps, P.H_PAYLOAD_SHA256: digest, P.H_PAYLOAD_BYTES: len(payload)})
         if update.mask is None:  # under pairwise masks the size of the site's data stays at the site
             out[P.H_NUM_EXAMPLES] = trained.num_examples
-        self._last_sent_values = update.n_values
+        self._require(self._run_state).set(last_sent_values=update.n_values)
         self._keep_sent(info.round, payload)
         self._record(E.UPDATE_SENT, round=info.round, sha256=digest, size=len(payload), kind=P.UPDATE_KIND,
                      encrypted=self._encryption is not None, stages=self._require(self._chain).names)
@@ -396,11 +398,13 @@ class SiteSession:
         header = message.header
         if not self._require(self._policy).allow_plaintext_release:
             raise PolicyError("this site's policy does not allow releasing the adapter in the clear")
-        if self._released or self._final_global_sha256 is None:
+        run_state = self._require(self._run_state)
+        final_sha256 = run_state.get("final_global_sha256")
+        if run_state.get("released") or final_sha256 is None:
             raise PolicyError("release refused: it comes only once, after this site's final evaluation")
-        if header.get(P.H_PAYLOAD_SHA256) != self._final_global_sha256:
+        if header.get(P.H_PAYLOAD_SHA256) != final_sha256:
             raise PolicyError("release refused: the payload is not the final adapter this site evaluated")
-        self._released = True
+        run_state.set(released=True)
         payload = encode_adapter(self._incoming_adapter(message, release=True))
         self._record(E.MODEL_RELEASED, adapter_sha256=sha256_hex(payload), released_to="server (job result)",
                      decided_by="site policy allow_plaintext_release")
