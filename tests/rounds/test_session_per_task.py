@@ -87,7 +87,8 @@ def test_masks_are_corrected_and_the_adapter_released_as_with_one_session(tiny_j
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
     facts = json.loads(kept.read_text())
     assert facts["released"] is True and facts["masked_round"]["corrected"] is True
-    assert facts["masked_round"]["cohort"] == list(SITES) and set(facts["masked_round"]["peers"]) == {"site-2", "site-3"}
+    masked = facts["masked_round"]
+    assert masked["cohort"] == list(SITES) and set(masked["peers"]) == {"site-2", "site-3"}
 
 
 def test_the_privacy_accountant_goes_on_counting_without_a_ledger(tiny_job_spec, three_site_data, tmp_path):
