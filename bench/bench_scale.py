@@ -1,10 +1,18 @@
 """Scale: the server's memory, round time and CPU as the number of sites grows, in the FLARE simulator.
 
 For each site count the same job runs in the FLARE simulator (the tiny model,
-CKKS encryption on, two rounds, every site in every round, one process per
-site, all sharing the 2 cores). A sampler reads, every 0.2 s, the resident memory
-and CPU time of the simulator's server side: its runner process and the
-process that hosts the server (everything but the per-site worker processes).
+CKKS encryption on, two rounds, every site in every round). Every count runs on
+the same two worker processes (the machine's two cores): the simulator starts a
+process for each task of a site, and the site resumes its job run from its run
+folder (``site/run_state.py``). So the sites' memory stays that of two processes
+at 64 sites as at 3, and every count pays the same per-task start-up. A sampler
+reads, every 0.2 s, the resident memory and CPU time of the simulator's server
+side: its runner process and the process that hosts the server (everything but
+the per-site worker processes).
+
+Two workers keep at most two sites active at once. To show what the server
+holds per site active *at the same time*, the job also runs once with every site
+in its own process, all at once (16 sites, as many as this machine's memory holds).
 
 Then, at the largest site count, the cohort comparison: all sites for R rounds
 against ``cohort_fraction`` 0.25 for 4R rounds, the same number of site-rounds,
@@ -12,15 +20,18 @@ each evaluated on the same held-out union test set.
 
 Prints one JSON object (``zenfed bench scale --json``)::
 
-    {"sites": [{"sites", "server_peak_rss_mib", "round_seconds", "server_cpu_seconds_per_round",
-                "rounds", "wall_seconds"}, ...],
-     "ratios": {"peak_rss_largest_over_smallest", "round_seconds_per_site_largest_over_smallest"},
+    {"sites": [{"sites", "workers", "server_peak_rss_mib", "round_seconds", "server_cpu_seconds_per_round",
+                "rounds", "wall_seconds", "site_processes_peak_rss_mib"}, ...],
+     "sites_at_once": {... the same row, one process per site},
+     "ratios": {"peak_rss_largest_over_smallest", "round_seconds_per_site_largest_over_smallest",
+                "peak_rss_16_sites_at_once_over_smallest"},
      "cohorts": {"all": {...}, "fraction_0.25": {...}, "site_rounds"},
      "targets": {...}, "config": {...}, "seconds"}
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -41,6 +52,8 @@ from zenfed.spec import JobSpec
 SITE_COUNTS = (3, 8, 16, 32, 64)
 TINY_SITE_COUNTS = (3, 8)
 WORKERS = 2  # threads for the final evaluation: the machine's cores
+SIMULATOR_WORKERS = 2  # site processes at once, whatever the site count
+CONCURRENT_SITES = 16  # the most site processes this machine's memory holds at once (about 600 MiB each)
 
 
 def _say(text: str) -> None:
@@ -112,14 +125,13 @@ def _spec(model: Path, *, sites: int, rounds: int, fraction: float = 1.0, name: 
     })
 
 
-def _simulate(spec: JobSpec, data: Path, sites: int, workspace: Path) -> tuple[dict[str, Any], ServerSampler, float]:
+def _simulate(spec: JobSpec, data: Path, sites: int, workspace: Path, *, workers: int = SIMULATOR_WORKERS,
+              ) -> tuple[dict[str, Any], ServerSampler, float]:
     policies = builtin_policies(data, sites=sites, dataset="builtin", allow_any_model=True)
     sampler = ServerSampler()
     started = time.time()
     try:
-        # One simulated site per process: the simulator re-creates a site's executor when sites share a
-        # process, and a zenfed site keeps its round state in its executor.
-        out = run_simulation(spec, workspace=workspace, policies=policies, threads=sites, watch=sampler.watch)
+        out = run_simulation(spec, workspace=workspace, policies=policies, threads=workers, watch=sampler.watch)
     finally:
         sampler.stop()
     return json.loads((out / "zenfed_result.json").read_text()) | {"_dir": str(out)}, sampler, time.time() - started
@@ -136,46 +148,47 @@ def _test_loss(model: Path, spec: JobSpec, result_dir: Path, test: list[Any]) ->
     return float(engine.evaluate(adapter=load_file(str(adapter_file)), examples=test, max_new_tokens=1).loss)
 
 
-def run(*, tiny: bool) -> dict[str, Any]:
-    """Run the scale benchmark (``tiny``: 3 and 8 sites, a short cohort comparison)."""
+def _measure(model: Path, data: Path, sites: int, workspace: Path, *, workers: int = SIMULATOR_WORKERS,
+             ) -> dict[str, Any]:
+    """One row: the two-round job at ``sites`` sites on ``workers`` worker processes."""
+    _say(f"{sites} sites on {workers} worker processes ...")
+    result, sampler, wall = _simulate(_spec(model, sites=sites, rounds=2), data, sites, workspace, workers=workers)
+    rounds = result["rounds"]
+    row = {
+        "sites": sites, "workers": workers, "rounds": len(rounds),
+        "server_peak_rss_mib": round(sampler.peak_rss / 2**20, 1),
+        "round_seconds": round(sum(r["seconds"] for r in rounds) / len(rounds), 2),
+        "server_cpu_seconds_per_round": round(sampler.cpu_seconds / len(rounds), 2),
+        "wall_seconds": round(wall, 1),
+        "site_processes_peak_rss_mib": round(sampler.sites_peak_rss / 2**20, 1),
+    }
+    _say(json.dumps(row))
+    return row
+
+
+def run(*, tiny: bool, counts: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Run the scale benchmark (``tiny``: 3 and 8 sites; ``counts``: these site counts instead)."""
     started = time.time()
-    counts = TINY_SITE_COUNTS if tiny else SITE_COUNTS
+    counts = counts or (TINY_SITE_COUNTS if tiny else SITE_COUNTS)
     largest = counts[-1]
     with tempfile.TemporaryDirectory(prefix="zenfed-bench-scale-") as tmp:
         root = Path(tmp)
         model = build_tiny_model(root / "tiny")
         data = root / "data"
         make_builtin(data, sites=largest, train_per_site=24, valid_per_site=4, test_per_task=8)
-        rows: list[dict[str, Any]] = []
-        skipped: dict[str, str] = {}
-        per_site_mib = 0.0
-        for sites in counts:
-            projected = per_site_mib * sites / 1024
-            available = psutil.virtual_memory().available / 2**30
-            if projected > 0.8 * available:  # one process per site: do not push the machine into swap or OOM
-                skipped[str(sites)] = (f"projected {projected:.1f} GiB for the site processes, more than 80% of the "
-                                       f"{available:.1f} GiB available")
-                _say(f"{sites} sites skipped: {skipped[str(sites)]}")
-                continue
-            _say(f"{sites} sites ...")
-            result, sampler, wall = _simulate(_spec(model, sites=sites, rounds=2), data, sites, root / f"run-{sites}")
-            rounds = result["rounds"]
-            rows.append({
-                "sites": sites, "rounds": len(rounds),
-                "server_peak_rss_mib": round(sampler.peak_rss / 2**20, 1),
-                "round_seconds": round(sum(r["seconds"] for r in rounds) / len(rounds), 2),
-                "server_cpu_seconds_per_round": round(sampler.cpu_seconds / len(rounds), 2),
-                "wall_seconds": round(wall, 1),
-                "site_processes_peak_rss_mib": round(sampler.sites_peak_rss / 2**20, 1),
-            })
-            per_site_mib = max(per_site_mib, sampler.sites_peak_rss / 2**20 / sites)
-            _say(json.dumps(rows[-1]))
+        rows = [_measure(model, data, sites, root / f"run-{sites}") for sites in counts]
+        # The same job with every site in its own process, all at once: what the server holds per site
+        # *connected and active at the same time*, against per site in the federation (the rows above).
+        concurrent = min(CONCURRENT_SITES, largest)
+        at_once = _measure(model, data, concurrent, root / f"concurrent-{concurrent}", workers=concurrent)
         first, last = rows[0], rows[-1]
         largest = last["sites"]
         ratios = {
             "peak_rss_largest_over_smallest": round(last["server_peak_rss_mib"] / first["server_peak_rss_mib"], 3),
             "round_seconds_per_site_largest_over_smallest": round(
                 (last["round_seconds"] / last["sites"]) / (first["round_seconds"] / first["sites"]), 3),
+            f"peak_rss_{concurrent}_sites_at_once_over_smallest": round(
+                at_once["server_peak_rss_mib"] / first["server_peak_rss_mib"], 3),
         }
 
         test = load_jsonl(data / "test.jsonl")
@@ -193,16 +206,34 @@ def run(*, tiny: bool) -> dict[str, Any]:
         ratio_quality = round(cohorts["fraction_0.25"]["test_loss"] / cohorts["all"]["test_loss"], 3)
     cohorts["test_loss_fraction_over_all"] = ratio_quality
     return {
-        "sites": rows, "skipped": skipped, "ratios": ratios, "cohorts": cohorts,
+        "sites": rows, "sites_at_once": at_once, "ratios": ratios, "cohorts": cohorts,
         "targets": {
             "peak_rss_at_most_1.2x": ratios["peak_rss_largest_over_smallest"] <= 1.2,
             "round_time_at_most_linear": ratios["round_seconds_per_site_largest_over_smallest"] <= 1.0,
         },
-        "config": {"model": "tiny random Llama", "encryption": "CKKS", "rounds": 2, "site_processes": "one per site",
+        "config": {"model": "tiny random Llama", "encryption": "CKKS", "rounds": 2,
+                   "site_processes": f"{SIMULATOR_WORKERS} workers, a new process per site task",
                    "local_steps": 2, "batch_size": 4, "site_counts": list(counts)},
         "seconds": round(time.time() - started, 1),
     }
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python bench/bench_scale.py [--tiny] [--counts 3,8,16]``: print the JSON object."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="3 and 8 sites (a few minutes)")
+    parser.add_argument("--counts", help="comma-separated site counts, e.g. 3,64 (the last one runs the cohorts)")
+    args = parser.parse_args(argv)
+    counts = None
+    if args.counts:
+        try:
+            counts = tuple(sorted({int(c) for c in args.counts.split(",")}))
+        except ValueError:
+            parser.error(f"--counts {args.counts!r}: give whole numbers separated by commas, e.g. 3,8,16")
+        if counts[0] < 2:
+            parser.error("--counts: a job needs at least 2 sites")
+    print(json.dumps(run(tiny=args.tiny, counts=counts), indent=2))
+
+
 if __name__ == "__main__":
-    print(json.dumps(run(tiny="--tiny" in sys.argv), indent=2))
+    main()
