@@ -508,11 +508,20 @@ class ServerSpec(_Strict):
     admin_port: int = Field(8003, ge=1, le=65535, description="admin port")
 
 
+class RelaySpec(_Strict):
+    """A FLARE relay: sites that name it connect to it, and it carries their traffic to the server."""
+
+    name: str = Field(pattern=_NAME_PATTERN, description="relay name, e.g. 'relay-eu'")
+    org: str = Field("zenfed", pattern=_ORG_PATTERN, description="organisation: letters, digits, _")
+    port: int = Field(ge=1, le=65535, description="the port the relay listens on for its sites (mutual TLS)")
+
+
 class SiteSpec(_Strict):
     """One site of a project, with the policy written into its kit."""
 
     name: str = Field(pattern=_NAME_PATTERN, description="site name, e.g. 'hospital-a'")
     org: str = Field("zenfed", pattern=_ORG_PATTERN, description="organisation: letters, digits, _")
+    relay: str | None = Field(None, description="the relay this site connects through (null: the server directly)")
     datasets: dict[str, DatasetLocation] = Field(default_factory=dict)
     allowed_base_models: tuple[str, ...] = (DEFAULT_BASE_MODEL,)
     allowed_jobs: tuple[str, ...] = ("*",)
@@ -533,7 +542,7 @@ class SiteSpec(_Strict):
 
     def policy(self) -> SitePolicy:
         """Return the site policy that provisioning writes into this site's kit."""
-        fields = self.model_dump(exclude={"name", "org"})
+        fields = self.model_dump(exclude={"name", "org", "relay"})
         return SitePolicy(site=self.name, **fields)
 
 
@@ -563,6 +572,7 @@ class ProjectSpec(_Strict):
     name: str = Field(pattern=_NAME_PATTERN, description="project name")
     server: ServerSpec = ServerSpec()
     sites: tuple[SiteSpec, ...] = Field(min_length=1, description="at least one site")
+    relays: tuple[RelaySpec, ...] = Field((), description="FLARE relays between sites and the server")
     admins: tuple[AdminSpec, ...] = Field(min_length=1, description="at least one admin")
     encryption: bool = Field(True, description="issue CKKS contexts: secret to sites, public to the server")
     attestation: ProjectAttestation | None = Field(
@@ -571,12 +581,19 @@ class ProjectSpec(_Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> ProjectSpec:
-        names = [self.server.name, *(s.name for s in self.sites), *(a.name for a in self.admins)]
+        names = [self.server.name, *(s.name for s in self.sites), *(r.name for r in self.relays),
+                 *(a.name for a in self.admins)]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"participant names must be unique; repeated: {', '.join(dupes)}")
-        if self.server.fl_port == self.server.admin_port:
-            raise ValueError("server.fl_port and server.admin_port must differ")
+        ports = [self.server.fl_port, self.server.admin_port, *(r.port for r in self.relays)]
+        if len(set(ports)) != len(ports):
+            raise ValueError("server.fl_port, server.admin_port and every relay's port must all differ")
+        relays = {r.name for r in self.relays}
+        for site in self.sites:
+            if site.relay is not None and site.relay not in relays:
+                raise ValueError(f"site {site.name} connects through relay {site.relay!r}, which is not among the "
+                                 f"project's relays ({', '.join(sorted(relays)) or 'none'}); add it under 'relays:'")
         return self
 
 

@@ -1,15 +1,19 @@
-"""Encrypted aggregation end to end: simulator parity with plaintext, and key separation on a deployment."""
+"""Encrypted aggregation end to end: simulator parity with plaintext, and key separation on a deployment.
+
+The deployment routes one site through a FLARE relay: ciphertexts cross it unread.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
 from zenfed.data import make_builtin
-from zenfed.demo import loopback_project
+from zenfed.demo import free_port, loopback_project
 from zenfed.engines.tiny import build_tiny_model
 from zenfed.jobs import export_job
 from zenfed.jobs.simulate import builtin_policies, run_simulation
@@ -17,7 +21,7 @@ from zenfed.jobs.submit import load_result, submit
 from zenfed.privacy.he.context import context_has_secret_key, load_context
 from zenfed.provisioning.deploy import down, up
 from zenfed.provisioning.project import provision
-from zenfed.spec import JobSpec
+from zenfed.spec import JobSpec, ProjectSpec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -81,28 +85,50 @@ def test_encrypted_run_matches_plaintext_eval_loss(
     assert worst < 1e-3
 
 
+def _dialled_ports(pid: int) -> set[int]:
+    """The remote ports a process and its descendants hold TCP connections to."""
+    root = psutil.Process(pid)
+    ports = set()
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            ports |= {c.raddr.port for c in proc.net_connections(kind="tcp") if c.raddr}
+        except psutil.Error:
+            continue
+    return ports
+
+
 def test_deployment_server_never_holds_a_secret_key(
     tiny_setup: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    # Prepare
+    # Prepare: site-2 reaches the server through a FLARE relay, site-1 directly
     model, data = tiny_setup
     project = loopback_project("he-e2e", data_dir=data, sites=2)
+    relay_port = free_port()
+    project = ProjectSpec.model_validate({
+        **project.model_dump(), "relays": [{"name": "relay-1", "port": relay_port}],
+        "sites": [project.sites[0].model_dump(), {**project.sites[1].model_dump(), "relay": "relay-1"}],
+    })
     deployment = provision(project, out=tmp_path / "ws")
     job = export_job(
         _spec(model, encrypted=True, name="sealed-deploy"), out=tmp_path / "jobs" / "sealed"
     )
     server_kit = Path(deployment.server_kit)
     # Execute
-    up(deployment, progress=False)
+    pids = up(deployment, progress=False)
     try:
+        dialled = {name: _dialled_ports(pids[name]) for name in ("site-1", "site-2")}
         outcome = submit(
             job, admin_kit=deployment.admin_kit(), results_root=tmp_path / "results", progress=False
         )
     finally:
         down(deployment, progress=False)
-    # Assert: the job ran encrypted and released the adapter through a site.
+    # Assert: site-2's connections go to the relay, never to the server; site-1's to the server.
+    assert relay_port in dialled["site-2"] and deployment.fl_port not in dialled["site-2"]
+    assert deployment.fl_port in dialled["site-1"] and relay_port not in dialled["site-1"]
+    # Assert: the job ran encrypted, with both sites in every round, and released the adapter through a site.
     result = load_result(outcome.result_dir)
     assert result["aggregation"] == "fedavg-ckks"
+    assert [r["contributors"] for r in result["rounds"]] == [["site-1", "site-2"]] * 2
     assert (outcome.result_dir / "adapter" / "adapter_model.safetensors").is_file()
     # Anyone can re-add the kept ciphertexts with the public context and match the signed logs.
     from zenfed.audit.replay import replay_result

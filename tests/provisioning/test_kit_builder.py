@@ -17,6 +17,7 @@ from zenfed.spec import (
     AdminSpec,
     DatasetLocation,
     ProjectSpec,
+    RelaySpec,
     ServerSpec,
     SitePolicy,
     SiteSpec,
@@ -24,10 +25,13 @@ from zenfed.spec import (
 )
 
 
-def project(fl_port: int, admin_port: int, data: Path) -> ProjectSpec:
+def project(fl_port: int, admin_port: int, data: Path, relay_port: int | None = None) -> ProjectSpec:
+    """Two sites; with ``relay_port``, bank-b connects through relay-1."""
+    relays = (RelaySpec(name="relay-1", port=relay_port),) if relay_port else ()
     return ProjectSpec(
         name="kit-test",
         server=ServerSpec(name="localhost", fl_port=fl_port, admin_port=admin_port),
+        relays=relays,
         sites=(
             SiteSpec(
                 name="hospital-a",
@@ -35,7 +39,7 @@ def project(fl_port: int, admin_port: int, data: Path) -> ProjectSpec:
                 torch_threads=1,
                 datasets={"builtin": DatasetLocation(path=data / "site-1")},
             ),
-            SiteSpec(name="bank-b", org="b", allowed_jobs=("demo-*",)),
+            SiteSpec(name="bank-b", org="b", allowed_jobs=("demo-*",), relay="relay-1" if relays else None),
         ),
         admins=(AdminSpec(name="admin@kit.test"),),
     )
@@ -45,10 +49,11 @@ def project(fl_port: int, admin_port: int, data: Path) -> ProjectSpec:
 def deployment(tmp_path_factory) -> Deployment:
     root = tmp_path_factory.mktemp("provision")
     fl_port = free_port()
-    admin_port = free_port()
-    while admin_port == fl_port:
-        admin_port = free_port()
-    return provision(project(fl_port, admin_port, root / "data"), out=root / "ws")
+    ports = {fl_port}
+    while len(ports) < 3:
+        ports.add(free_port())
+    admin_port, relay_port = sorted(ports - {fl_port})
+    return provision(project(fl_port, admin_port, root / "data", relay_port), out=root / "ws")
 
 
 def test_every_kit_exists_with_its_startup_files(deployment):
@@ -196,3 +201,38 @@ def test_every_file_holding_a_key_is_0600_in_a_0700_folder(deployment):
     for path in secret_files:
         assert path.stat().st_mode & 0o777 == 0o600, path
         assert path.parent.stat().st_mode & 0o777 == 0o700, path.parent
+
+
+def test_a_site_behind_a_relay_reaches_the_server_through_it_with_mutual_tls(deployment):
+    # Prepare
+    relay_kit = Path(deployment.relay_kits["relay-1"])
+    via = json.loads(Path(deployment.site_kits["bank-b"], "local", "relay__resources.json").read_text())
+    relay = json.loads((relay_kit / "startup" / "fed_relay.json").read_text())
+    listener = json.loads((relay_kit / "local" / "comm_config.json").read_text())["internal"]
+
+    # Assert: bank-b dials the relay, on loopback, with mutual TLS; hospital-a dials the server
+    port = deployment.relay_ports["relay-1"]
+    assert via["relay_config"]["address"] == f"localhost:{port}"
+    assert via["relay_config"]["connection_security"] == "mtls"
+    assert listener["resources"]["host"] == "localhost" and listener["resources"]["port"] == port
+    assert listener["resources"]["connection_security"] == "mtls"
+    assert not Path(deployment.site_kits["hospital-a"], "local", "relay__resources.json").exists()
+    # The relay connects on to the server, and holds no site policy, CKKS context or data
+    assert relay["connect_to"]["address"] == f"localhost:{deployment.fl_port}"
+    held = {p.name for p in relay_kit.rglob("*") if p.is_file()}
+    assert not held & {"zenfed_site.yaml", "zenfed_he_site.context", "zenfed_he_server.context"}
+    assert {"client.key", "rootCA.pem"} <= held
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"sites": [{"name": "s", "relay": "nowhere"}]}, "relay 'nowhere', which is not among"),
+    ({"relays": [{"name": "r", "port": 8002}]}, "must all differ"),
+    ({"relays": [{"name": "s", "port": 9100}]}, "repeated: s"),
+])
+def test_a_relay_the_project_lacks_or_a_clashing_port_is_a_spec_error(change, message):
+    # Prepare
+    data = {"name": "p", "sites": [{"name": "s"}], "admins": [{"name": "a@b.c"}], **change}
+
+    # Execute / Assert
+    with pytest.raises(SpecError, match=message):
+        parse_model(ProjectSpec, data, kind="project", source="test")

@@ -116,7 +116,7 @@ def status(dep: Deployment) -> dict[str, bool]:
 
 
 def up(dep: Deployment, *, timeout_s: float = 90.0, progress: bool = True) -> dict[str, int]:
-    """Start the server, wait for its ports, then start every site.
+    """Start the server, wait for its ports, then every relay (waiting for its port), then every site.
 
     Returns:
         Participant name -> PID.
@@ -126,7 +126,7 @@ def up(dep: Deployment, *, timeout_s: float = 90.0, progress: bool = True) -> di
             (everything started so far is stopped again).
     """
     running = {name for name, alive in status(dep).items() if alive}
-    wanted = {dep.server, *dep.site_kits}
+    wanted = {dep.server, *dep.relay_kits, *dep.site_kits}
     if wanted <= running:
         raise DeploymentError(f"{dep.workspace} is already up; run `zenfed down {dep.workspace}` first")
     if dep.server not in running:
@@ -157,6 +157,17 @@ def up(dep: Deployment, *, timeout_s: float = 90.0, progress: bool = True) -> di
                 if time.time() > deadline or not psutil.pid_exists(pids[dep.server]):
                     raise DeploymentError(f"the server did not start; see {logs / (dep.server + '.log')}")
                 time.sleep(0.5)
+        for relay, kit in sorted(dep.relay_kits.items()):
+            if relay not in running:
+                if _port_open(dep.relay_ports[relay]):
+                    raise DeploymentError(f"port {dep.relay_ports[relay]} on localhost (relay {relay}) is in use; "
+                                          "free it or provision another port")
+                record(relay, _start(kit, logs / f"{relay}.log"))
+                started.append(relay)
+                while not _port_open(dep.relay_ports[relay]):  # its sites connect to it next
+                    if time.time() > deadline or not psutil.pid_exists(pids[relay]):
+                        raise DeploymentError(f"relay {relay} did not start; see {logs / (relay + '.log')}")
+                    time.sleep(0.5)
         for site, kit in sorted(dep.site_kits.items()):
             if site not in running:
                 record(site, _start(kit, logs / f"{site}.log"))

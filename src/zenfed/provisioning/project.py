@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ class Deployment:
     admin_port: int
     site_kits: dict[str, str]
     admin_kits: dict[str, str]
+    relay_kits: dict[str, str] = field(default_factory=dict)
+    relay_ports: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def load(cls, workspace: str | Path) -> Deployment:
@@ -74,7 +76,12 @@ def flare_project(spec: ProjectSpec, *, extra_builders: list[dict[str, Any]] | N
         "name": spec.server.name, "type": "server", "org": "zenfed",
         "fed_learn_port": spec.server.fl_port, "admin_port": spec.server.admin_port,
     }]
-    participants += [{"name": s.name, "type": "client", "org": s.org} for s in spec.sites]
+    # A relay listens on loopback for its sites with mutual TLS, and connects to the server like a site.
+    participants += [{"name": r.name, "type": "relay", "org": r.org,
+                      "listening_host": {"default_host": "localhost", "port": r.port, "scheme": "grpc",
+                                         "connection_security": "mtls"}} for r in spec.relays]
+    participants += [{"name": s.name, "type": "client", "org": s.org,
+                      **({"connect_to": {"name": s.relay}} if s.relay else {})} for s in spec.sites]
     participants += [{"name": a.name, "type": "admin", "org": a.org, "role": a.role} for a in spec.admins]
     policies = {s.name: _absolute_paths(s.policy().model_dump(mode="json")) for s in spec.sites}
     zenfed_builders: list[dict[str, Any]] = [
@@ -142,6 +149,8 @@ def provision(spec: ProjectSpec, *, out: str | Path, extra_builders: list[dict[s
         admin_port=spec.server.admin_port,
         site_kits={s.name: str(prod / s.name) for s in spec.sites},
         admin_kits={a.name: str(prod / a.name) for a in spec.admins},
+        relay_kits={r.name: str(prod / r.name) for r in spec.relays},
+        relay_ports={r.name: r.port for r in spec.relays},
     )
     (ws / LAYOUT_FILE).write_text(json.dumps(asdict(deployment), indent=2) + "\n")
     restrict_secret_files(ws)
