@@ -1,6 +1,7 @@
-"""The federated algorithms through real FLARE: FFA-LoRA in the simulator, FedAdam on a provisioned deployment.
+"""The federated algorithms through real FLARE: FFA-LoRA in the simulator; FedAdam, then SCAFFOLD with
+record-level DP, on one provisioned deployment.
 
-Both run under pairwise masks: signed key announcements and masked sums travel through FLARE.
+All run under pairwise masks: signed key announcements and masked sums travel through FLARE.
 """
 
 from __future__ import annotations
@@ -79,30 +80,49 @@ def test_ffa_lora_in_the_simulator_keeps_the_shared_a(tiny_setup: tuple[Path, Pa
     assert all(float((released[k] - initial[k]).abs().max()) == 0.0 for k in names)
 
 
-def test_fedadam_on_a_deployment_steps_identically_at_every_site(tiny_setup: tuple[Path, Path], tmp_path: Path) -> None:
+def _audit(result_dir: Path, site: str, event: str) -> list[dict]:
+    lines = (result_dir / "audit" / f"{site}.jsonl").read_text().splitlines()
+    return [r["fields"] for r in map(json.loads, filter(str.strip, lines)) if r["event"] == event]
+
+
+def test_fedadam_and_scaffold_on_a_deployment_step_identically_at_every_site(tiny_setup: tuple[Path, Path],
+                                                                             tmp_path: Path) -> None:
     # Prepare
     model, data = tiny_setup
     deployment = provision(loopback_project("fedadam-e2e", data_dir=data, sites=2), out=tmp_path / "ws")
     job = export_job(_spec(model, name="fedadam-deploy", federation={
         "strategy": "fedadam", "server_optimizer": {"learning_rate": 0.05}}), out=tmp_path / "jobs" / "fedadam")
+    scaffold_job = export_job(_spec(model, name="scaffold-deploy", federation={"strategy": "scaffold"}, dp=True),
+                              out=tmp_path / "jobs" / "scaffold")
 
-    # Execute
+    # Execute: two jobs, one after the other, on the same running deployment
     up(deployment, progress=False)
     try:
         outcome = submit(job, admin_kit=deployment.admin_kit(), results_root=tmp_path / "results", progress=False)
+        scaffold = submit(scaffold_job, admin_kit=deployment.admin_kit(), results_root=tmp_path / "results",
+                          progress=False)
     finally:
         down(deployment, progress=False)
+
+    # Assert: SCAFFOLD under masks and record DP: released; both sites hold the same global control
+    # variate after each round (it is summed in the same masked ciphertext as the update); each spent epsilon
+    result = load_result(scaffold.result_dir)
+    assert result["aggregation"] == "scaffold-ckks"
+    assert [r["contributors"] for r in result["rounds"]] == [["site-1", "site-2"]] * 2
+    assert (scaffold.result_dir / "adapter" / "adapter_model.safetensors").is_file()
+    controls = {site: [(f["round"], f["sha256"]) for f in _audit(scaffold.result_dir, site, "strategy_state")]
+                for site in ("site-1", "site-2")}
+    assert [rnd for rnd, _ in controls["site-1"]] == [1, 2] and controls["site-1"] == controls["site-2"]
+    for site in ("site-1", "site-2"):
+        spent = [r["sites"][site]["privacy"]["epsilon"] for r in result["rounds"]]
+        assert 0 < spent[0] < spent[1], (site, spent)
 
     # Assert: released through a site; both sites' logs show the same optimizer state each round
     result = load_result(outcome.result_dir)
     assert result["aggregation"] == "fedadam-ckks"
     assert (outcome.result_dir / "adapter" / "adapter_model.safetensors").is_file()
-    states = {}
-    for site in ("site-1", "site-2"):
-        lines = (outcome.result_dir / "audit" / f"{site}.jsonl").read_text().splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
-        states[site] = [(r["fields"]["round"], r["fields"]["sha256"]) for r in records
-                        if r["event"] == "strategy_state"]
+    states = {site: [(f["round"], f["sha256"]) for f in _audit(outcome.result_dir, site, "strategy_state")]
+              for site in ("site-1", "site-2")}
     assert [rnd for rnd, _ in states["site-1"]] == [1, 2]
     assert states["site-1"] == states["site-2"]
     # Each site masked both rounds with both sites' keys, checked against the project's root CA
