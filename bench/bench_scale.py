@@ -53,6 +53,7 @@ SITE_COUNTS = (3, 8, 16, 32, 64)
 TINY_SITE_COUNTS = (3, 8)
 WORKERS = 2  # threads for the final evaluation: the machine's cores
 SIMULATOR_WORKERS = 2  # site processes at once, whatever the site count
+SETTLE_S = 2.0  # a process this young may be a worker between fork and exec
 CONCURRENT_SITES = 16  # the most site processes this machine's memory holds at once (about 600 MiB each)
 
 
@@ -85,12 +86,21 @@ class ServerSampler:
             self._thread.join(5)
 
     def _split(self) -> tuple[list[psutil.Process], list[psutil.Process]]:
-        """(server side, per-site workers) of the simulator's process tree."""
+        """(server side, per-site workers) of the simulator's process tree.
+
+        A worker is forked from the runner before it execs, and for that moment it carries the
+        runner's command line and resident pages: a process younger than ``SETTLE_S`` is not
+        yet known to be server side, and is not counted (the server's own processes live all run).
+        """
         assert self._root is not None
         server, sites = [], []
+        now = time.time()
         for proc in [self._root, *self._root.children(recursive=True)]:
             try:
-                (sites if any("simulator_worker" in part for part in proc.cmdline()) else server).append(proc)
+                if any("simulator_worker" in part for part in proc.cmdline()):
+                    sites.append(proc)
+                elif proc is self._root or now - proc.create_time() >= SETTLE_S:
+                    server.append(proc)
             except psutil.Error:
                 continue
         return server, sites
