@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from zenfed.data import make_builtin
@@ -36,6 +37,7 @@ from zenfed.privacy.he.seal import SealKit
 from zenfed.privacy.he.wire import expand_ciphertexts
 from zenfed.provisioning.deploy import down, up
 from zenfed.provisioning.project import provision
+from zenfed.site.state import SiteStateStore
 from zenfed.spec import JobSpec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -104,18 +106,23 @@ def test_fedadam_and_scaffold_on_a_deployment_step_identically_at_every_site(tin
     finally:
         down(deployment, progress=False)
 
-    # Assert: SCAFFOLD under masks and record DP: released; both sites hold the same global control
-    # variate after each round (it is summed in the same masked ciphertext as the update); each spent epsilon
+    # Assert: SCAFFOLD under masks and record DP: released, and each site spent epsilon every round
     result = load_result(scaffold.result_dir)
     assert result["aggregation"] == "scaffold-ckks"
     assert [r["contributors"] for r in result["rounds"]] == [["site-1", "site-2"]] * 2
     assert (scaffold.result_dir / "adapter" / "adapter_model.safetensors").is_file()
-    controls = {site: [(f["round"], f["sha256"]) for f in _audit(scaffold.result_dir, site, "strategy_state")]
-                for site in ("site-1", "site-2")}
-    assert [rnd for rnd, _ in controls["site-1"]] == [1, 2] and controls["site-1"] == controls["site-2"]
     for site in ("site-1", "site-2"):
         spent = [r["sites"][site]["privacy"]["epsilon"] for r in result["rounds"]]
         assert 0 < spent[0] < spent[1], (site, spent)
+        assert [f["round"] for f in _audit(scaffold.result_dir, site, "strategy_state")] == [1, 2]
+    # Both sites hold the same global control variate c (summed in the same masked ciphertext as the
+    # update), and each its own c_i
+    spec = JobSpec.model_validate(result["job"]["spec"])
+    kept = {site: load_file(str(SiteStateStore(root=Path(deployment.site_kits[site]), spec=spec).path))
+            for site in ("site-1", "site-2")}
+    controls = [k for k in kept["site-1"] if k.startswith("c.")]
+    assert controls and all(torch.equal(kept["site-1"][k], kept["site-2"][k]) for k in controls)
+    assert any(not torch.equal(kept["site-1"][k], kept["site-2"][k]) for k in kept["site-1"] if k.startswith("ci."))
 
     # Assert: released through a site; both sites' logs show the same optimizer state each round
     result = load_result(outcome.result_dir)
