@@ -35,14 +35,14 @@ def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return model, data
 
 
-def _spec(model: Path, *, encrypted: bool, name: str) -> JobSpec:
+def _spec(model: Path, *, encrypted: bool, name: str, strategy: str = "fedavg") -> JobSpec:
     return JobSpec.model_validate(
         {
             "name": name,
             "model": {"base": str(model)},
             "lora": {"rank": 4, "alpha": 8},
             "training": {"local_steps": 6, "batch_size": 8, "seq_len": 128, "learning_rate": 0.01},
-            "federation": {"rounds": 2, "min_sites": 2},
+            "federation": {"rounds": 2, "min_sites": 2, "strategy": strategy},
             "evaluation": {"max_examples": 8, "max_new_tokens": 4},
             "encryption": {"enabled": encrypted},
         }
@@ -97,21 +97,43 @@ def _dialled_ports(pid: int) -> set[int]:
     return ports
 
 
+def _ranks_moved(kept: Path, spec: JobSpec, deployment, weight: float) -> list[bool]:
+    """Per LoRA rank, whether one site's round-1 adapter (decrypted here with a site's key) left the start."""
+    from zenfed.engines import make_engine
+    from zenfed.privacy.he import UpdateLayout, decrypt_sum, packing_for, read_envelope
+    from zenfed.privacy.he.context import SITE_CONTEXT_FILE
+
+    key = load_context(Path(deployment.site_kits["site-1"]) / "startup" / SITE_CONTEXT_FILE, require_secret=True)
+    start = make_engine(spec, model_dir=Path(spec.model.base), threads=1).initial_adapter()
+    # A site encrypts weight x its trained adapter; the server only adds such ciphertexts.
+    sent = decrypt_sum(read_envelope(kept.read_bytes())[1], context=key, packing=packing_for(spec.encryption),
+                       layout=UpdateLayout.from_update(start), total_weight=weight)
+    change = {k: sent[k] - start[k] for k in start}
+    step = spec.encryption.clip / (2 ** (spec.encryption.quant_bits - 1) - 1)
+    moved = []
+    for rank in range(spec.lora.rank):
+        a = max(float(t[rank].abs().max()) for k, t in change.items() if ".lora_A." in k)
+        b = max(float(t[:, rank].abs().max()) for k, t in change.items() if ".lora_B." in k)
+        moved.append(max(a, b) > 4 * step / weight)  # the quantisation step, scaled back by the weight
+    return moved
+
+
 def test_deployment_server_never_holds_a_secret_key(
     tiny_setup: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    # Prepare: site-2 reaches the server through a FLARE relay, site-1 directly
+    # Prepare: site-2 reaches the server through a FLARE relay, site-1 directly; site-2's policy caps
+    # its LoRA rank at 2 of the job's 4; the job trains with FedProx
     model, data = tiny_setup
     project = loopback_project("he-e2e", data_dir=data, sites=2)
     relay_port = free_port()
     project = ProjectSpec.model_validate({
         **project.model_dump(), "relays": [{"name": "relay-1", "port": relay_port}],
-        "sites": [project.sites[0].model_dump(), {**project.sites[1].model_dump(), "relay": "relay-1"}],
+        "sites": [project.sites[0].model_dump(),
+                  {**project.sites[1].model_dump(), "relay": "relay-1", "max_lora_rank": 2}],
     })
     deployment = provision(project, out=tmp_path / "ws")
-    job = export_job(
-        _spec(model, encrypted=True, name="sealed-deploy"), out=tmp_path / "jobs" / "sealed"
-    )
+    spec = _spec(model, encrypted=True, name="sealed-deploy", strategy="fedprox")
+    job = export_job(spec, out=tmp_path / "jobs" / "sealed")
     server_kit = Path(deployment.server_kit)
     # Execute
     pids = up(deployment, progress=False)
@@ -127,9 +149,14 @@ def test_deployment_server_never_holds_a_secret_key(
     assert deployment.fl_port in dialled["site-1"] and relay_port not in dialled["site-1"]
     # Assert: the job ran encrypted, with both sites in every round, and released the adapter through a site.
     result = load_result(outcome.result_dir)
-    assert result["aggregation"] == "fedavg-ckks"
+    assert result["aggregation"] == "fedprox-ckks"
     assert [r["contributors"] for r in result["rounds"]] == [["site-1", "site-2"]] * 2
     assert (outcome.result_dir / "adapter" / "adapter_model.safetensors").is_file()
+    # The capped site trained only ranks 0-1 (the others left exactly as they started); site-1 all four.
+    kept = outcome.result_dir / "updates" / "round-0001"
+    moved = {site: _ranks_moved(kept / f"{site}.bin", spec, deployment, result["rounds"][0]["sites"][site]["weight"])
+             for site in ("site-1", "site-2")}
+    assert moved == {"site-1": [True] * 4, "site-2": [True, True, False, False]}
     # Anyone can re-add the kept ciphertexts with the public context and match the signed logs.
     from zenfed.audit.replay import replay_result
 
