@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root-ca", help="the project's rootCA.pem (default: found next to the logs)")
 
     p = command("bench", _bench, "run a benchmark and print one JSON object")
-    p.add_argument("name", choices=["quality", "he", "privacy", "scale", "engines", "algorithms", "gpu", "alignment"])
+    p.add_argument("name", choices=["quality", "he", "privacy", "scale", "tiers", "engines", "algorithms", "gpu",
+                                    "alignment"])
     p.add_argument("--json", action="store_true", help="print compact JSON")
     p.add_argument("--tiny", action="store_true", help="use the tiny random model (fast)")
     return parser
