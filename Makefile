@@ -32,7 +32,7 @@ $(CHROMIUM):
 	else echo "chromium is missing and cannot be installed without root; the render test will skip"; fi
 
 test: install $(CHROMIUM)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not e2e and not slow"
