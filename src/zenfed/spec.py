@@ -586,9 +586,11 @@ class ProjectSpec(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"participant names must be unique; repeated: {', '.join(dupes)}")
+        if self.server.fl_port == self.server.admin_port:
+            raise ValueError("server.fl_port and server.admin_port must differ")
         ports = [self.server.fl_port, self.server.admin_port, *(r.port for r in self.relays)]
         if len(set(ports)) != len(ports):
-            raise ValueError("server.fl_port, server.admin_port and every relay's port must all differ")
+            raise ValueError("every relay's port must differ from the server's ports and from the other relays'")
         relays = {r.name for r in self.relays}
         for site in self.sites:
             if site.relay is not None and site.relay not in relays:

@@ -226,7 +226,7 @@ def test_a_site_behind_a_relay_reaches_the_server_through_it_with_mutual_tls(dep
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"sites": [{"name": "s", "relay": "nowhere"}]}, "relay 'nowhere', which is not among"),
-    ({"relays": [{"name": "r", "port": 8002}]}, "must all differ"),
+    ({"relays": [{"name": "r", "port": 8002}]}, "relay's port must differ from the server's"),
     ({"relays": [{"name": "s", "port": 9100}]}, "repeated: s"),
 ])
 def test_a_relay_the_project_lacks_or_a_clashing_port_is_a_spec_error(change, message):
