@@ -59,12 +59,10 @@ def test_encrypted_run_matches_plaintext_eval_loss(
     plain = run_simulation(
         _spec(model, encrypted=False, name="plain"), workspace=tmp_path / "plain", policies=policies
     )
-    # One worker for both sites: each task runs in a new process, which resumes the site's run state.
     sealed = run_simulation(
         _spec(model, encrypted=True, name="sealed"),
         workspace=tmp_path / "sealed",
         policies=policies,
-        threads=1,
     )
     # Assert
     plain_result = json.loads((plain / "zenfed_result.json").read_text())
