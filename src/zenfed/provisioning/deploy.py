@@ -148,26 +148,26 @@ def up(dep: Deployment, *, timeout_s: float = 90.0, progress: bool = True) -> di
         atomic_write_bytes(state_file, json.dumps(tracked, indent=2).encode())
 
     started: list[str] = []
+
+    def start_listener(name: str, kit: str, ports: tuple[int, ...], deadline: float, *, what: str) -> None:
+        """Start a participant others connect to (the server, a relay) and wait until its ports listen."""
+        record(name, _start(kit, logs / f"{name}.log"))
+        started.append(name)
+        while not all(_port_open(port) for port in ports):
+            if time.time() > deadline or not psutil.pid_exists(pids[name]):
+                raise DeploymentError(f"{what} did not start; see {logs / (name + '.log')}")
+            time.sleep(0.5)
+
     try:
         deadline = time.time() + timeout_s
         if dep.server not in running:
-            record(dep.server, _start(dep.server_kit, logs / f"{dep.server}.log"))
-            started.append(dep.server)
-            while not (_port_open(dep.fl_port) and _port_open(dep.admin_port)):
-                if time.time() > deadline or not psutil.pid_exists(pids[dep.server]):
-                    raise DeploymentError(f"the server did not start; see {logs / (dep.server + '.log')}")
-                time.sleep(0.5)
-        for relay, kit in sorted(dep.relay_kits.items()):
+            start_listener(dep.server, dep.server_kit, (dep.fl_port, dep.admin_port), deadline, what="the server")
+        for relay, kit in sorted(dep.relay_kits.items()):  # before the sites, which connect to them
             if relay not in running:
                 if _port_open(dep.relay_ports[relay]):
                     raise DeploymentError(f"port {dep.relay_ports[relay]} on localhost (relay {relay}) is in use; "
                                           "free it or provision another port")
-                record(relay, _start(kit, logs / f"{relay}.log"))
-                started.append(relay)
-                while not _port_open(dep.relay_ports[relay]):  # its sites connect to it next
-                    if time.time() > deadline or not psutil.pid_exists(pids[relay]):
-                        raise DeploymentError(f"relay {relay} did not start; see {logs / (relay + '.log')}")
-                    time.sleep(0.5)
+                start_listener(relay, kit, (dep.relay_ports[relay],), deadline, what=f"relay {relay}")
         for site, kit in sorted(dep.site_kits.items()):
             if site not in running:
                 record(site, _start(kit, logs / f"{site}.log"))

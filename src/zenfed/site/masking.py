@@ -45,6 +45,7 @@ KEY_FOLDER = "pairwise-key"  # inside the site's folder for the job
 class _MaskedRound:
     round: int
     cohort: list[str]
+    peers: dict[str, str]  # the checked public keys of the other cohort sites, as announced
     masker: PairwiseMasker
     corrected: bool = False
 
@@ -110,8 +111,9 @@ class SiteMasking:
         peers = {peer: self._checked_key(peer, announcements[peer]) for peer in cohort if peer != self.site}
         masker = PairwiseMasker(key=self._key, site=self.site, peers=peers, job_id=self.job_id,
                                 round_index=round_index)
-        self._last = _MaskedRound(round=round_index, cohort=cohort, masker=masker)
-        self._keep_last(peers={peer: str(announcements[peer][P.H_PAIRWISE_KEY]) for peer in peers})
+        self._last = _MaskedRound(round=round_index, cohort=cohort, masker=masker,
+                                  peers={peer: str(announcements[peer][P.H_PAIRWISE_KEY]) for peer in peers})
+        self._keep_last()
         self._audit.record(E.MASKS_APPLIED, round=round_index, cohort=cohort,
                            announced={s: key_fingerprint(str(announcements[s][P.H_PAIRWISE_KEY])) for s in cohort},
                            announcements_signed=self._verifier is not None)
@@ -144,31 +146,27 @@ class SiteMasking:
         self._audit.record(E.MASKS_CORRECTED, round=round_index, dropped=dropped, survivors=survivors)
         return correction
 
-    def _keep_last(self, *, peers: Mapping[str, str] | None = None) -> None:
-        """Write the masked round to the run state (peers: the checked public keys, when it is new)."""
+    def _keep_last(self) -> None:
+        """Write the masked round to the run state, if there is one."""
         last = self._last
-        if self._run_state is None or last is None:
-            return
-        kept = dict(self._run_state.get("masked_round") or {})
-        if peers is not None:
-            kept = {"round": last.round, "cohort": last.cohort, "peers": dict(peers)}
-        kept["corrected"] = last.corrected
-        self._run_state.set(masked_round=kept)
+        if self._run_state is not None and last is not None:
+            self._run_state.set(masked_round={"round": last.round, "cohort": last.cohort, "peers": last.peers,
+                                              "corrected": last.corrected})
 
     def _restore_last(self) -> _MaskedRound | None:
         """The round an earlier process of this job run masked, rebuilt from its checked keys; or None."""
-        kept = self._run_state.get("masked_round") if self._run_state is not None else None
-        if not kept:
+        if self._run_state is None or not self._run_state.get("masked_round"):
             return None
+        kept = self._run_state.get("masked_round")
         try:
-            peers = {peer: parse_public_key(text, site=peer) for peer, text in kept["peers"].items()}
-            masker = PairwiseMasker(key=self._key, site=self.site, peers=peers, job_id=self.job_id,
-                                    round_index=int(kept["round"]))
-            return _MaskedRound(round=int(kept["round"]), cohort=[str(s) for s in kept["cohort"]],
+            texts = {str(peer): str(text) for peer, text in kept["peers"].items()}
+            masker = PairwiseMasker(key=self._key, site=self.site, job_id=self.job_id, round_index=int(kept["round"]),
+                                    peers={peer: parse_public_key(text, site=peer) for peer, text in texts.items()})
+            return _MaskedRound(round=int(kept["round"]), cohort=[str(s) for s in kept["cohort"]], peers=texts,
                                 masker=masker, corrected=bool(kept["corrected"]))
         except (KeyError, TypeError, ValueError, AttributeError, PairwiseError) as err:
-            raise PolicyError(f"the masked round kept in {self._run_state.path if self._run_state else '?'} "
-                              f"is malformed ({err}); this site cannot correct its masks in this job run") from None
+            raise PolicyError(f"the masked round kept in {self._run_state.path} is malformed ({err}); this site "
+                              "cannot correct its masks in this job run") from None
 
     def _checked_key(self, peer: str, announcement: Any) -> Any:
         if not isinstance(announcement, Mapping):
