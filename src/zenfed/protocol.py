@@ -51,6 +51,9 @@ H_COHORT = "cohort"  # the sites asked to train this round (with pairwise masks:
 H_PEER_KEYS = "peer_keys"  # pairwise masks: {site: signed key announcement} for the cohort
 H_DROPPED = "dropped"  # pairwise masks: the cohort's sites whose masks the survivors must cancel
 H_PAIRWISE_KEY = "pairwise_key"  # a site's announced X25519 public key (base64)
+H_TASK_SEQ = "task_seq"  # the server's count of this job's tasks: a site refuses one it has passed (a replay)
+H_SERVER_SIGNATURE = "server_signature"  # the server's signature over the task statement (base64)
+H_SERVER_CERT = "server_cert"  # the server's provisioned certificate (PEM)
 
 # Header fields, task result (site -> server).
 H_SITE = "site"

@@ -34,7 +34,7 @@ from zenfed.signing import RSA_PSS, SigningKeyError, keys_match, load_private_ke
 
 STATEMENT_FORMAT = "zenfed-update-signature/1"
 CORRECTION_FORMAT = "zenfed-mask-correction/1"
-SITE_KEY, SITE_CERT, ROOT_CA = "client.key", "client.crt", "rootCA.pem"
+ROOT_CA = "rootCA.pem"
 
 
 class UpdateAuthError(ZenfedError):
@@ -60,36 +60,43 @@ def correction_statement(*, job_id: str, round_index: int, site: str, payload: b
 
 @dataclass(frozen=True)
 class UpdateSigner:
-    """A site's provisioned key and certificate, to sign its updates."""
+    """A participant's provisioned key and certificate: a site signs its updates, the server its tasks."""
 
     key: rsa.RSAPrivateKey
     cert_pem: str
 
     @classmethod
-    def from_kit(cls, startup: Path | None) -> UpdateSigner | None:
-        """Load ``client.key`` and ``client.crt`` from a kit's startup/; None where the kit has none.
+    def from_kit(cls, startup: Path | None, *, stem: str = "client") -> UpdateSigner | None:
+        """Load ``STEM.key`` and ``STEM.crt`` from a kit's startup/; None where the kit has none.
+
+        Args:
+            startup: The kit's startup/ folder (None in the simulator).
+            stem: ``client`` for a site's kit, ``server`` for the server's.
 
         Raises:
             UpdateAuthError: If the key is unreadable or does not belong to the certificate.
         """
-        if startup is None or not (startup / SITE_KEY).is_file():
+        key_path, cert_path = (startup / f"{stem}.key", startup / f"{stem}.crt") if startup else (None, None)
+        if key_path is None or cert_path is None or not key_path.is_file():
             return None
         try:
-            key = load_private_key(startup / SITE_KEY, kinds=(rsa.RSAPrivateKey,))
-            cert_pem = (startup / SITE_CERT).read_text()
+            key = load_private_key(key_path, kinds=(rsa.RSAPrivateKey,))
+            cert_pem = cert_path.read_text()
             cert = x509.load_pem_x509_certificate(cert_pem.encode())
         except (SigningKeyError, OSError, ValueError) as err:
-            raise UpdateAuthError(f"cannot load this site's signing key or certificate: {err}; "
-                                  "re-provision the site") from None
+            raise UpdateAuthError(f"cannot load this {stem}'s signing key or certificate: {err}; "
+                                  "re-provision it") from None
         if not keys_match(key, cert):
-            raise UpdateAuthError(f"{startup / SITE_KEY} does not belong to {startup / SITE_CERT}; "
-                                  "re-provision the site")
+            raise UpdateAuthError(f"{key_path} does not belong to {cert_path}; re-provision it")
         return cls(key=key, cert_pem=cert_pem)
 
+    def signature(self, statement: bytes) -> str:
+        """Return the base64 RSA-PSS signature of ``statement``."""
+        return base64.b64encode(sign(self.key, RSA_PSS, statement)).decode()
+
     def sign(self, statement: bytes) -> dict[str, str]:
-        """Return the header fields that carry the signature and the certificate."""
-        signature = sign(self.key, RSA_PSS, statement)
-        return {P.H_SIGNATURE: base64.b64encode(signature).decode(), P.H_SITE_CERT: self.cert_pem}
+        """Return the header fields that carry a site's signature and its certificate."""
+        return {P.H_SIGNATURE: self.signature(statement), P.H_SITE_CERT: self.cert_pem}
 
 
 class UpdateVerifier:
@@ -137,29 +144,66 @@ class UpdateVerifier:
         if not isinstance(signature_b64, str) or not isinstance(cert_pem, str):
             raise UpdateAuthError(f"the {what} from {site} is not signed; it must carry its site's "
                                   "signature (is the site provisioned by this project?)")
-        cert = self._certificate(site, cert_pem, now or dt.datetime.now(dt.UTC))
+        cert = self.certificate(holder=site, cert_pem=cert_pem, what=what, now=now)
+        self.check_signature(cert, statement=statement, signature_b64=signature_b64,
+                             signed=f"the signature on the {what} from {site}",
+                             changed=f"the {what}, its weight or its round was changed on the way")
+
+    @staticmethod
+    def check_signature(cert: x509.Certificate, *, statement: bytes, signature_b64: str, signed: str,
+                        changed: str) -> None:
+        """Check a base64 RSA-PSS signature over ``statement`` with ``cert``'s key.
+
+        Args:
+            cert: The checked certificate of the signer.
+            statement: The bytes the verifier recomputed from what arrived.
+            signature_b64: The signature that arrived.
+            signed: Names the signature, for the message ("the signature on the update from site-2").
+            changed: What a mismatch means, for the message.
+
+        Raises:
+            UpdateAuthError: If the signature is not base64 or does not match.
+        """
         try:
             signature = base64.b64decode(signature_b64, validate=True)
         except (binascii.Error, ValueError):
-            raise UpdateAuthError(f"the signature on the {what} from {site} is not base64") from None
+            raise UpdateAuthError(f"{signed} is not base64") from None
         if not verify(cert.public_key(), RSA_PSS, statement, signature):
-            raise UpdateAuthError(f"the signature on the {what} from {site} does not match what arrived: "
-                                  f"the {what}, its weight or its round was changed on the way")
+            raise UpdateAuthError(f"{signed} does not match what arrived: {changed}")
 
-    def _certificate(self, site: str, cert_pem: str, now: dt.datetime) -> x509.Certificate:
+    def certificate(self, *, holder: str, cert_pem: str, what: str, now: dt.datetime | None = None,
+                    role: str | None = None) -> x509.Certificate:
+        """Return ``cert_pem`` once checked: issued by the root CA to ``holder``, valid now.
+
+        Args:
+            holder: Who must hold it (the certificate's common name).
+            cert_pem: The certificate that arrived.
+            what: What it came with ("update", "task", ...), for the message.
+            now: The time to check validity at (default: now).
+            role: The role the holder must have: a certificate that names another role (FLARE names an
+                admin's, e.g. ``project_admin``) is refused.
+
+        Raises:
+            UpdateAuthError: With the reason, if any check fails.
+        """
+        now = now or dt.datetime.now(dt.UTC)
         try:
             cert = x509.load_pem_x509_certificate(cert_pem.encode())
         except ValueError as err:
-            raise UpdateAuthError(f"the certificate sent by {site} is not a PEM certificate ({err})") from None
+            raise UpdateAuthError(f"the certificate sent by {holder} is not a PEM certificate ({err})") from None
         try:
             cert.verify_directly_issued_by(self.root)
         except (InvalidSignature, ValueError, TypeError):  # another issuer, key type or signature: not our CA
-            raise UpdateAuthError(f"the certificate sent by {site} was not issued by this project's root CA "
-                                  "(a foreign project's site, or a forged certificate)") from None
+            raise UpdateAuthError(f"the certificate sent by {holder} was not issued by this project's root CA "
+                                  "(a foreign project's participant, or a forged certificate)") from None
         names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        holder = names[0].value if names else "(none)"
-        if holder != site:
-            raise UpdateAuthError(f"the update from {site} is signed with the certificate of {holder!r}")
+        named = names[0].value if names else "(none)"
+        if named != holder:
+            raise UpdateAuthError(f"the {what} from {holder} is signed with the certificate of {named!r}")
+        roles = cert.subject.get_attributes_for_oid(NameOID.UNSTRUCTURED_NAME)
+        if role is not None and roles and roles[0].value != role:
+            raise UpdateAuthError(f"the {what} from {holder} is signed with a {roles[0].value!r} certificate, "
+                                  f"not a {role!r} one")
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise UpdateAuthError(f"the certificate of {site} is not valid now; re-provision the site")
+            raise UpdateAuthError(f"the certificate of {holder} is not valid now; re-provision it")
         return cert

@@ -93,5 +93,5 @@ def test_each_kind_of_server_is_named(tmp_path, ours, mode, foreign, expected):
 
 
 def test_a_kit_without_a_server_address_says_so(tmp_path, ours):
-    startup = make_kit(tmp_path, "site-1", ours)  # its fed_client.json is empty
+    startup = make_kit(tmp_path, "site-1", ours)  # its fed_client.json names the server but no address
     assert "names no server" in diagnose_link(startup.parent)

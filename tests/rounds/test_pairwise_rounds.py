@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_round_without_flare import (
     SITES,
+    DeviatingServer,
     audit_records,
     json_adapter_template,
     released_adapter,
@@ -52,8 +53,8 @@ class Site3CrashesInRound2(InProcessTransport):
         return super().broadcast(task=task, message=message, on_result=drop, **kwargs)
 
 
-class SubstitutesSite2Key(InProcessTransport):
-    """A server that swaps site-2's announced key for one of its own in the train task."""
+class SubstitutesSite2Key(DeviatingServer):
+    """A server that swaps site-2's announced key for one of its own in the train task (and signs the task)."""
 
     def broadcast(self, *, task, message, **kwargs) -> bool:
         if task == P.TASK_TRAIN:
@@ -62,6 +63,7 @@ class SubstitutesSite2Key(InProcessTransport):
             from zenfed.privacy.pairwise import public_key_text
 
             message.header[P.H_PEER_KEYS]["site-2"][P.H_PAIRWISE_KEY] = public_key_text(X25519PrivateKey.generate())
+            message = self.resign(task, message)
         return super().broadcast(task=task, message=message, **kwargs)
 
 

@@ -38,6 +38,8 @@ from zenfed.server.session import ServerSession
 from zenfed.server.transport import InProcessTransport
 from zenfed.site.session import SiteSession
 from zenfed.spec import DatasetLocation, JobSpec
+from zenfed.task_auth import sign_task
+from zenfed.update_auth import UpdateSigner
 from zenfed.wire import decode_adapter
 
 SITES = ("site-1", "site-2", "site-3")
@@ -292,6 +294,7 @@ def signed_job(spec: JobSpec, data: Path, root: Path, transport_class: type[InPr
                            folders=KitFolders(startup=server_startup, local=None, root=root / "server",
                                               run=root / "server" / "run"))
     transport = transport_class({site: s.handle for site, s in sessions.items()}, unreachable=unreachable)
+    transport.server_startup = server_startup  # for a transport standing for a deviating server (it signs)
     server.start(sites=list(SITES))
     server.run(transport)
     server.close()
@@ -773,7 +776,22 @@ def test_a_swap_between_two_sites_of_one_round_is_caught(tiny_job_spec, three_si
     assert not verdict.ok and verdict.first_bad_round == 1
 
 
-class SendsSite2AnotherGlobal(InProcessTransport):
+class DeviatingServer(InProcessTransport):
+    """Stands for the server itself deviating: it holds the server's key, so it signs what it forges.
+
+    :func:`signed_job` sets ``server_startup`` to the server kit's startup/ folder.
+    """
+
+    server_startup: Path
+
+    def resign(self, task: str, message: P.Message) -> P.Message:
+        """Sign ``message`` again with the server's key, keeping its sequence number."""
+        signer = UpdateSigner.from_kit(self.server_startup, stem="server")
+        assert signer is not None
+        return sign_task(signer, job_id="job-1", task=task, message=message, seq=message.header[P.H_TASK_SEQ])
+
+
+class SendsSite2AnotherGlobal(DeviatingServer):
     """A deviating server: in round 2 it sends site-2 site-1's own round-1 update as the "global"."""
 
     def broadcast(self, *, task, message, targets, on_result, **kwargs) -> bool:
@@ -784,6 +802,7 @@ class SendsSite2AnotherGlobal(InProcessTransport):
         forged = copy.deepcopy(message)
         forged.payload = next(a.payload for t, s, a in self.answers if s == "site-1" and t == task and a.payload)
         forged.header[P.H_PAYLOAD_SHA256] = sha256_hex(forged.payload)
+        forged = self.resign(task, forged)
         return ok and super().broadcast(task=task, message=forged, targets=["site-2"], on_result=on_result, **kwargs)
 
 

@@ -47,10 +47,10 @@ from zenfed.server.result import (
     round_summary,
     weighted_eval,
 )
-from zenfed.server.transport import Transport
+from zenfed.server.transport import SigningTransport, Transport
 from zenfed.spec import JobSpec, parse_model
 from zenfed.strategies import make_strategy
-from zenfed.update_auth import ROOT_CA, UpdateVerifier
+from zenfed.update_auth import ROOT_CA, UpdateSigner, UpdateVerifier
 
 _log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class ServerSession:
         self._masks = MaskedRounds(spec=self.spec, job_id=job_id) if pairwise else None
         self._enrollment = Enrollment(spec=self.spec, job_id=job_id)
         self._verifier: UpdateVerifier | None = None
+        self._task_signer: UpdateSigner | None = None
         # Where the sites, not the server, hold the global (a site-side optimizer, personal layers),
         # the final adapter comes from a site even in a job in the clear.
         self._global_at_sites = self._strategy.global_at_sites or bool(self.spec.lora.personal_layers)
@@ -126,6 +127,9 @@ class ServerSession:
             self._masks.open(verifier=verifier, audit=self._audit)
         if verifier is None:
             _log.warning("no %s in the server kit (simulator?): site signatures are not checked", ROOT_CA)
+        self._task_signer = UpdateSigner.from_kit(self.folders.startup, stem="server")
+        if self._task_signer is None:
+            _log.warning("no server.key in the server kit (simulator?): tasks go to the sites unsigned")
         self._enrollment.open(self._audit)
         self._intake = RoundIntake(spec=self.spec, job_id=self.job_id, out_dir=out_dir, audit=self._audit,
                                    aggregation=self.aggregation, verifier=verifier)
@@ -173,6 +177,8 @@ class ServerSession:
     def run(self, transport: Transport) -> None:
         """Run the rounds, resuming from a checkpoint if one exists, then evaluate, release, write the result."""
         spec, store = self.spec, self._checkpoints
+        if self._task_signer is not None:  # every task from here on is numbered and signed
+            transport = SigningTransport(transport, signer=self._task_signer, job_id=self.job_id)
         state = store.load() or RunState()
         if state.finished:
             state = RunState()  # A finished run of the same spec starts afresh.

@@ -3,6 +3,7 @@
 FLARE's controller implements :class:`Transport` with ``broadcast_and_wait``
 (``zenfed.controllers.round_controller``); :class:`InProcessTransport` calls
 each site's :class:`~zenfed.site.session.SiteSession` in the same process.
+:class:`SigningTransport` wraps either and signs every task (``zenfed.task_auth``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from zenfed.protocol import Message
+from zenfed.task_auth import sign_task
+from zenfed.update_auth import UpdateSigner
 
 # Called once per site answer, as it arrives: (site name, its message).
 ResultCallback = Callable[[str, Message], None]
@@ -98,3 +101,39 @@ class InProcessTransport:
     def stop(self, reason: str) -> None:
         """Remember why the job stopped; later broadcasts send nothing."""
         self.stopped = reason
+
+
+class SigningTransport:
+    """Numbers and signs every task the server sends, then carries it with the transport it wraps.
+
+    Args:
+        transport: What carries the tasks (FLARE, or in process).
+        signer: The server's provisioned key and certificate.
+        job_id: The job the tasks belong to (named in every signed statement).
+    """
+
+    def __init__(self, transport: Transport, *, signer: UpdateSigner, job_id: str) -> None:
+        self.transport = transport
+        self.signer = signer
+        self.job_id = job_id
+        self.seq = 0  # tasks sent in this job so far
+
+    def sites(self) -> list[str]:
+        """The sites connected now, as the wrapped transport sees them."""
+        return self.transport.sites()
+
+    def lost(self) -> dict[str, str]:
+        """The sites the wrapped transport gave up on."""
+        return self.transport.lost()
+
+    def stop(self, reason: str) -> None:
+        """Stop the job on the wrapped transport."""
+        self.transport.stop(reason)
+
+    def broadcast(self, *, task: str, message: Message, targets: Sequence[str], min_responses: int,
+                  timeout_s: float, wait_after_min_s: float, on_result: ResultCallback) -> bool:
+        """Send a numbered, signed copy of ``message`` (see :meth:`Transport.broadcast`)."""
+        self.seq += 1
+        signed = sign_task(self.signer, job_id=self.job_id, task=task, message=message, seq=self.seq)
+        return self.transport.broadcast(task=task, message=signed, targets=targets, min_responses=min_responses,
+                                        timeout_s=timeout_s, wait_after_min_s=wait_after_min_s, on_result=on_result)

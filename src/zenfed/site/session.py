@@ -40,7 +40,7 @@ from zenfed.errors import PolicyError, ZenfedError
 from zenfed.kit_files import KitFolders
 from zenfed.protocol import Message
 from zenfed.site.alignment import SitePreferences
-from zenfed.site.attestation import SiteAttestation
+from zenfed.site.attestation import SiteAttestation, read_server_name
 from zenfed.site.chain import IncomingGlobal, OutgoingUpdate, RoundInfo, UpdateChain
 from zenfed.site.dp import SiteDP
 from zenfed.site.encryption import SiteEncryption, find_site_context
@@ -54,6 +54,7 @@ from zenfed.site.stages import build_update_chain
 from zenfed.site.state import SiteStateStore
 from zenfed.spec import JobSpec, SitePolicy, parse_model
 from zenfed.strategies import Strategy, make_strategy
+from zenfed.task_auth import TaskVerifier
 from zenfed.types import AdapterState, check_compatible
 from zenfed.update_auth import UpdateSigner, UpdateVerifier, correction_statement
 from zenfed.wire import encode_adapter
@@ -98,6 +99,7 @@ class SiteSession:
         self._rank_cap: RankCap | None = None
         self._initial: AdapterState = {}
         self._signer: UpdateSigner | None = None
+        self._task_verifier: TaskVerifier | None = None
         self._started_fresh = False
         self._store: SiteStateStore | None = None
         self._train: list[Example] = []
@@ -113,6 +115,8 @@ class SiteSession:
             return Message(status=P.STATUS_UNKNOWN_TASK)
         try:
             spec, policy = self._open()
+            if self._task_verifier is not None:  # the server signed it, for this job, and it is not a replay
+                self._task_verifier.check(task, message)
             if task == P.TASK_ATTEST:
                 return self._answer_attestation(message)
             # No model data moves until the server has proven its TEE, where this site requires it.
@@ -166,11 +170,14 @@ class SiteSession:
         if spec.encryption.enabled:
             self._encryption = SiteEncryption(spec=spec, context_path=find_site_context(self.folders))
         self._signer = UpdateSigner.from_kit(self.folders.startup)
+        verifier = UpdateVerifier.from_kit(self.folders.startup)
+        if verifier is not None:
+            self._task_verifier = TaskVerifier(verifier, server=read_server_name(self.folders.root),
+                                               job_id=self.job_id, facts=self._run_state)
         if spec.encryption.secure_aggregation == "pairwise":
             self._masking = SiteMasking(
                 site=self.site, job_id=self.job_id, job_folder=self.folders.run, max_sites=spec.encryption.max_sites,
-                min_sites=spec.federation.min_sites, signer=self._signer,
-                verifier=UpdateVerifier.from_kit(self.folders.startup), audit=self._audit,
+                min_sites=spec.federation.min_sites, signer=self._signer, verifier=verifier, audit=self._audit,
                 run_state=self._run_state,
             )
         self._strategy = make_strategy(spec)

@@ -1,0 +1,119 @@
+"""Every task is signed by the server: the statement both ends compute, the signing, each site's check.
+
+A task carries what a site acts on: the global sum it decrypts and trains
+from, the round's cohort and peer keys, the sites whose masks to cancel, the
+adapter to release. Mutual TLS authenticates only the hop, and a FLARE relay
+terminates it, so the server also signs each task with its provisioned key
+(``startup/server.key``; :class:`~zenfed.server.transport.SigningTransport`).
+The statement names the job, the task, a sequence number the server counts up
+for every task of the job, and the task's whole content (header, payload hash,
+attestation fields). A site checks that the certificate that came with it
+(``startup/server.crt``) was issued by the project's root CA to the server its
+kit names, that the signature covers what arrived, and that the sequence
+number is higher than any it took before: a changed, forged or replayed task
+is refused with the reason, before the site acts on it.
+
+Kits without keys (the FLARE simulator) neither sign nor check.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from dataclasses import replace
+from typing import Any, Protocol
+
+from zenfed import protocol as P
+from zenfed.digest import canonical_json, sha256_hex
+from zenfed.protocol import Message
+from zenfed.update_auth import UpdateAuthError, UpdateSigner, UpdateVerifier
+
+STATEMENT_FORMAT = "zenfed-task-signature/1"
+SIGNATURE_FIELDS = (P.H_SERVER_SIGNATURE, P.H_SERVER_CERT)
+LAST_SEQ = "last_task_seq"  # the site's run-state key: the highest sequence number it took
+
+
+class TaskAuthError(UpdateAuthError):
+    """A task is unsigned, replayed, or its signature or certificate does not check out."""
+
+
+class FactStore(Protocol):
+    """Where a site keeps facts that outlive its process (``zenfed.site.run_state.SiteRunState``)."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The fact ``key``, or ``default``."""
+        ...
+
+    def set(self, **facts: Any) -> None:
+        """Record ``facts`` durably."""
+        ...
+
+
+def task_statement(*, job_id: str, task: str, message: Message) -> bytes:
+    """Return the bytes the server signs for one task: all of it, bound to the job and the task name."""
+    header = {k: v for k, v in message.header.items() if k not in SIGNATURE_FIELDS}
+    return canonical_json({
+        "format": STATEMENT_FORMAT, "job": job_id, "task": task, "header": header,
+        "payload_sha256": None if message.payload is None else sha256_hex(message.payload),
+        "attest": message.attest, "server_evidence": message.server_evidence,
+    })
+
+
+def sign_task(signer: UpdateSigner, *, job_id: str, task: str, message: Message, seq: int) -> Message:
+    """Return a copy of ``message`` numbered ``seq`` and signed by ``signer``; the original is unchanged."""
+    header = {k: v for k, v in message.header.items() if k not in SIGNATURE_FIELDS}
+    header[P.H_TASK_SEQ] = seq
+    signed = replace(message, header=header)
+    header[P.H_SERVER_SIGNATURE] = signer.signature(task_statement(job_id=job_id, task=task, message=signed))
+    header[P.H_SERVER_CERT] = signer.cert_pem
+    return signed
+
+
+class TaskVerifier:
+    """A site's check of every task: signed by its project's server, for this job, and new.
+
+    Args:
+        verifier: The project's root CA.
+        server: The server's provisioned name (``startup/fed_client.json``).
+        job_id: This site's job.
+        facts: Where the highest sequence number taken is kept, so that it outlives the process.
+    """
+
+    def __init__(self, verifier: UpdateVerifier, *, server: str, job_id: str, facts: FactStore) -> None:
+        self.verifier = verifier
+        self.server = server
+        self.job_id = job_id
+        self.facts = facts
+        self._lock = threading.Lock()  # one sequence check at a time, should tasks ever overlap
+
+    def check(self, task: str, message: Message, *, now: dt.datetime | None = None) -> None:
+        """Check that the server signed exactly this task for this job, and that it is not a replay.
+
+        Raises:
+            TaskAuthError: With the reason, before the site acts on the task.
+        """
+        header = message.header
+        signature_b64, cert_pem = header.get(P.H_SERVER_SIGNATURE), header.get(P.H_SERVER_CERT)
+        if not isinstance(signature_b64, str) or not isinstance(cert_pem, str):
+            raise TaskAuthError(f"the {task} task is not signed by the server; a provisioned server signs every "
+                                "task (does the server run this project's kit, or was the task altered on the way?)")
+        try:
+            cert = self.verifier.certificate(holder=self.server, cert_pem=cert_pem, what=f"{task} task",
+                                             now=now, role="server")
+            self.verifier.check_signature(
+                cert, statement=task_statement(job_id=self.job_id, task=task, message=message),
+                signature_b64=signature_b64, signed=f"the server's signature on the {task} task",
+                changed="the task was changed on the way, or was signed for another job")
+        except TaskAuthError:
+            raise
+        except UpdateAuthError as err:
+            raise TaskAuthError(str(err)) from None
+        seq = header.get(P.H_TASK_SEQ)
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise TaskAuthError(f"the {task} task carries no valid sequence number ({seq!r})")
+        with self._lock:
+            last = int(self.facts.get(LAST_SEQ, 0))
+            if seq <= last:
+                raise TaskAuthError(f"the {task} task is a replay: its sequence number {seq} is not above "
+                                    f"{last}, the last this site took in this job; refusing it")
+            self.facts.set(**{LAST_SEQ: seq})

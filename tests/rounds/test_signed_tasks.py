@@ -1,0 +1,56 @@
+"""A relay between the server and the sites cannot alter or replay the server's tasks: the sites refuse them."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+from test_round_without_flare import audit_records, signed_job
+
+from zenfed import protocol as P
+from zenfed.server.result import RESULT_FILE
+from zenfed.server.transport import InProcessTransport
+
+
+class MeddlingRelay(InProcessTransport):
+    """A relay without the server's key, in round 2: replays round 1's task to site-2, alters site-3's."""
+
+    def broadcast(self, *, task, message, targets, on_result, **kwargs) -> bool:
+        if task != P.TASK_TRAIN:
+            return super().broadcast(task=task, message=message, targets=targets, on_result=on_result, **kwargs)
+        if message.header[P.H_ROUND] == 1:
+            self.round_one = copy.deepcopy(message)
+            return super().broadcast(task=task, message=message, targets=targets, on_result=on_result, **kwargs)
+        altered = copy.deepcopy(message)
+        altered.header[P.H_COHORT] = ["site-3"]  # e.g. to make site-3 mask for a cohort of one
+        ok = super().broadcast(task=task, message=message, targets=["site-1"], on_result=on_result, **kwargs)
+        ok = ok and super().broadcast(task=task, message=self.round_one, targets=["site-2"], on_result=on_result,
+                                      **kwargs)
+        return ok and super().broadcast(task=task, message=altered, targets=["site-3"], on_result=on_result, **kwargs)
+
+
+def test_a_replayed_or_altered_task_is_refused_with_its_reason_and_the_site_takes_the_next(
+        tiny_job_spec, three_site_data, tmp_path):
+    # Prepare
+    spec = tiny_job_spec("in-process-relay", federation={"rounds": 2, "min_sites": 1})
+
+    # Execute
+    _, transport = signed_job(spec, three_site_data, tmp_path, MeddlingRelay)
+
+    # Assert: round 2 holds only site-1's update; each refusal reached the server's log with its reason
+    result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
+    assert [r["contributors"] for r in result["rounds"]] == [["site-1", "site-2", "site-3"], ["site-1"]]
+    errors = {r["fields"].get("site"): r["fields"]["message"]
+              for r in audit_records(tmp_path / "server" / "run" / "audit" / "server.jsonl", "error")
+              if r["fields"].get("round") == 2}
+    assert "TaskAuthError" in errors["site-2"] and "is a replay" in errors["site-2"]
+    assert "TaskAuthError" in errors["site-3"] and "changed on the way" in errors["site-3"]
+    # Neither site trained on what it refused: site-2 ran round 1 once, site-3 never ran round 2
+    trained = [(s, a.header.get(P.H_ROUND)) for t, s, a in transport.answers if t == P.TASK_TRAIN and a.payload]
+    assert sorted(trained) == [("site-1", 1), ("site-1", 2), ("site-2", 1), ("site-3", 1)]
+    # Each site's own log records its refusal; both took the server's next task, the final evaluation
+    for site, reason in (("site-2", "is a replay"), ("site-3", "changed on the way")):
+        own = audit_records(tmp_path / site / "run" / "audit" / f"{site}.jsonl", "error")
+        assert any(r["fields"]["kind"] == "TaskAuthError" and reason in r["fields"]["message"] for r in own)
+    evaluated = {s for t, s, a in transport.answers if t == P.TASK_EVALUATE and a.status == P.STATUS_OK}
+    assert evaluated == {"site-1", "site-2", "site-3"}
