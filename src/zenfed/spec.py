@@ -418,10 +418,9 @@ class SiteEnrollment(_Strict):
     probed_at: str | None = Field(None, description="when `zenfed site probe` measured the above")
 
 
-class SitePolicy(_Strict):
-    """A site's own rules; lives in the site kit and never leaves the site."""
+class SiteRules(_Strict):
+    """The rules of a site's policy, whether written in its kit (:class:`SitePolicy`) or in the project file."""
 
-    site: str = Field(pattern=_NAME_PATTERN, description="the site's provisioned name")
     datasets: dict[str, DatasetLocation] = Field(
         default_factory=dict, description="dataset name -> local location"
     )
@@ -484,6 +483,12 @@ class SitePolicy(_Strict):
                 raise ValueError(f"{entry!r} is not sha256: and 64 lowercase hex digits (`zenfed models hash FOLDER`)")
         return value
 
+
+class SitePolicy(SiteRules):
+    """A site's own rules; lives in the site kit and never leaves the site."""
+
+    site: str = Field(pattern=_NAME_PATTERN, description="the site's provisioned name")
+
     def dataset(self, name: str) -> DatasetLocation:
         """Return the location of dataset ``name``, or raise a PolicyError naming the fix."""
         from zenfed.errors import PolicyError
@@ -516,29 +521,12 @@ class RelaySpec(_Strict):
     port: int = Field(ge=1, le=65535, description="the port the relay listens on for its sites (mutual TLS)")
 
 
-class SiteSpec(_Strict):
-    """One site of a project, with the policy written into its kit."""
+class SiteSpec(SiteRules):
+    """One site of a project, with the policy written into its kit (every :class:`SiteRules` field)."""
 
     name: str = Field(pattern=_NAME_PATTERN, description="site name, e.g. 'hospital-a'")
     org: str = Field("zenfed", pattern=_ORG_PATTERN, description="organisation: letters, digits, _")
     relay: str | None = Field(None, description="the relay this site connects through (null: the server directly)")
-    datasets: dict[str, DatasetLocation] = Field(default_factory=dict)
-    allowed_base_models: tuple[str, ...] = (DEFAULT_BASE_MODEL,)
-    allowed_jobs: tuple[str, ...] = ("*",)
-    torch_threads: int = Field(0, ge=0)
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
-    precision: Literal["fp32", "bf16", "fp16-mixed"] = "fp32"
-    gradient_checkpointing: bool = False
-    base_quantization: Literal["none", "8bit", "4bit"] = "none"
-    keep_sent_updates: bool = True
-    privacy: SitePrivacyPolicy = SitePrivacyPolicy()
-    require_attested_server: bool = False
-    max_lora_rank: int | None = Field(None, ge=1)
-    engine: Literal["peft", "nemo"] | None = None
-    allow_plaintext_release: bool = True
-    require_secure_aggregation: bool = False
-    report_metrics: bool = True
-    enrollment: SiteEnrollment = SiteEnrollment()
 
     def policy(self) -> SitePolicy:
         """Return the site policy that provisioning writes into this site's kit."""
