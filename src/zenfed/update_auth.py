@@ -34,6 +34,7 @@ from zenfed.signing import RSA_PSS, SigningKeyError, keys_match, load_private_ke
 
 STATEMENT_FORMAT = "zenfed-update-signature/1"
 CORRECTION_FORMAT = "zenfed-mask-correction/1"
+RELEASE_FORMAT = "zenfed-release/1"
 ROOT_CA = "rootCA.pem"
 
 
@@ -52,8 +53,17 @@ def update_statement(*, job_id: str, round_index: int, site: str, payload: bytes
 
 def correction_statement(*, job_id: str, round_index: int, site: str, payload: bytes) -> bytes:
     """The bytes a site signs for a mask correction (a statement no update signature can stand in for)."""
+    return _payload_statement(CORRECTION_FORMAT, job_id=job_id, round_index=round_index, site=site, payload=payload)
+
+
+def release_statement(*, job_id: str, round_index: int, site: str, payload: bytes) -> bytes:
+    """The bytes a site signs for the final adapter it releases in the clear (it becomes the job's model)."""
+    return _payload_statement(RELEASE_FORMAT, job_id=job_id, round_index=round_index, site=site, payload=payload)
+
+
+def _payload_statement(kind: str, *, job_id: str, round_index: int, site: str, payload: bytes) -> bytes:
     return canonical_json({
-        "format": CORRECTION_FORMAT, "job": job_id, "round": round_index, "site": site,
+        "format": kind, "job": job_id, "round": round_index, "site": site,
         "payload_sha256": sha256_hex(payload), "payload_bytes": len(payload),
     })
 

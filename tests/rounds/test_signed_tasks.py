@@ -1,15 +1,18 @@
-"""A relay between the server and the sites cannot alter or replay the server's tasks: the sites refuse them."""
+"""A relay between the server and the sites cannot alter or replay what passes: tasks down, the released model up."""
 
 from __future__ import annotations
 
 import copy
 import json
 
+import torch
 from test_round_without_flare import audit_records, signed_job
 
 from zenfed import protocol as P
+from zenfed.digest import sha256_hex
 from zenfed.server.result import RESULT_FILE
 from zenfed.server.transport import InProcessTransport
+from zenfed.wire import decode_adapter, encode_adapter
 
 
 class MeddlingRelay(InProcessTransport):
@@ -54,3 +57,35 @@ def test_a_replayed_or_altered_task_is_refused_with_its_reason_and_the_site_take
         assert any(r["fields"]["kind"] == "TaskAuthError" and reason in r["fields"]["message"] for r in own)
     evaluated = {s for t, s, a in transport.answers if t == P.TASK_EVALUATE and a.status == P.STATUS_OK}
     assert evaluated == {"site-1", "site-2", "site-3"}
+
+
+class SubstitutesTheRelease(InProcessTransport):
+    """A relay that swaps the adapter a site releases for its own, and recomputes the hash in the header."""
+
+    def broadcast(self, *, task, on_result, **kwargs) -> bool:
+        def substitute(site: str, answer: P.Message) -> None:
+            if task == P.TASK_RELEASE and answer.payload:
+                forged = {name: torch.ones_like(t) for name, t in decode_adapter(answer.payload).items()}
+                answer.payload = encode_adapter(forged)
+                answer.header[P.H_PAYLOAD_SHA256] = sha256_hex(answer.payload)
+                answer.header[P.H_PAYLOAD_BYTES] = len(answer.payload)
+            on_result(site, answer)
+
+        return super().broadcast(task=task, on_result=substitute, **kwargs)
+
+
+def test_a_released_adapter_substituted_on_its_way_to_the_server_is_refused(tiny_job_spec, three_site_data,
+                                                                            tmp_path):
+    # Prepare: an encrypted job, so the final adapter reaches the server only as one site's release
+    spec = tiny_job_spec("in-process-release", encryption={"enabled": True}, federation={"rounds": 1, "min_sites": 3})
+
+    # Execute
+    signed_job(spec, three_site_data, tmp_path, SubstitutesTheRelease)
+
+    # Assert: no adapter is released, and the server's log says why
+    result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
+    assert result["final"].get("adapter_dir") is None
+    assert not (tmp_path / "server" / "run" / "adapter").exists()
+    errors = [r["fields"]["message"] for r in audit_records(tmp_path / "server" / "run" / "audit" / "server.jsonl",
+                                                            "error")]
+    assert any("the signature on the released adapter from site-1 does not match" in e for e in errors), errors

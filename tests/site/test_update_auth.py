@@ -8,7 +8,14 @@ import pytest
 
 from _pki import make_ca, make_kit
 from zenfed import protocol as P
-from zenfed.update_auth import UpdateAuthError, UpdateSigner, UpdateVerifier, update_statement
+from zenfed.update_auth import (
+    UpdateAuthError,
+    UpdateSigner,
+    UpdateVerifier,
+    correction_statement,
+    release_statement,
+    update_statement,
+)
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +125,19 @@ def test_a_key_that_does_not_match_its_certificate_is_an_error(tmp_path, project
     # Execute / Assert
     with pytest.raises(UpdateAuthError, match="does not belong to"):
         UpdateSigner.from_kit(startup)
+
+
+def test_no_signed_statement_stands_in_for_another_kind(project):
+    # Prepare: the same payload, signed by site-1 as a mask correction
+    kits, _, verifier = project
+    payload = b"adapter bytes"
+    header = UpdateSigner.from_kit(kits["site-1"]).sign(
+        correction_statement(job_id="job-1", round_index=2, site="site-1", payload=payload))
+
+    # Execute / Assert: it is not a release, nor an update
+    with pytest.raises(UpdateAuthError, match="signature on the released adapter from site-1 does not match"):
+        verifier.check_signed(site="site-1", header=header, what="released adapter",
+                              statement=release_statement(job_id="job-1", round_index=2, site="site-1",
+                                                          payload=payload))
+    with pytest.raises(UpdateAuthError, match="does not match"):
+        check(verifier, {**header, P.H_WEIGHT: 0.4, P.H_NUM_EXAMPLES: 400}, payload=payload)

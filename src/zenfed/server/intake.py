@@ -24,7 +24,7 @@ from zenfed.protocol import Message
 from zenfed.server.aggregation import Aggregation
 from zenfed.spec import DEFAULT_BASE_MODEL, JobSpec
 from zenfed.types import AdapterState
-from zenfed.update_auth import UpdateVerifier, correction_statement
+from zenfed.update_auth import UpdateVerifier, correction_statement, release_statement
 from zenfed.wire import decode_adapter
 
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -127,6 +127,10 @@ class RoundIntake:
         if self.task == P.TASK_RELEASE:
             if payload is None:
                 raise ZenfedError("release answer carries no adapter")
+            if self.verifier is not None:
+                self.verifier.check_signed(site=site, header=header, what="released adapter",
+                                           statement=release_statement(job_id=self.job_id, round_index=self.round,
+                                                                       site=site, payload=payload))
             self.released = decode_adapter(payload)
             return
         self._check_base_model(site, header.get(P.H_BASE_MODEL_SHA256))

@@ -56,7 +56,7 @@ from zenfed.spec import JobSpec, SitePolicy, parse_model
 from zenfed.strategies import Strategy, make_strategy
 from zenfed.task_auth import TaskVerifier
 from zenfed.types import AdapterState, check_compatible
-from zenfed.update_auth import UpdateSigner, UpdateVerifier, correction_statement
+from zenfed.update_auth import UpdateSigner, UpdateVerifier, correction_statement, release_statement
 from zenfed.wire import encode_adapter
 
 TASKS = P.SITE_TASKS
@@ -415,11 +415,12 @@ class SiteSession:
         payload = encode_adapter(self._incoming_adapter(message, release=True))
         self._record(E.MODEL_RELEASED, adapter_sha256=sha256_hex(payload), released_to="server (job result)",
                      decided_by="site policy allow_plaintext_release")
-        return Message(
-            header={P.H_JOB_ID: header[P.H_JOB_ID], P.H_ROUND: header[P.H_ROUND],
-                    P.H_PAYLOAD_SHA256: sha256_hex(payload), P.H_PAYLOAD_BYTES: len(payload)},
-            payload=payload, audit_log=self._log_bytes(),
-        )
+        out = {P.H_JOB_ID: header[P.H_JOB_ID], P.H_ROUND: header[P.H_ROUND],
+               P.H_PAYLOAD_SHA256: sha256_hex(payload), P.H_PAYLOAD_BYTES: len(payload)}
+        if self._signer is not None:  # the released adapter becomes the job's model: the server checks who sent it
+            out.update(self._signer.sign(release_statement(job_id=self.job_id, round_index=int(header[P.H_ROUND]),
+                                                           site=self.site, payload=payload)))
+        return Message(header=out, payload=payload, audit_log=self._log_bytes())
 
     # -- helpers --------------------------------------------------------------------------------
     def _for_engine(self, adapter: AdapterState) -> AdapterState:
