@@ -66,6 +66,7 @@ class AlgorithmsConfig:
     max_new_tokens: int = 6
     proximal_mu: float = 0.01
     server_learning_rate: float | None = None  # None: each optimizer's default
+    server_tau: float | None = None  # FedAdam's adaptivity; None: the job spec's default
     tiny_hidden: int = 64
     tiny_layers: int = 2
     tiny_vocab: int = 1024
@@ -104,8 +105,9 @@ def _arm(name: str, config: AlgorithmsConfig, *, layers: int) -> tuple[dict[str,
     lora: dict[str, Any] = {}
     if name == "fedprox":
         federation["proximal_mu"] = config.proximal_mu
-    elif name == "fedadam" and config.server_learning_rate is not None:
-        federation["server_optimizer"] = {"learning_rate": config.server_learning_rate}
+    elif name == "fedadam":
+        optimizer = {"learning_rate": config.server_learning_rate, "tau": config.server_tau}
+        federation["server_optimizer"] = {k: v for k, v in optimizer.items() if v is not None}
     elif name in ("ffa_lora_ranks", "flexlora_ranks"):
         federation["strategy"] = name.removesuffix("_ranks")
         sites = {site: {"max_lora_rank": cap} for site, cap in caps.items()}
