@@ -52,6 +52,7 @@ H_PEER_KEYS = "peer_keys"  # pairwise masks: {site: signed key announcement} for
 H_DROPPED = "dropped"  # pairwise masks: the cohort's sites whose masks the survivors must cancel
 H_PAIRWISE_KEY = "pairwise_key"  # a site's announced X25519 public key (base64)
 H_TASK_SEQ = "task_seq"  # the server's count of this job's tasks: a site refuses one it has passed (a replay)
+H_TARGETS = "targets"  # the sites a task was sent to: a site refuses one addressed to others
 H_SERVER_SIGNATURE = "server_signature"  # the server's signature over the task statement (base64)
 H_SERVER_CERT = "server_cert"  # the server's provisioned certificate (PEM)
 
@@ -135,3 +136,10 @@ class Message:
             server_evidence=data.get(KEY_SERVER_EVIDENCE), audit_log=data.get(KEY_AUDIT_LOG),
             error=error if isinstance(error := data.get(KEY_ERROR), dict) else None, status=status,
         )
+
+
+def answer_error(answer: Message) -> str:
+    """Why a site's answer failed, as one line: its status and, if it sent one, its typed error."""
+    error = answer.error or {}
+    detail = f": {error.get('kind', 'error')}: {error.get('message', '')}" if error else ""
+    return f"the site returned {answer.status}{detail}"

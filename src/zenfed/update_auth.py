@@ -137,7 +137,7 @@ class UpdateVerifier:
         self.check_signed(site=site, statement=statement, header=header, what="update", now=now)
 
     def check_signed(self, *, site: str, statement: bytes, header: dict[str, Any], what: str,
-                     now: dt.datetime | None = None) -> None:
+                     now: dt.datetime | None = None, changed: str | None = None) -> None:
         """Check that ``site`` signed ``statement`` (its signature and certificate are in ``header``).
 
         Args:
@@ -146,6 +146,7 @@ class UpdateVerifier:
             header: Holds the signature and the certificate.
             what: What was signed ("update", "pairwise key", ...), for the message.
             now: The time to check the certificate's validity at (default: now).
+            changed: What a mismatch means, for the message (default: the update's wording).
 
         Raises:
             UpdateAuthError: With the reason, if it is unsigned or any check fails.
@@ -157,7 +158,7 @@ class UpdateVerifier:
         cert = self.certificate(holder=site, cert_pem=cert_pem, what=what, now=now)
         self.check_signature(cert, statement=statement, signature_b64=signature_b64,
                              signed=f"the signature on the {what} from {site}",
-                             changed=f"the {what}, its weight or its round was changed on the way")
+                             changed=changed or f"the {what}, its weight or its round was changed on the way")
 
     @staticmethod
     def check_signature(cert: x509.Certificate, *, statement: bytes, signature_b64: str, signed: str,
@@ -190,8 +191,8 @@ class UpdateVerifier:
             cert_pem: The certificate that arrived.
             what: What it came with ("update", "task", ...), for the message.
             now: The time to check validity at (default: now).
-            role: The role the holder must have: a certificate that names another role (FLARE names an
-                admin's, e.g. ``project_admin``) is refused.
+            role: The holder's role. FLARE writes a role only into admins' certificates (e.g.
+                ``project_admin``), so a certificate naming any other role than this one is refused.
 
         Raises:
             UpdateAuthError: With the reason, if any check fails.
@@ -212,8 +213,8 @@ class UpdateVerifier:
             raise UpdateAuthError(f"the {what} from {holder} is signed with the certificate of {named!r}")
         roles = cert.subject.get_attributes_for_oid(NameOID.UNSTRUCTURED_NAME)
         if role is not None and roles and roles[0].value != role:
-            raise UpdateAuthError(f"the {what} from {holder} is signed with a {roles[0].value!r} certificate, "
-                                  f"not a {role!r} one")
+            raise UpdateAuthError(f"the {what} from {holder} is signed with a certificate for the role "
+                                  f"{roles[0].value!r} (an admin's), not the {role}'s")
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise UpdateAuthError(f"the certificate of {holder} is not valid now; re-provision it")
         return cert

@@ -788,7 +788,8 @@ class DeviatingServer(InProcessTransport):
         """Sign ``message`` again with the server's key, keeping its sequence number."""
         signer = UpdateSigner.from_kit(self.server_startup, stem="server")
         assert signer is not None
-        return sign_task(signer, job_id="job-1", task=task, message=message, seq=message.header[P.H_TASK_SEQ])
+        return sign_task(signer, job_id="job-1", task=task, message=message, seq=message.header[P.H_TASK_SEQ],
+                         targets=message.header[P.H_TARGETS])
 
 
 class SendsSite2AnotherGlobal(DeviatingServer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import torch
 from test_round_without_flare import audit_records, signed_job
@@ -16,23 +17,40 @@ from zenfed.wire import decode_adapter, encode_adapter
 
 
 class MeddlingRelay(InProcessTransport):
-    """A relay without the server's key, in round 2: replays round 1's task to site-2, alters site-3's."""
+    """A relay without the server's key.
+
+    It strips the signature off site-3's enrollment task; in round 2 it replays round 1's task to
+    site-2 after the real one and alters site-3's; it delivers the final evaluation to site-1 twice, as
+    FLARE re-sends a task whose answer it did not get.
+    """
 
     def broadcast(self, *, task, message, targets, on_result, **kwargs) -> bool:
+        send = super().broadcast
+        if task == P.TASK_ENROLL:
+            stripped = copy.deepcopy(message)
+            del stripped.header[P.H_SERVER_SIGNATURE]
+            return (send(task=task, message=message, targets=["site-1", "site-2"], on_result=on_result, **kwargs)
+                    and send(task=task, message=stripped, targets=["site-3"], on_result=on_result, **kwargs))
+        if task == P.TASK_EVALUATE:
+            return (send(task=task, message=message, targets=targets, on_result=on_result, **kwargs)
+                    and send(task=task, message=message, targets=["site-1"], on_result=on_result, **kwargs))
         if task != P.TASK_TRAIN:
-            return super().broadcast(task=task, message=message, targets=targets, on_result=on_result, **kwargs)
+            return send(task=task, message=message, targets=targets, on_result=on_result, **kwargs)
         if message.header[P.H_ROUND] == 1:
             self.round_one = copy.deepcopy(message)
-            return super().broadcast(task=task, message=message, targets=targets, on_result=on_result, **kwargs)
+            return send(task=task, message=message, targets=targets, on_result=on_result, **kwargs)
         altered = copy.deepcopy(message)
         altered.header[P.H_COHORT] = ["site-3"]  # e.g. to make site-3 mask for a cohort of one
-        ok = super().broadcast(task=task, message=message, targets=["site-1"], on_result=on_result, **kwargs)
-        ok = ok and super().broadcast(task=task, message=self.round_one, targets=["site-2"], on_result=on_result,
-                                      **kwargs)
-        return ok and super().broadcast(task=task, message=altered, targets=["site-3"], on_result=on_result, **kwargs)
+        return (send(task=task, message=message, targets=["site-1", "site-2"], on_result=on_result, **kwargs)
+                and send(task=task, message=self.round_one, targets=["site-2"], on_result=on_result, **kwargs)
+                and send(task=task, message=altered, targets=["site-3"], on_result=on_result, **kwargs))
 
 
-def test_a_replayed_or_altered_task_is_refused_with_its_reason_and_the_site_takes_the_next(
+def _server_errors(root: Path) -> list[dict]:
+    return [r["fields"] for r in audit_records(root / "server" / "run" / "audit" / "server.jsonl", "error")]
+
+
+def test_a_replayed_altered_or_unsigned_task_is_refused_with_its_reason_and_a_resend_declined(
         tiny_job_spec, three_site_data, tmp_path):
     # Prepare
     spec = tiny_job_spec("in-process-relay", federation={"rounds": 2, "min_sites": 1})
@@ -40,23 +58,31 @@ def test_a_replayed_or_altered_task_is_refused_with_its_reason_and_the_site_take
     # Execute
     _, transport = signed_job(spec, three_site_data, tmp_path, MeddlingRelay)
 
-    # Assert: round 2 holds only site-1's update; each refusal reached the server's log with its reason
+    # Assert: round 2 holds site-1's and site-2's updates; each refusal reached the server's log with its reason
     result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
-    assert [r["contributors"] for r in result["rounds"]] == [["site-1", "site-2", "site-3"], ["site-1"]]
-    errors = {r["fields"].get("site"): r["fields"]["message"]
-              for r in audit_records(tmp_path / "server" / "run" / "audit" / "server.jsonl", "error")
-              if r["fields"].get("round") == 2}
-    assert "TaskAuthError" in errors["site-2"] and "is a replay" in errors["site-2"]
-    assert "TaskAuthError" in errors["site-3"] and "changed on the way" in errors["site-3"]
-    # Neither site trained on what it refused: site-2 ran round 1 once, site-3 never ran round 2
+    assert [r["contributors"] for r in result["rounds"]] == [["site-1", "site-2", "site-3"], ["site-1", "site-2"]]
+    errors = _server_errors(tmp_path)
+    round_two = {e["site"]: e["message"] for e in errors if e.get("round") == 2 and e["kind"] == "result_rejected"}
+    assert "TaskAuthError" in round_two["site-2"] and "is a replay: its sequence number 2 is not above 3" in round_two[
+        "site-2"]
+    assert "TaskAuthError" in round_two["site-3"] and "changed on the way" in round_two["site-3"]
+    # The first task's refusal reaches the server's log too: site-3 sent no profile, and why
+    assert [e["message"] for e in errors if e.get("task") == P.TASK_ENROLL] == [
+        "site-3 sent no enrollment profile: the site returned EXECUTION_EXCEPTION: TaskAuthError: the zenfed_enroll "
+        "task is not signed by the server; a provisioned server signs every task (does the server run this "
+        "project's kit, or was the task altered on the way?)"]
+    # No site trained on what it refused: site-2 ran round 1 once, site-3 never ran round 2
     trained = [(s, a.header.get(P.H_ROUND)) for t, s, a in transport.answers if t == P.TASK_TRAIN and a.payload]
-    assert sorted(trained) == [("site-1", 1), ("site-1", 2), ("site-2", 1), ("site-3", 1)]
+    assert sorted(trained) == [("site-1", 1), ("site-1", 2), ("site-2", 1), ("site-2", 2), ("site-3", 1)]
     # Each site's own log records its refusal; both took the server's next task, the final evaluation
     for site, reason in (("site-2", "is a replay"), ("site-3", "changed on the way")):
         own = audit_records(tmp_path / site / "run" / "audit" / f"{site}.jsonl", "error")
         assert any(r["fields"]["kind"] == "TaskAuthError" and reason in r["fields"]["message"] for r in own)
-    evaluated = {s for t, s, a in transport.answers if t == P.TASK_EVALUATE and a.status == P.STATUS_OK}
-    assert evaluated == {"site-1", "site-2", "site-3"}
+    # site-1 evaluated once and declined the resend as such, not as an attack
+    evaluations = [a for t, s, a in transport.answers if t == P.TASK_EVALUATE and s == "site-1"]
+    assert evaluations[0].status == P.STATUS_OK and "FLARE does when it did not receive" in evaluations[1].refusal
+    assert {s for t, s, a in transport.answers if t == P.TASK_EVALUATE and a.status == P.STATUS_OK
+            and not a.refusal} == {"site-1", "site-2", "site-3"}
 
 
 class SubstitutesTheRelease(InProcessTransport):

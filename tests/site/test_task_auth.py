@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from zenfed import protocol as P
 from zenfed.protocol import Message
 from zenfed.server.transport import InProcessTransport, SigningTransport
 from zenfed.site.run_state import SiteRunState
-from zenfed.task_auth import TaskAuthError, TaskVerifier, sign_task
+from zenfed.task_auth import LAST_SEQ, TaskAuthError, TaskResent, TaskVerifier, sign_task
 from zenfed.update_auth import UpdateSigner, UpdateVerifier
 
 
@@ -31,18 +32,18 @@ def project(tmp_path_factory):
             for name, kit in kits.items()}, UpdateVerifier.from_kit(kits["site"])
 
 
-def task(seq: int = 1, **header) -> Message:
+def task(**header) -> Message:
     return Message(header={P.H_ROUND: 2, P.H_COHORT: ["site-1", "site-2"], P.H_TOTAL_WEIGHT: 0.75, **header},
                    payload=b"the global sum", server_evidence={"nonce-1": "evidence"})
 
 
 def verifier_at(folder: Path, root_ca: UpdateVerifier, *, job_id: str = "job-1") -> TaskVerifier:
-    return TaskVerifier(root_ca, server="server", job_id=job_id, facts=SiteRunState(folder))
+    return TaskVerifier(root_ca, server="server", site="site-1", job_id=job_id, facts=SiteRunState(folder))
 
 
 def signed(signer: UpdateSigner, message: Message, *, seq: int = 1, name: str = P.TASK_TRAIN,
-           job_id: str = "job-1") -> Message:
-    return sign_task(signer, job_id=job_id, task=name, message=message, seq=seq)
+           job_id: str = "job-1", targets: tuple[str, ...] = ("site-1", "site-2")) -> Message:
+    return sign_task(signer, job_id=job_id, task=name, message=message, seq=seq, targets=targets)
 
 
 def test_a_signed_task_passes_and_its_number_is_kept_beyond_the_process(project, tmp_path):
@@ -64,6 +65,7 @@ def test_a_signed_task_passes_and_its_number_is_kept_beyond_the_process(project,
     ("payload", lambda m: setattr(m, "payload", b"another sum")),
     ("evidence", lambda m: setattr(m, "server_evidence", {"nonce-1": "other evidence"})),
     ("number", lambda m: m.header.__setitem__(P.H_TASK_SEQ, 99)),
+    ("addressees", lambda m: m.header.__setitem__(P.H_TARGETS, ["site-1", "site-2", "site-3"])),
 ])
 def test_a_task_changed_on_the_way_is_refused(project, tmp_path, what, change):
     # Prepare: a relay without the server's key changes one thing and keeps the signature
@@ -90,7 +92,7 @@ def test_a_task_signed_for_another_job_or_under_another_name_is_refused(project,
 @pytest.mark.parametrize(("signer", "reason"), [
     ("relay", "signed with the certificate of 'relay-1'"),
     ("site", "signed with the certificate of 'site-1'"),
-    ("admin-named-server", "signed with a 'project_admin' certificate, not a 'server' one"),
+    ("admin-named-server", "certificate for the role 'project_admin' \\(an admin's\\), not the server's"),
     ("foreign", "not issued by this project's root CA"),
 ])
 def test_a_task_signed_by_anyone_but_the_server_is_refused(project, tmp_path, signer, reason):
@@ -132,3 +134,58 @@ def test_the_signing_transport_numbers_each_task_and_leaves_the_callers_message_
     for message_received in received:
         verifier.check(P.TASK_TRAIN, message_received)
     assert P.H_SERVER_SIGNATURE not in message.header and P.H_TASK_SEQ not in message.header
+
+
+def test_a_task_sent_to_another_site_is_refused(project, tmp_path):
+    # Prepare: the release goes to site-2 alone; a relay hands it to site-1 as well
+    signers, root_ca = project
+    release = signed(signers["server"], task(), name=P.TASK_RELEASE, targets=("site-2",))
+
+    # Execute / Assert
+    with pytest.raises(TaskAuthError, match=r"addressed to \['site-2'\], not to site-1: it was redirected"):
+        verifier_at(tmp_path, root_ca).check(P.TASK_RELEASE, release)
+
+
+def test_flares_resend_of_a_task_is_declined_without_alarm_and_a_forged_number_moves_nothing(project, tmp_path):
+    # Prepare
+    signers, root_ca = project
+    verifier = verifier_at(tmp_path, root_ca)
+    first = signed(signers["server"], task(), seq=1)
+    verifier.check(P.TASK_TRAIN, first)
+    forged = signed(signers["server"], task(), seq=2)
+    forged.header[P.H_TASK_SEQ] = 99  # a relay bumps the number without the key
+
+    # Execute / Assert: the identical copy is a resend (a policy refusal, not an attack); a changed copy
+    # with the same number is a replay; the forged number is refused and leaves the count at 1
+    with pytest.raises(TaskResent, match="sent the zenfed_train task \\(number 1\\) again"):
+        verifier.check(P.TASK_TRAIN, first)
+    with pytest.raises(TaskAuthError, match="replay"):
+        verifier.check(P.TASK_TRAIN, signed(signers["server"], task(**{P.H_ROUND: 3}), seq=1))
+    with pytest.raises(TaskAuthError, match="does not match"):
+        verifier.check(P.TASK_TRAIN, forged)
+    assert SiteRunState(tmp_path).get(LAST_SEQ) == 1
+    verifier.check(P.TASK_TRAIN, signed(signers["server"], task(), seq=2))
+
+
+def test_a_task_checks_as_it_arrives_from_the_wire_and_an_odd_one_is_refused_with_the_reason(project, tmp_path):
+    # Prepare: empty attestation fields are left out on the wire; a payload that is not bytes cannot be hashed
+    signers, root_ca = project
+    sent = signed(signers["server"], Message(header={P.H_ROUND: 1}, attest={}, server_evidence={}))
+    odd = signed(signers["server"], task(), seq=2)
+    odd.payload = "not bytes"
+
+    # Execute / Assert
+    verifier = verifier_at(tmp_path, root_ca)
+    verifier.check(P.TASK_TRAIN, Message.from_mapping(sent.to_dict()))
+    with pytest.raises(TaskAuthError, match="cannot be checked: the payload is str, not bytes"):
+        verifier.check(P.TASK_TRAIN, odd)
+
+
+def test_an_expired_server_certificate_is_refused(project, tmp_path):
+    # Prepare
+    signers, root_ca = project
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=365)
+
+    # Execute / Assert
+    with pytest.raises(TaskAuthError, match="not valid now"):
+        verifier_at(tmp_path, root_ca).check(P.TASK_TRAIN, signed(signers["server"], task()), now=later)

@@ -16,7 +16,7 @@ from typing import Any
 from zenfed import protocol as P
 from zenfed.audit import events as E
 from zenfed.audit.sink import AuditSink
-from zenfed.protocol import Message
+from zenfed.protocol import Message, answer_error
 from zenfed.server.transport import Transport
 from zenfed.spec import CohortRequirements, JobSpec
 
@@ -74,6 +74,10 @@ class Enrollment:
             profile = answer.header.get(P.H_PROFILE)
             if answer.status == P.STATUS_OK and answer.refusal is None and isinstance(profile, dict):
                 self.profiles[site] = _plain(profile)
+                return
+            why = answer.refusal or answer_error(answer)
+            self._audit.record(E.ERROR, kind="result_rejected", site=site, round=0, task=P.TASK_ENROLL,
+                               message=f"{site} sent no enrollment profile: {why}"[:500])
 
         if not transport.broadcast(task=P.TASK_ENROLL, message=Message(header=header, server_evidence=evidence or None),
                                    targets=sites, min_responses=len(sites),

@@ -104,9 +104,7 @@ class RoundIntake:
         if answer.refusal:
             raise ZenfedError(f"the site refused the task: {answer.refusal}")
         if answer.status != P.STATUS_OK:
-            reason = answer.error or {}
-            detail = f": {reason.get('kind', 'error')}: {reason.get('message', '')}" if reason else ""
-            raise ZenfedError(f"the site returned {answer.status}{detail}")
+            raise ZenfedError(P.answer_error(answer))
         header = answer.header
         if not header:
             raise ZenfedError("result has no zenfed header")
@@ -130,7 +128,8 @@ class RoundIntake:
             if self.verifier is not None:
                 self.verifier.check_signed(site=site, header=header, what="released adapter",
                                            statement=release_statement(job_id=self.job_id, round_index=self.round,
-                                                                       site=site, payload=payload))
+                                                                       site=site, payload=payload),
+                                           changed="the adapter was changed on the way, or is another round's")
             self.released = decode_adapter(payload)
             return
         self._check_base_model(site, header.get(P.H_BASE_MODEL_SHA256))
@@ -193,7 +192,7 @@ class RoundIntake:
         self.keep_site_log(site, answer)
         try:
             if answer.status != P.STATUS_OK or answer.refusal:
-                raise ZenfedError(answer.refusal or f"the site returned {answer.status}: {answer.error}")
+                raise ZenfedError(answer.refusal or P.answer_error(answer))
             header, payload = answer.header or {}, answer.payload
             if header.get(P.H_ROUND) != self.round or header.get(P.H_JOB_ID) != self.job_id:
                 raise ZenfedError("the mask correction is for another job or round (a replay or a stale answer)")

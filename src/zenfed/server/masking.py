@@ -53,7 +53,7 @@ class KeyDirectory:
         try:
             header = answer.header or {}
             if answer.status != P.STATUS_OK or answer.refusal:
-                raise ZenfedError(answer.refusal or f"the site returned {answer.status}: {answer.error}")
+                raise ZenfedError(answer.refusal or P.answer_error(answer))
             text = header.get(P.H_PAIRWISE_KEY)
             parse_public_key(text, site=site)
             entry = {P.H_PAIRWISE_KEY: str(text)}

@@ -283,7 +283,8 @@ class ServerSession:
     def _on_attest(self, site: str, answer: Message) -> None:
         """Keep a site's attestation answer (or its refusal) for the gate to verify."""
         if answer.status != P.STATUS_OK:
-            self._attest_answers[site] = f"returned {answer.status}"
+            self._attest_answers[site] = P.answer_error(answer)
+            self._require_intake().keep_site_log(site, answer)
             return
         self._attest_answers[site] = answer.attest or answer.refusal
         self._require_intake().keep_site_log(site, answer)

@@ -134,6 +134,7 @@ class SigningTransport:
                   timeout_s: float, wait_after_min_s: float, on_result: ResultCallback) -> bool:
         """Send a numbered, signed copy of ``message`` (see :meth:`Transport.broadcast`)."""
         self.seq += 1
-        signed = sign_task(self.signer, job_id=self.job_id, task=task, message=message, seq=self.seq)
+        signed = sign_task(self.signer, job_id=self.job_id, task=task, message=message, seq=self.seq,
+                           targets=targets)
         return self.transport.broadcast(task=task, message=signed, targets=targets, min_responses=min_responses,
                                         timeout_s=timeout_s, wait_after_min_s=wait_after_min_s, on_result=on_result)

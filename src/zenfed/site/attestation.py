@@ -231,7 +231,8 @@ def read_server_name(workspace_root: str | Path) -> str:
         name = servers[0]["identity"]
     except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
         raise AttestationError(
-            f"cannot read the server's name from {path}; pass server= or use a provisioned kit"
+            f"cannot read the server's name from {path}: a provisioned site kit names it there "
+            "(servers[0].identity); restore the kit's startup/ folder, or re-provision the site"
         ) from None
     if not isinstance(name, str) or not name:
         raise AttestationError(f"{path} names no server identity")

@@ -10,7 +10,9 @@ task and checks in a later one live in one file of the job's run folder
 - ``masked_round``: the round this site last masked, its cohort, the peers' public keys, and
   whether a correction was already sent (a second one is refused);
 - ``final_global_sha256`` and ``released``: the one adapter this site may release, and whether it did;
-- ``accountant``: the job's privacy accountant, where the kit keeps no signed ledger (the simulator).
+- ``accountant``: the job's privacy accountant, where the kit keeps no signed ledger (the simulator);
+- ``last_task_seq`` and ``last_task_sha256``: the number and statement of the last signed task taken
+  (a replayed task is refused, FLARE's resend of it recognised; ``zenfed.task_auth``).
 
 The file holds no secret: public keys, digests and counters. What a site keeps across job
 runs (strategy state, optimizer moments, the DPO reference) is in ``site/state.py``.

@@ -172,7 +172,7 @@ class SiteSession:
         self._signer = UpdateSigner.from_kit(self.folders.startup)
         verifier = UpdateVerifier.from_kit(self.folders.startup)
         if verifier is not None:
-            self._task_verifier = TaskVerifier(verifier, server=read_server_name(self.folders.root),
+            self._task_verifier = TaskVerifier(verifier, server=read_server_name(self.folders.root), site=self.site,
                                                job_id=self.job_id, facts=self._run_state)
         if spec.encryption.secure_aggregation == "pairwise":
             self._masking = SiteMasking(
