@@ -56,15 +56,21 @@ def correction_statement(*, job_id: str, round_index: int, site: str, payload: b
     return _payload_statement(CORRECTION_FORMAT, job_id=job_id, round_index=round_index, site=site, payload=payload)
 
 
-def release_statement(*, job_id: str, round_index: int, site: str, payload: bytes) -> bytes:
-    """The bytes a site signs for the final adapter it releases in the clear (it becomes the job's model)."""
-    return _payload_statement(RELEASE_FORMAT, job_id=job_id, round_index=round_index, site=site, payload=payload)
+def release_statement(*, job_id: str, round_index: int, site: str, payload: bytes, source_sha256: str | None) -> bytes:
+    """The bytes a site signs for the final adapter it releases in the clear (it becomes the job's model).
+
+    ``source_sha256`` is the SHA-256 of the final global the site decrypted it from, so the release is tied
+    to the sum the server recorded.
+    """
+    return _payload_statement(RELEASE_FORMAT, job_id=job_id, round_index=round_index, site=site, payload=payload,
+                              source_sha256=source_sha256)
 
 
-def _payload_statement(kind: str, *, job_id: str, round_index: int, site: str, payload: bytes) -> bytes:
+def _payload_statement(kind: str, *, job_id: str, round_index: int, site: str, payload: bytes,
+                       **extra: Any) -> bytes:
     return canonical_json({
         "format": kind, "job": job_id, "round": round_index, "site": site,
-        "payload_sha256": sha256_hex(payload), "payload_bytes": len(payload),
+        "payload_sha256": sha256_hex(payload), "payload_bytes": len(payload), **extra,
     })
 
 

@@ -138,6 +138,20 @@ def test_no_signed_statement_stands_in_for_another_kind(project):
     with pytest.raises(UpdateAuthError, match="signature on the released adapter from site-1 does not match"):
         verifier.check_signed(site="site-1", header=header, what="released adapter",
                               statement=release_statement(job_id="job-1", round_index=2, site="site-1",
-                                                          payload=payload))
+                                                          payload=payload, source_sha256="ab" * 32))
     with pytest.raises(UpdateAuthError, match="does not match"):
         check(verifier, {**header, P.H_WEIGHT: 0.4, P.H_NUM_EXAMPLES: 400}, payload=payload)
+
+
+def test_a_release_decrypted_from_another_global_than_the_one_sent_is_refused(project):
+    # Prepare: site-1 releases what it decrypted from global "aa…"; the server had sent global "bb…"
+    kits, _, verifier = project
+    payload = b"adapter bytes"
+    header = UpdateSigner.from_kit(kits["site-1"]).sign(
+        release_statement(job_id="job-1", round_index=2, site="site-1", payload=payload, source_sha256="aa" * 32))
+
+    # Execute / Assert
+    with pytest.raises(UpdateAuthError, match="does not match"):
+        verifier.check_signed(site="site-1", header=header, what="released adapter",
+                              statement=release_statement(job_id="job-1", round_index=2, site="site-1",
+                                                          payload=payload, source_sha256="bb" * 32))

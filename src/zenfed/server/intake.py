@@ -64,6 +64,7 @@ class RoundIntake:
         self.task = ""
         self.round = 0
         self.keep_first: int | None = None
+        self.sent_sha256: str | None = None
         self.sites: dict[str, dict[str, Any]] = {}
         self.update_hashes: list[str] = []
         self.correction_hashes: list[str] = []
@@ -71,9 +72,17 @@ class RoundIntake:
         self.base_model_sha256: str | None = None
         self.responded: set[str] = set()  # every site that answered this task, accepted or not
 
-    def begin(self, *, task: str, round_index: int, keep_first: int | None = None) -> None:
-        """Start taking answers to ``task`` in round ``round_index``; with ``keep_first``, only that many updates."""
-        self.task, self.round, self.keep_first = task, round_index, keep_first
+    def begin(self, *, task: str, round_index: int, keep_first: int | None = None,
+              sent_sha256: str | None = None) -> None:
+        """Start taking answers to ``task`` in round ``round_index``.
+
+        Args:
+            task: The task sent.
+            round_index: Its round.
+            keep_first: Keep only that many updates (over-selection).
+            sent_sha256: SHA-256 of the payload the task carried (a release names the global it decrypted).
+        """
+        self.task, self.round, self.keep_first, self.sent_sha256 = task, round_index, keep_first, sent_sha256
         self.sites, self.update_hashes, self.correction_hashes, self.released = {}, [], [], None
         self.responded = set()
         self.aggregation.begin(round_index=round_index)
@@ -128,8 +137,10 @@ class RoundIntake:
             if self.verifier is not None:
                 self.verifier.check_signed(site=site, header=header, what="released adapter",
                                            statement=release_statement(job_id=self.job_id, round_index=self.round,
-                                                                       site=site, payload=payload),
-                                           changed="the adapter was changed on the way, or is another round's")
+                                                                       site=site, payload=payload,
+                                                                       source_sha256=self.sent_sha256),
+                                           changed="the adapter was changed on the way, or was decrypted from "
+                                                   "another global than the one sent")
             self.released = decode_adapter(payload)
             return
         self._check_base_model(site, header.get(P.H_BASE_MODEL_SHA256))

@@ -302,7 +302,7 @@ class ServerSession:
         if header[P.H_OBJECTIVE] == "dpo" and self._dpo_reference is not None:
             header[P.H_DPO_REFERENCE] = self._dpo_reference  # sites check the reference they kept against it
         message = Message(header=header, payload=payload, server_evidence=self._server_evidence or None)
-        intake.begin(task=task, round_index=self._round)
+        intake.begin(task=task, round_index=self._round, sent_sha256=header.get(P.H_PAYLOAD_SHA256))
         targets = targets or self._eligible(transport)
         keep = None
         if task == P.TASK_TRAIN:

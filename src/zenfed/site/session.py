@@ -419,7 +419,8 @@ class SiteSession:
                P.H_PAYLOAD_SHA256: sha256_hex(payload), P.H_PAYLOAD_BYTES: len(payload)}
         if self._signer is not None:  # the released adapter becomes the job's model: the server checks who sent it
             out.update(self._signer.sign(release_statement(job_id=self.job_id, round_index=int(header[P.H_ROUND]),
-                                                           site=self.site, payload=payload)))
+                                                           site=self.site, payload=payload,
+                                                           source_sha256=final_sha256)))
         return Message(header=out, payload=payload, audit_log=self._log_bytes())
 
     # -- helpers --------------------------------------------------------------------------------
