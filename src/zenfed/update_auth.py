@@ -35,6 +35,7 @@ from zenfed.signing import RSA_PSS, SigningKeyError, keys_match, load_private_ke
 STATEMENT_FORMAT = "zenfed-update-signature/1"
 CORRECTION_FORMAT = "zenfed-mask-correction/1"
 RELEASE_FORMAT = "zenfed-release/1"
+ENROLLMENT_FORMAT = "zenfed-enrollment/1"
 ROOT_CA = "rootCA.pem"
 
 
@@ -64,6 +65,11 @@ def release_statement(*, job_id: str, round_index: int, site: str, payload: byte
     """
     return _payload_statement(RELEASE_FORMAT, job_id=job_id, round_index=round_index, site=site, payload=payload,
                               source_sha256=source_sha256)
+
+
+def enrollment_statement(*, job_id: str, site: str, profile: dict[str, Any]) -> bytes:
+    """The bytes a site signs for the profile it declares for a job (the server matches cohorts on it)."""
+    return canonical_json({"format": ENROLLMENT_FORMAT, "job": job_id, "site": site, "profile": profile})
 
 
 def _payload_statement(kind: str, *, job_id: str, round_index: int, site: str, payload: bytes,

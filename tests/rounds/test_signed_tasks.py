@@ -19,17 +19,23 @@ from zenfed.wire import decode_adapter, encode_adapter
 class MeddlingRelay(InProcessTransport):
     """A relay without the server's key.
 
-    It strips the signature off site-3's enrollment task; in round 2 it replays round 1's task to
-    site-2 after the real one and alters site-3's; it delivers the final evaluation to site-1 twice, as
-    FLARE re-sends a task whose answer it did not get.
+    It strips the signature off site-3's enrollment task and inflates site-1's declared record count
+    on its way up; in round 2 it replays round 1's task to site-2 after the real one and alters
+    site-3's; it delivers the final evaluation to site-1 twice, as FLARE re-sends a task whose answer
+    it did not get.
     """
 
     def broadcast(self, *, task, message, targets, on_result, **kwargs) -> bool:
         send = super().broadcast
         if task == P.TASK_ENROLL:
+            def inflate(site: str, answer: P.Message) -> None:
+                if site == "site-1":
+                    answer.header[P.H_PROFILE]["records"] = 10**6
+                on_result(site, answer)
+
             stripped = copy.deepcopy(message)
             del stripped.header[P.H_SERVER_SIGNATURE]
-            return (send(task=task, message=message, targets=["site-1", "site-2"], on_result=on_result, **kwargs)
+            return (send(task=task, message=message, targets=["site-1", "site-2"], on_result=inflate, **kwargs)
                     and send(task=task, message=stripped, targets=["site-3"], on_result=on_result, **kwargs))
         if task == P.TASK_EVALUATE:
             return (send(task=task, message=message, targets=targets, on_result=on_result, **kwargs)
@@ -66,11 +72,16 @@ def test_a_replayed_altered_or_unsigned_task_is_refused_with_its_reason_and_a_re
     assert "TaskAuthError" in round_two["site-2"] and "is a replay: its sequence number 2 is not above 3" in round_two[
         "site-2"]
     assert "TaskAuthError" in round_two["site-3"] and "changed on the way" in round_two["site-3"]
-    # The first task's refusal reaches the server's log too: site-3 sent no profile, and why
+    # The first task's failures reach the server's log too: site-1's altered profile is refused (the server
+    # keeps none), site-3 sent none, each with why; site-2's profile stands
     assert [e["message"] for e in errors if e.get("task") == P.TASK_ENROLL] == [
+        "site-1 sent no enrollment profile: the signature on the enrollment profile from site-1 does not match "
+        "what arrived: the profile was changed on the way",
         "site-3 sent no enrollment profile: the site returned EXECUTION_EXCEPTION: TaskAuthError: the zenfed_enroll "
         "task is not signed by the server; a provisioned server signs every task (does the server run this "
         "project's kit, or was the task altered on the way?)"]
+    enrolled = audit_records(tmp_path / "server" / "run" / "audit" / "server.jsonl", "sites_enrolled")[0]["fields"]
+    assert sorted(enrolled["profiles"]) == ["site-2"] and enrolled["silent"] == ["site-1", "site-3"]
     # No site trained on what it refused: site-2 ran round 1 once, site-3 never ran round 2
     trained = [(s, a.header.get(P.H_ROUND)) for t, s, a in transport.answers if t == P.TASK_TRAIN and a.payload]
     assert sorted(trained) == [("site-1", 1), ("site-1", 2), ("site-2", 1), ("site-2", 2), ("site-3", 1)]

@@ -16,9 +16,11 @@ from typing import Any
 from zenfed import protocol as P
 from zenfed.audit import events as E
 from zenfed.audit.sink import AuditSink
+from zenfed.digest import CanonicalJSONError
 from zenfed.protocol import Message, answer_error
 from zenfed.server.transport import Transport
 from zenfed.spec import CohortRequirements, JobSpec
+from zenfed.update_auth import UpdateAuthError, UpdateVerifier, enrollment_statement
 
 # Seconds the enrollment task waits for sites at most (it is answered from the policy file, at once).
 ENROLL_TIMEOUT_S = 120
@@ -56,13 +58,14 @@ class Enrollment:
     def __init__(self, *, spec: JobSpec, job_id: str) -> None:
         """Create it for ``spec``; the server's audit log comes with :meth:`open`."""
         self.spec, self.job_id, self._audit = spec, job_id, AuditSink(None)
+        self._verifier: UpdateVerifier | None = None
         self.profiles: dict[str, dict[str, Any]] = {}
         self.collected = False
         self._matched: dict[str, str | None] = {}  # site -> why it is excluded (None: eligible)
 
-    def open(self, audit: AuditSink) -> None:
-        """Take the server's audit log, once the job starts."""
-        self._audit = audit
+    def open(self, audit: AuditSink, verifier: UpdateVerifier | None = None) -> None:
+        """Take the server's audit log, and the project's root CA to check profiles where kits have keys."""
+        self._audit, self._verifier = audit, verifier
 
     def collect(self, transport: Transport, *, sites: list[str], evidence: dict[str, Any] | None,
                 keep_log: Callable[[str, Message], None]) -> bool:
@@ -72,10 +75,18 @@ class Enrollment:
         def accept(site: str, answer: Message) -> None:
             keep_log(site, answer)
             profile = answer.header.get(P.H_PROFILE)
-            if answer.status == P.STATUS_OK and answer.refusal is None and isinstance(profile, dict):
-                self.profiles[site] = _plain(profile)
-                return
             why = answer.refusal or answer_error(answer)
+            if answer.status == P.STATUS_OK and answer.refusal is None and isinstance(profile, dict):
+                try:
+                    if self._verifier is not None:
+                        self._verifier.check_signed(
+                            site=site, header=answer.header, what="enrollment profile",
+                            statement=enrollment_statement(job_id=self.job_id, site=site, profile=profile),
+                            changed="the profile was changed on the way")
+                    self.profiles[site] = _plain(profile)
+                    return
+                except (UpdateAuthError, CanonicalJSONError) as err:
+                    why = str(err)
             self._audit.record(E.ERROR, kind="result_rejected", site=site, round=0, task=P.TASK_ENROLL,
                                message=f"{site} sent no enrollment profile: {why}"[:500])
 

@@ -130,7 +130,7 @@ class ServerSession:
         self._task_signer = UpdateSigner.from_kit(self.folders.startup, stem="server")
         if self._task_signer is None:
             _log.warning("no server.key in the server kit (simulator?): tasks go to the sites unsigned")
-        self._enrollment.open(self._audit)
+        self._enrollment.open(self._audit, verifier)
         self._intake = RoundIntake(spec=self.spec, job_id=self.job_id, out_dir=out_dir, audit=self._audit,
                                    aggregation=self.aggregation, verifier=verifier)
         self._audit.record(E.JOB_SUBMITTED, job=self.spec.name, job_id=self.job_id, submitter=self._submitter,

@@ -56,7 +56,13 @@ from zenfed.spec import JobSpec, SitePolicy, parse_model
 from zenfed.strategies import Strategy, make_strategy
 from zenfed.task_auth import TaskVerifier
 from zenfed.types import AdapterState, check_compatible
-from zenfed.update_auth import UpdateSigner, UpdateVerifier, correction_statement, release_statement
+from zenfed.update_auth import (
+    UpdateSigner,
+    UpdateVerifier,
+    correction_statement,
+    enrollment_statement,
+    release_statement,
+)
 from zenfed.wire import encode_adapter
 
 TASKS = P.SITE_TASKS
@@ -128,7 +134,11 @@ class SiteSession:
             if task == P.TASK_ENROLL:
                 profile = enrollment_profile(policy, spec)
                 self._record(E.ENROLLMENT_SENT, profile=profile)
-                return Message(header={P.H_PROFILE: profile}, audit_log=self._log_bytes())
+                header: dict[str, Any] = {P.H_PROFILE: profile}
+                if self._signer is not None:  # the server picks cohorts on it: it checks who declared it
+                    header.update(self._signer.sign(enrollment_statement(job_id=self.job_id, site=self.site,
+                                                                         profile=profile)))
+                return Message(header=header, audit_log=self._log_bytes())
             self._load(spec, policy)
             if task == P.TASK_RELEASE:
                 return self._release(message)
