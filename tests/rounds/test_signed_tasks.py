@@ -126,3 +126,34 @@ def test_a_released_adapter_substituted_on_its_way_to_the_server_is_refused(tiny
     errors = [r["fields"]["message"] for r in audit_records(tmp_path / "server" / "run" / "audit" / "server.jsonl",
                                                             "error")]
     assert any("the signature on the released adapter from site-1 does not match" in e for e in errors), errors
+
+
+class ChangesAMetric(InProcessTransport):
+    """A relay that flatters site-2's validation loss in its round-2 answer (metrics travel unsigned)."""
+
+    def broadcast(self, *, task, on_result, **kwargs) -> bool:
+        def flatter(site: str, answer: P.Message) -> None:
+            if task == P.TASK_TRAIN and site == "site-2" and answer.header.get(P.H_ROUND) == 2:
+                answer.header[P.H_EVAL_LOSS] = 0.125
+            on_result(site, answer)
+
+        return super().broadcast(task=task, on_result=flatter, **kwargs)
+
+
+def test_a_metric_changed_on_its_way_is_caught_against_the_sites_own_log(tiny_job_spec, three_site_data, tmp_path):
+    # Prepare
+    from zenfed.audit.verify import verify_result
+
+    spec = tiny_job_spec("in-process-metric", federation={"rounds": 2, "min_sites": 3})
+    signed_job(spec, three_site_data, tmp_path / "honest")
+
+    # Execute
+    signed_job(spec, three_site_data, tmp_path / "changed", ChangesAMetric)
+
+    # Assert: the honest job verifies; in the other, the result's figure for site-2 is not what site-2 logged
+    assert verify_result(tmp_path / "honest" / "server" / "run").ok
+    verdict = verify_result(tmp_path / "changed" / "server" / "run")
+    assert not verdict.ok
+    changed = [p for p in verdict.problems if "the metric was changed" in p]
+    assert len(changed) == 1 and changed[0].startswith(
+        "the result reports eval_loss 0.125 for site-2 on the global of round 1, but site-2's own log records ")

@@ -1,8 +1,8 @@
 """Cross-checks between the logs of one job result: what verify_result adds to each chain's own check.
 
 Updates sent against updates received, anchors of site logs, the server's closing record,
-the logs of an earlier run a resumed job pinned, the globals sites received, and which
-gaps a failure the server recorded explains.
+the logs of an earlier run a resumed job pinned, the globals sites received, the metrics
+the result reports for each site, and which gaps a failure the server recorded explains.
 """
 
 from __future__ import annotations
@@ -116,6 +116,41 @@ def check_globals(server_records: list[dict[str, Any]], sites: dict[str, list[di
                 out.append(f"{site} received a global in round {fields.get('round')} (sha256 "
                            f"{str(fields.get('sha256'))[:16]}...) that is not the sum of round "
                            f"{fields.get('global_round')} the server recorded: the server sent it something else")
+    return out
+
+
+def check_metrics(result_dir: Path, sites: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each site's metrics in ``zenfed_result.json`` are those its own signed log records.
+
+    Metrics travel unsigned, so a relay or the server could change them before they reach the
+    result and the report. A site records every evaluation in its log (``evaluated``, scope
+    "local validation", with the round of the global it scored); the result files each round's
+    site metrics under the round whose global they score (``evaluated_round``), and the final
+    evaluation under the last round. Metrics a site withheld (None) are not compared.
+    """
+    try:
+        result = json.loads((result_dir / "zenfed_result.json").read_text())
+        rounds = [(int(r.get("evaluated_round", r["round"])), r.get("sites") or {}) for r in result.get("rounds", [])]
+        final = result.get("final")
+        if isinstance(final, dict) and result.get("rounds"):
+            rounds.append((int(result["rounds"][-1]["round"]), final.get("sites") or {}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []  # no result, or one whose own damage the closing check reports
+    own = {(site, (r.get("fields") or {}).get("round")): (r.get("fields") or {}).get("metrics") or {}
+           for site, records in sites.items() for r in records
+           if r.get("event") == events.EVALUATED and (r.get("fields") or {}).get("scope") == "local validation"}
+    out = []
+    for evaluated_round, reported in rounds:
+        for site, figures in sorted(reported.items()):
+            logged = own.get((site, evaluated_round))
+            if logged is None or not isinstance(figures, dict):
+                continue
+            for name, logged_name in (("eval_loss", "eval_loss"), ("accuracy", "accuracy")):
+                value = figures.get(name)
+                if value is not None and value != logged.get(logged_name):
+                    out.append(f"the result reports {name} {value} for {site} on the global of round "
+                               f"{evaluated_round}, but {site}'s own log records {logged.get(logged_name)}: "
+                               "the metric was changed on its way to the server, or after")
     return out
 
 

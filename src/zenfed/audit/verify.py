@@ -24,6 +24,7 @@ from zenfed.audit.crosscheck import (
     check_anchors,
     check_closing,
     check_globals,
+    check_metrics,
     check_previous,
     cross_check,
     explains,
@@ -140,6 +141,7 @@ def verify_result(result_dir: Path, *, root_ca_path: Path | None = None) -> Resu
         problems += check_closing(records[server], logs[server], result_dir)
         earlier = [rec for path in sorted((audit / "previous").glob(f"*/{server}.jsonl")) for rec in read_records(path)]
         problems += check_globals([*earlier, *records[server]], sites)
+        problems += check_metrics(result_dir, sites)
         problems += check_previous(records[server], audit, root)
         return ResultVerdict(result_dir=result_dir, logs=logs, server=server, missing_logs=missing,
                              mismatches=mismatches, problems=problems, matched_updates=matched,
