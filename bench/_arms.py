@@ -206,9 +206,12 @@ def config_fields(config: Any, *, tiny: bool) -> dict[str, Any]:
 
 
 def main(run: Callable[..., dict[str, Any]], *, description: str, tiny_help: str,
-         argv: Sequence[str] | None) -> None:
-    """Parse ``--tiny``, ``--sites`` and ``--seed``, run the benchmark and print its JSON."""
-    parser = argparse.ArgumentParser(description=description)
+         argv: Sequence[str] | None, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """Parse ``--tiny``, ``--sites`` and ``--seed``, run the benchmark and print its JSON.
+
+    ``parents`` adds a benchmark's own options to ``--help`` (the benchmark parses them itself).
+    """
+    parser = argparse.ArgumentParser(description=description, parents=list(parents))
     parser.add_argument("--tiny", action="store_true", help=tiny_help)
     parser.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")

@@ -20,13 +20,20 @@ records a site, LoRA r=2 on q and v of the top 8 layers), through the same round
 with each site's own accountant, for each of ``dp_seeds``: accuracy per seed, mean and
 spread (max - min), and the epsilon each site spent.
 
+``local`` trains each site alone, for the steps it trains in the federation, and
+reports its own-task accuracy: the reference of the personal-layers goal.
+
 Run: ``python bench/bench_algorithms.py [--tiny] [--only skews|dp]`` or
-``zenfed bench algorithms --json [--tiny]``.
+``zenfed bench algorithms --json [--tiny]``. The SmolLM2 run takes hours on 2 cores:
+``--arms``, ``--skews`` and ``--progress FILE`` split it, and a stopped run given the
+same ``--progress`` file resumes after its last finished arm.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -45,6 +52,8 @@ from zenfed.jobs.in_process import run_in_process  # noqa: E402
 from zenfed.jobs.simulate import builtin_policies  # noqa: E402
 from zenfed.server.result import RESULT_FILE  # noqa: E402
 from zenfed.spec import JobSpec  # noqa: E402
+
+ARMS = ("fedavg", "fedprox", "fedadam", "scaffold", "ffa_lora", "ffa_lora_ranks", "flexlora_ranks", "personal")
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,8 @@ class AlgorithmsConfig:
     dp_train_per_site: int = 1200
     dp_test_per_task: int = 50
     arms: tuple[str, ...] = field(default=(
-        "fedavg", "fedprox", "fedadam", "scaffold", "ffa_lora", "ffa_lora_ranks", "flexlora_ranks", "personal"))
+        "central", "local", "fedavg", "fedprox", "fedadam", "scaffold", "ffa_lora", "ffa_lora_ranks", "flexlora_ranks",
+        "personal"))
 
 
 TINY = AlgorithmsConfig(rounds=10, local_steps=5, batch_size=8, learning_rate=5e-3, rank=8, alpha=16.0,
@@ -224,21 +234,127 @@ def dp_comparison(config: AlgorithmsConfig, *, model: Path, engine: Any, scratch
                                                - summary["fedavg"]["accuracy_mean"], 4)}
 
 
+BASELINES = ("central", "local")  # not federated: the pooled data, and each site on its own
+
+
+class Progress:
+    """What a long run has finished, kept in a file, so that a stopped run resumes where it stopped.
+
+    The file holds the run's configuration and every finished arm's figures; it is
+    rewritten (atomically) after each arm. A file of another configuration is refused.
+    """
+
+    def __init__(self, path: Path | None, config: dict[str, Any]) -> None:
+        self.path = path
+        self.config = json.loads(json.dumps(config))  # as it reads back from the file
+        self.done: dict[str, Any] = {}
+        if path is not None and path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"{path} is not a progress file of this benchmark ({err}); remove it or "
+                                 "pass another --progress") from err
+            if saved.get("config") != self.config:
+                raise SystemExit(f"{path} holds a run of another configuration; remove it or pass another --progress")
+            self.done = saved.get("done", {})
+
+    def run(self, key: str, work: Any) -> Any:
+        """Return ``key``'s saved figures, or compute them with ``work()`` and save them."""
+        if key in self.done:
+            _log(f"{key}: resumed from {self.path}")
+            return self.done[key]
+        self.done[key] = work()
+        if self.path is not None:
+            partial = self.path.with_name(self.path.name + ".partial")
+            partial.write_text(json.dumps({"config": self.config, "done": self.done}, indent=1))
+            partial.replace(self.path)
+        return self.done[key]
+
+
+def _local_own_task(engine: Any, start: dict, train: dict[str, list], test: Sequence[Any], *,
+                    config: AlgorithmsConfig, seed: int) -> dict[str, Any]:
+    """Each site training alone, for the steps it trains in the federation: its own-task accuracy."""
+    started = time.perf_counter()
+    own = {}
+    for index, (site, examples) in enumerate(sorted(train.items())):
+        adapter = engine.train(adapter=start, examples=examples, steps=config.rounds * config.local_steps,
+                               seed=seed).adapter
+        own[site] = _own_task_accuracy(engine, adapter, test, site_index=index, config=config)
+    return {"own_task_accuracy": own, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _block(skew: float, results: dict[str, dict], central: dict | None, local: dict | None) -> dict[str, Any]:
+    """One skew's arms and the goals computed from them (``None`` where an arm it needs did not run)."""
+    federated = {name: figures for name, figures in results.items() if name not in BASELINES}
+    best = max(federated, key=lambda arm: federated[arm]["accuracy"]) if federated else None
+    share = None
+    if best and central and "fedavg" in federated:
+        fedavg_acc = federated["fedavg"]["accuracy"]
+        gap = central["accuracy"] - fedavg_acc
+        share = round((federated[best]["accuracy"] - fedavg_acc) / gap, 4) if gap > 0 else None
+    personal_vs_local = None
+    if local and "personal" in federated:
+        personal_vs_local = {site: round(federated["personal"]["own_task_accuracy"][site] - accuracy, 4)
+                             for site, accuracy in local["own_task_accuracy"].items()}
+    return {
+        "skew": skew, "central": central, "local": local, "arms": federated, "best_arm": best,
+        "best_closes_gap_share": share,
+        "ranks_vs_full_rank_accuracy": _difference(federated, "ffa_lora_ranks", "ffa_lora"),
+        # FlexLoRA with the same caps against FedAvg with every site at the job's rank.
+        "flexlora_ranks_vs_full_rank_accuracy": _difference(federated, "flexlora_ranks", "fedavg"),
+        # The goal: personal layers at least as accurate on each site's own task as the site alone (>= 0).
+        "personal_vs_local_own_task_accuracy": personal_vs_local,
+    }
+
+
+def _skew_block(skew: float, *, config: AlgorithmsConfig, model: Path, engine: Any, scratch: Path, seed: int,
+                layers: int, saved: Progress) -> dict[str, Any]:
+    """Every chosen arm (and baseline) at one skew, from the same data and initial adapter."""
+    skewed = dataclasses.replace(config, skew=skew)
+    train, test = arms.load_sites(scratch / f"skew-{skew}", sites=3, config=skewed, seed=seed)
+    start = engine.initial_adapter()
+
+    def one(name: str) -> dict[str, Any]:
+        if name == "central":
+            pooled = [example for examples in train.values() for example in examples]
+            steps = config.rounds * config.local_steps * 3
+            return arms.scores(engine, engine.train(adapter=start, examples=pooled, steps=steps, seed=seed).adapter,
+                               test, config=config)
+        if name == "local":
+            return _local_own_task(engine, start, train, test, config=config, seed=seed)
+        return _run_arm(name, config=config, model=model, data=scratch / f"skew-{skew}" / "data", test=test,
+                        engine=engine, scratch=scratch / f"runs-{skew}", seed=seed, layers=layers)
+
+    results = {}
+    for name in config.arms:
+        results[name] = saved.run(f"skew-{skew}/{name}", functools.partial(one, name))
+        _log(f"skew {skew}: {name} {results[name]}")
+    return _block(skew, results, results.get("central"), results.get("local"))
+
+
 def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: AlgorithmsConfig | None = None,
-        parts: tuple[str, ...] = ("skews", "dp")) -> dict:
+        parts: tuple[str, ...] = ("skews", "dp"), progress: Path | None = None) -> dict:
     """Run every arm at every skew, and the DP comparison, and return the JSON object.
 
     Args:
         tiny: Use a tiny random Llama (minutes) instead of SmolLM2-135M-Instruct.
         sites: Must be 3 (the arms' rank caps and own tasks are per site).
         seed: Seed of the data, the initial adapter and the data order.
-        config: Override the preset (``TINY`` or ``FULL``).
+        config: Override the preset (``TINY`` or ``FULL``); its ``arms`` may name the baselines
+            ``central`` and ``local`` too (the preset runs both).
         parts: ``skews`` (every arm at every skew) and/or ``dp`` (the DP comparison).
+        progress: A file that keeps every finished arm: a run stopped part-way resumes from it.
     """
     if sites != 3:
         raise SystemExit("the algorithms benchmark runs 3 sites (one per built-in task)")
     started = time.perf_counter()
     config = config or (TINY if tiny else FULL)
+    unknown = set(config.arms) - set(ARMS) - set(BASELINES)
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {sorted(unknown)}; the arms are {', '.join((*ARMS, *BASELINES))}")
+    # Which arms and skews run is left out: a later run may add arms to the same file.
+    saved = Progress(progress, {"tiny": tiny, "seed": seed, **{
+        k: v for k, v in arms.config_fields(config, tiny=tiny).items() if k not in ("arms", "skews")}})
     arms.seed_torch(seed)
     # In one process no kit holds keys: each session would warn that it is not audited, every arm.
     logging.getLogger("zenfed").setLevel(logging.ERROR)
@@ -251,32 +367,11 @@ def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: AlgorithmsConfig |
         engine = arms.make_engine(model, config=config, seed=seed)
         layers = int(engine.model.config.num_hidden_layers)
         if "dp" in parts:
-            dp = dp_comparison(config, model=model, engine=engine, scratch=scratch, layers=layers)
+            dp = saved.run("dp", lambda: dp_comparison(config, model=model, engine=engine, scratch=scratch,
+                                                       layers=layers))
         for skew in config.skews if "skews" in parts else ():
-            skewed = dataclasses.replace(config, skew=skew)
-            train, test = arms.load_sites(scratch / f"skew-{skew}", sites=3, config=skewed, seed=seed)
-            start = engine.initial_adapter()
-            pooled = [example for examples in train.values() for example in examples]
-            steps = config.rounds * config.local_steps * 3
-            central = arms.scores(engine, engine.train(adapter=start, examples=pooled, steps=steps, seed=seed).adapter,
-                                  test, config=config)
-            _log(f"skew {skew}: central {central}")
-            results = {}
-            for name in config.arms:
-                results[name] = _run_arm(name, config=config, model=model, data=scratch / f"skew-{skew}" / "data",
-                                         test=test, engine=engine, scratch=scratch / f"runs-{skew}", seed=seed,
-                                         layers=layers)
-                _log(f"skew {skew}: {name} {results[name]}")
-            fedavg_acc, central_acc = results["fedavg"]["accuracy"], central["accuracy"]
-            best = max(results, key=lambda arm: results[arm]["accuracy"])
-            gap = central_acc - fedavg_acc
-            blocks.append({
-                "skew": skew, "central": central, "arms": results, "best_arm": best,
-                "best_closes_gap_share": round((results[best]["accuracy"] - fedavg_acc) / gap, 4) if gap > 0 else None,
-                "ranks_vs_full_rank_accuracy": _difference(results, "ffa_lora_ranks", "ffa_lora"),
-                # FlexLoRA with the same caps against FedAvg with every site at the job's rank.
-                "flexlora_ranks_vs_full_rank_accuracy": _difference(results, "flexlora_ranks", "fedavg"),
-            })
+            blocks.append(_skew_block(skew, config=config, model=model, engine=engine, scratch=scratch, seed=seed,
+                                      layers=layers, saved=saved))
     return {
         "benchmark": "algorithms", "tiny": tiny, "blocks": blocks, "dp_comparison": dp,
         "config": {"model": model_name, "engine": "peft", "sites": 3, "seed": seed, "encrypted": False,
@@ -286,16 +381,29 @@ def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: AlgorithmsConfig |
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parts = ("skews", "dp")
-    if argv is None:
-        argv = sys.argv[1:]
-    if "--only" in argv:  # one part: `--only dp` runs the DP comparison alone
-        index = argv.index("--only")
-        if index + 1 >= len(argv) or argv[index + 1] not in ("skews", "dp"):
-            raise SystemExit("--only takes skews or dp")
-        parts, argv = (argv[index + 1],), [*argv[:index], *argv[index + 2:]]
-    arms.main(lambda **kw: run(**kw, parts=parts), description=__doc__.splitlines()[0], argv=argv,
-              tiny_help="tiny random Llama, a few minutes (CI)")
+    """``--only skews|dp`` runs one part; ``--arms``, ``--skews`` and ``--progress`` split a long run."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--only", choices=("skews", "dp"), help="run one part: every arm at every skew, or DP")
+    parser.add_argument("--arms", help=f"comma-separated arms to run (default all: {', '.join((*BASELINES, *ARMS))})")
+    parser.add_argument("--skews", help="comma-separated skews to run (default 0.9,0.98)")
+    parser.add_argument("--progress", type=Path, help="file that keeps finished arms; a rerun resumes from it")
+    ours, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    parts = (ours.only,) if ours.only else ("skews", "dp")
+
+    def chosen(tiny: bool) -> AlgorithmsConfig:
+        config = TINY if tiny else FULL
+        if ours.arms:
+            config = dataclasses.replace(config, arms=tuple(a.strip() for a in ours.arms.split(",") if a.strip()))
+        if ours.skews:
+            try:
+                config = dataclasses.replace(config, skews=tuple(float(x) for x in ours.skews.split(",")))
+            except ValueError as err:
+                raise SystemExit(f"--skews takes comma-separated numbers, e.g. 0.9,0.98 ({err})") from err
+        return config
+
+    arms.main(lambda **kw: run(**kw, config=chosen(kw["tiny"]), parts=parts, progress=ours.progress),
+              description=__doc__.splitlines()[0], argv=rest, tiny_help="tiny random Llama, a few minutes (CI)",
+              parents=(parser,))
 
 
 if __name__ == "__main__":

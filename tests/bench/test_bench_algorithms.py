@@ -56,3 +56,48 @@ def test_the_dp_comparison_runs_both_strategies_at_the_budget_over_the_seeds(res
             assert sorted(run["epsilon_spent"]) == ["site-1", "site-2", "site-3"]
             assert all(7.0 < spent <= 8.0 for spent in run["epsilon_spent"].values())
         assert arm["accuracy_spread"] >= 0
+
+
+def test_personal_layers_are_compared_with_each_site_training_alone(result):
+    # Assert: `local` trained each site alone; the goal's figure is personal's own-task accuracy minus it
+    block = result["blocks"][0]
+    local = block["local"]["own_task_accuracy"]
+    personal = block["arms"]["personal"]["own_task_accuracy"]
+    assert sorted(local) == ["site-1", "site-2", "site-3"]
+    assert block["personal_vs_local_own_task_accuracy"] == {
+        site: round(personal[site] - local[site], 4) for site in local}
+    assert block["central"]["accuracy"] >= 0 and block["best_arm"] in block["arms"]
+
+
+def test_a_stopped_run_resumes_after_its_last_finished_arm(tmp_path):
+    # Prepare
+    module = sys.modules["bench_algorithms"]
+    path = tmp_path / "progress.json"
+    calls = []
+
+    def work(figure):
+        def compute():
+            calls.append(figure)
+            return {"accuracy": figure}
+        return compute
+
+    first = module.Progress(path, {"rounds": 16})
+    first.run("skew-0.98/fedavg", work(0.5))
+
+    # Execute: a new process with the same file and configuration
+    again = module.Progress(path, {"rounds": 16})
+    resumed = again.run("skew-0.98/fedavg", work(0.9))
+    added = again.run("skew-0.98/scaffold", work(0.6))
+
+    # Assert: the finished arm is not run again; a new one is, and both are kept
+    assert resumed == {"accuracy": 0.5} and added == {"accuracy": 0.6} and calls == [0.5, 0.6]
+    assert json.loads(path.read_text())["done"] == {"skew-0.98/fedavg": {"accuracy": 0.5},
+                                                     "skew-0.98/scaffold": {"accuracy": 0.6}}
+    assert not list(tmp_path.glob("*.partial"))
+
+    # Assert: another configuration, or a damaged file, is refused rather than mixed in
+    with pytest.raises(SystemExit, match="another configuration"):
+        module.Progress(path, {"rounds": 8})
+    path.write_text('{"config": ')
+    with pytest.raises(SystemExit, match="not a progress file"):
+        module.Progress(path, {"rounds": 16})
