@@ -77,6 +77,8 @@ H_RELEASE_OK = "release_ok"  # the site's policy allows releasing the final adap
 H_DP_SPENT = "privacy"  # differential privacy spent so far (epsilon, delta, ...)
 H_SIGNATURE = "signature"  # the site's signature over the update statement (base64)
 H_SITE_CERT = "site_cert"  # the site's provisioned certificate (PEM)
+H_ANSWER_TO = "answer_to"  # the number (H_TASK_SEQ) of the task an answer answers, as it arrived at the site
+H_ANSWER_SIGNATURE = "answer_signature"  # the site's signature over its whole answer (zenfed.answer_auth)
 H_PROFILE = "enrollment"  # a site's declared enrollment profile (dict), answering TASK_ENROLL
 
 UPDATE_KIND = "adapter_update"  # what leaves a site: LoRA adapter weights, never records

@@ -20,6 +20,7 @@ import yaml
 
 from _pki import make_ca, make_kit
 from zenfed import protocol as P
+from zenfed.answer_auth import sign_answer
 from zenfed.digest import sha256_hex
 from zenfed.jobs.in_process import SessionPerTask, run_in_process
 from zenfed.jobs.simulate import builtin_policies
@@ -244,16 +245,25 @@ def adapter_bytes(folder: Path) -> bytes:
 class TamperingTransport(InProcessTransport):
     """A network attacker without keys: flips a bit of site-2's update and recomputes every hash."""
 
-    def broadcast(self, *, on_result, **kwargs) -> bool:
+    resign_with: Path | None = None  # a kit whose key re-signs the whole answer after the change
+
+    def broadcast(self, *, task, on_result, **kwargs) -> bool:
         def tamper(site: str, answer: P.Message) -> None:
             if site == "site-2" and answer.payload and P.H_SIGNATURE in answer.header:
                 forged = bytearray(answer.payload)
                 forged[len(forged) // 2] ^= 0x01
                 answer.payload = bytes(forged)
                 answer.header[P.H_PAYLOAD_SHA256] = sha256_hex(answer.payload)
+                if self.resign_with is not None:
+                    answer = sign_answer(UpdateSigner.from_kit(self.resign_with), job_id="job-1", task=task,
+                                         site=site, answer=answer, answer_to=answer.header[P.H_ANSWER_TO])
             on_result(site, answer)
 
-        return super().broadcast(on_result=tamper, **kwargs)
+        return super().broadcast(task=task, on_result=tamper, **kwargs)
+
+
+class TamperingInsider(TamperingTransport):
+    """The same change, then the whole answer re-signed with site-2's kit key: only the update's signature holds."""
 
 
 def signed_job(spec: JobSpec, data: Path, root: Path, transport_class: type[InProcessTransport] = InProcessTransport,
@@ -306,18 +316,24 @@ def audit_records(path: Path, event: str) -> list[dict]:
     return [r for r in records if r.get("event") == event]
 
 
-def test_a_tampered_rehashed_update_is_rejected_and_the_round_goes_on(tiny_job_spec, three_site_data, tmp_path):
+@pytest.mark.parametrize(("tamperer", "caught_by"), [
+    (TamperingTransport, "the signature on the answer of site-2 to the zenfed_train task does not match"),
+    (TamperingInsider, "the signature on the update from site-2 does not match"),
+], ids=["relay", "answer-re-signed"])
+def test_a_tampered_rehashed_update_is_rejected_and_the_round_goes_on(tiny_job_spec, three_site_data, tmp_path,
+                                                                      tamperer, caught_by):
     # Prepare
     spec = tiny_job_spec("in-process-signed", federation={"rounds": 1, "min_sites": 2})
+    TamperingInsider.resign_with = tmp_path / "site-2" / "startup"
 
     # Execute
-    server, transport = signed_job(spec, three_site_data, tmp_path, TamperingTransport)
+    server, transport = signed_job(spec, three_site_data, tmp_path, tamperer)
 
     # Assert: site-2's forged update was rejected with the reason; the sum holds exactly the two honest updates
     result = json.loads((tmp_path / "server" / "run" / RESULT_FILE).read_text())
     assert result["rounds"][0]["contributors"] == ["site-1", "site-3"]
     rejected = audit_records(tmp_path / "server" / "run" / "audit" / "server.jsonl", "error")
-    assert any(r["fields"].get("site") == "site-2" and "signature" in r["fields"]["message"] for r in rejected)
+    assert any(r["fields"].get("site") == "site-2" and caught_by in r["fields"]["message"] for r in rejected)
     honest = {site: decode_adapter(a.payload) for site, a in train_answers(transport, 1).items() if site != "site-2"}
     weights = {site: float(transport_header(transport, site)[P.H_NUM_EXAMPLES]) for site in honest}
     final = server.aggregation.from_checkpoint(*server_checkpoint(server))

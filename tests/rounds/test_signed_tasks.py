@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from test_round_without_flare import audit_records, signed_job
 
 from zenfed import protocol as P
+from zenfed.audit.verify import verify_result
 from zenfed.digest import sha256_hex
 from zenfed.server.result import RESULT_FILE
 from zenfed.server.transport import InProcessTransport
@@ -72,11 +74,12 @@ def test_a_replayed_altered_or_unsigned_task_is_refused_with_its_reason_and_a_re
     assert "TaskAuthError" in round_two["site-2"] and "is a replay: its sequence number 2 is not above 3" in round_two[
         "site-2"]
     assert "TaskAuthError" in round_two["site-3"] and "changed on the way" in round_two["site-3"]
-    # The first task's failures reach the server's log too: site-1's altered profile is refused (the server
-    # keeps none), site-3 sent none, each with why; site-2's profile stands
+    # The first task's failures reach the server's log too: site-1's answer, its profile altered, is refused
+    # (the server keeps no profile), site-3 sent none, each with why; site-2's profile stands
     assert [e["message"] for e in errors if e.get("task") == P.TASK_ENROLL] == [
-        "site-1 sent no enrollment profile: the signature on the enrollment profile from site-1 does not match "
-        "what arrived: the profile was changed on the way",
+        "site-1 sent no enrollment profile: the site returned EXECUTION_EXCEPTION: AnswerAuthError: the signature "
+        "on the answer of site-1 to the zenfed_enroll task does not match what arrived: the answer was changed on "
+        "the way; the server does not act on it",
         "site-3 sent no enrollment profile: the site returned EXECUTION_EXCEPTION: TaskAuthError: the zenfed_enroll "
         "task is not signed by the server; a provisioned server signs every task (does the server run this "
         "project's kit, or was the task altered on the way?)"]
@@ -125,11 +128,12 @@ def test_a_released_adapter_substituted_on_its_way_to_the_server_is_refused(tiny
     assert not (tmp_path / "server" / "run" / "adapter").exists()
     errors = [r["fields"]["message"] for r in audit_records(tmp_path / "server" / "run" / "audit" / "server.jsonl",
                                                             "error")]
-    assert any("the signature on the released adapter from site-1 does not match" in e for e in errors), errors
+    assert any("the signature on the answer of site-1 to the zenfed_release task does not match" in e
+               for e in errors), errors
 
 
 class ChangesAMetric(InProcessTransport):
-    """A relay that flatters site-2's validation loss in its round-2 answer (metrics travel unsigned)."""
+    """A relay that flatters site-2's validation loss in its round-2 answer."""
 
     def broadcast(self, *, task, on_result, **kwargs) -> bool:
         def flatter(site: str, answer: P.Message) -> None:
@@ -140,20 +144,30 @@ class ChangesAMetric(InProcessTransport):
         return super().broadcast(task=task, on_result=flatter, **kwargs)
 
 
-def test_a_metric_changed_on_its_way_is_caught_against_the_sites_own_log(tiny_job_spec, three_site_data, tmp_path):
+def test_a_metric_changed_on_its_way_is_refused_and_one_changed_at_the_server_is_caught(tiny_job_spec,
+                                                                                         three_site_data, tmp_path):
     # Prepare
-    from zenfed.audit.verify import verify_result
+    spec = tiny_job_spec("in-process-metric", federation={"rounds": 2, "min_sites": 2})
 
-    spec = tiny_job_spec("in-process-metric", federation={"rounds": 2, "min_sites": 3})
+    # Execute: a relay flatters site-2's answer; in an honest run, the server then flatters the result it writes
+    signed_job(spec, three_site_data, tmp_path / "relayed", ChangesAMetric)
     signed_job(spec, three_site_data, tmp_path / "honest")
+    lying = tmp_path / "lying-server"
+    shutil.copytree(tmp_path / "honest" / "server" / "run", lying)
+    result = json.loads((lying / RESULT_FILE).read_text())
+    result["rounds"][1]["sites"]["site-2"]["eval_loss"] = 0.125
+    (lying / RESULT_FILE).write_text(json.dumps(result))
 
-    # Execute
-    signed_job(spec, three_site_data, tmp_path / "changed", ChangesAMetric)
-
-    # Assert: the honest job verifies; in the other, the result's figure for site-2 is not what site-2 logged
-    assert verify_result(tmp_path / "honest" / "server" / "run").ok
-    verdict = verify_result(tmp_path / "changed" / "server" / "run")
-    assert not verdict.ok
-    changed = [p for p in verdict.problems if "the metric was changed" in p]
+    # Assert: the relayed answer is refused with why, round 2 goes on without it, and the figure is nowhere
+    relayed = tmp_path / "relayed" / "server" / "run"
+    rejected = [e["message"] for e in _server_errors(tmp_path / "relayed") if e.get("round") == 2
+                and e.get("site") == "site-2"]
+    assert rejected and "the answer of site-2 to the zenfed_train task does not match" in rejected[0]
+    assert [r["contributors"] for r in json.loads((relayed / RESULT_FILE).read_text())["rounds"]] == [
+        ["site-1", "site-2", "site-3"], ["site-1", "site-3"]]
+    assert "0.125" not in (relayed / RESULT_FILE).read_text()
+    assert verify_result(relayed).ok and verify_result(tmp_path / "honest" / "server" / "run").ok
+    # Assert: the server's own change is caught against site-2's signed log
+    changed = [p for p in verify_result(lying).problems if "the metric was changed" in p]
     assert len(changed) == 1 and changed[0].startswith(
-        "the result reports eval_loss 0.125 for site-2 on the global of round 1, but site-2's own log records ")
+        "the result reports eval_loss 0.125 for site-2 on the global of round 2, but site-2's own log records ")

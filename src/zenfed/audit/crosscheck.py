@@ -122,11 +122,12 @@ def check_globals(server_records: list[dict[str, Any]], sites: dict[str, list[di
 def check_metrics(result_dir: Path, sites: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Each site's metrics in ``zenfed_result.json`` are those its own signed log records.
 
-    Metrics travel unsigned, so a relay or the server could change them before they reach the
-    result and the report. A site records every evaluation in its log (``evaluated``, scope
-    "local validation", with the round of the global it scored); the result files each round's
-    site metrics under the round whose global they score (``evaluated_round``), and the final
-    evaluation under the last round. Metrics a site withheld (None) are not compared.
+    A site signs every answer, so a relay cannot change its metrics unseen, but the server
+    writes the result and the report from them: it could. A site records every evaluation in
+    its log (``evaluated``, scope "local validation", with the round of the global it scored);
+    the result files each round's site metrics under the round whose global they score
+    (``evaluated_round``), and the final evaluation under the last round. Metrics a site
+    withheld (None) are not compared.
     """
     try:
         result = json.loads((result_dir / "zenfed_result.json").read_text())
@@ -145,12 +146,12 @@ def check_metrics(result_dir: Path, sites: dict[str, list[dict[str, Any]]]) -> l
             logged = own.get((site, evaluated_round))
             if logged is None or not isinstance(figures, dict):
                 continue
-            for name, logged_name in (("eval_loss", "eval_loss"), ("accuracy", "accuracy")):
+            for name in ("eval_loss", "accuracy"):
                 value = figures.get(name)
-                if value is not None and value != logged.get(logged_name):
+                if value is not None and value != logged.get(name):
                     out.append(f"the result reports {name} {value} for {site} on the global of round "
-                               f"{evaluated_round}, but {site}'s own log records {logged.get(logged_name)}: "
-                               "the metric was changed on its way to the server, or after")
+                               f"{evaluated_round}, but {site}'s own log records {logged.get(name)}: "
+                               "the metric was changed at the server, or after")
     return out
 
 

@@ -177,8 +177,9 @@ class ServerSession:
     def run(self, transport: Transport) -> None:
         """Run the rounds, resuming from a checkpoint if one exists, then evaluate, release, write the result."""
         spec, store = self.spec, self._checkpoints
-        if self._task_signer is not None:  # every task from here on is numbered and signed
-            transport = SigningTransport(transport, signer=self._task_signer, job_id=self.job_id)
+        if self._task_signer is not None:  # every task from here on is numbered and signed, every answer checked
+            transport = SigningTransport(transport, signer=self._task_signer, job_id=self.job_id,
+                                         verifier=self._verifier)
         state = store.load() or RunState()
         if state.finished:
             state = RunState()  # A finished run of the same spec starts afresh.

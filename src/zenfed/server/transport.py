@@ -3,7 +3,8 @@
 FLARE's controller implements :class:`Transport` with ``broadcast_and_wait``
 (``zenfed.controllers.round_controller``); :class:`InProcessTransport` calls
 each site's :class:`~zenfed.site.session.SiteSession` in the same process.
-:class:`SigningTransport` wraps either and signs every task (``zenfed.task_auth``).
+:class:`SigningTransport` wraps either, signs every task (``zenfed.task_auth``) and checks
+every answer (``zenfed.answer_auth``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+from zenfed.answer_auth import checked_answer
 from zenfed.protocol import Message
 from zenfed.task_auth import sign_task
-from zenfed.update_auth import UpdateSigner
+from zenfed.update_auth import UpdateSigner, UpdateVerifier
 
 # Called once per site answer, as it arrives: (site name, its message).
 ResultCallback = Callable[[str, Message], None]
@@ -104,18 +106,22 @@ class InProcessTransport:
 
 
 class SigningTransport:
-    """Numbers and signs every task the server sends, then carries it with the transport it wraps.
+    """Numbers and signs every task the server sends, and checks every answer, around the transport it wraps.
 
     Args:
         transport: What carries the tasks (FLARE, or in process).
         signer: The server's provisioned key and certificate.
         job_id: The job the tasks belong to (named in every signed statement).
+        verifier: The project's root CA: each answer must be signed by its site, for the task it was sent.
+            An answer that fails reaches the round logic as an error that says why. None: not checked.
     """
 
-    def __init__(self, transport: Transport, *, signer: UpdateSigner, job_id: str) -> None:
+    def __init__(self, transport: Transport, *, signer: UpdateSigner, job_id: str,
+                 verifier: UpdateVerifier | None = None) -> None:
         self.transport = transport
         self.signer = signer
         self.job_id = job_id
+        self.verifier = verifier
         self.seq = 0  # tasks sent in this job so far
 
     def sites(self) -> list[str]:
@@ -132,9 +138,15 @@ class SigningTransport:
 
     def broadcast(self, *, task: str, message: Message, targets: Sequence[str], min_responses: int,
                   timeout_s: float, wait_after_min_s: float, on_result: ResultCallback) -> bool:
-        """Send a numbered, signed copy of ``message`` (see :meth:`Transport.broadcast`)."""
+        """Send a numbered, signed copy of ``message``; check each answer (see :meth:`Transport.broadcast`)."""
         self.seq += 1
-        signed = sign_task(self.signer, job_id=self.job_id, task=task, message=message, seq=self.seq,
-                           targets=targets)
+        seq, verifier = self.seq, self.verifier
+        signed = sign_task(self.signer, job_id=self.job_id, task=task, message=message, seq=seq, targets=targets)
+        if verifier is None:
+            checked = on_result
+        else:
+            def checked(site: str, answer: Message) -> None:
+                on_result(site, checked_answer(verifier, job_id=self.job_id, task=task, site=site, answer=answer,
+                                               sent_seq=seq))
         return self.transport.broadcast(task=task, message=signed, targets=targets, min_responses=min_responses,
-                                        timeout_s=timeout_s, wait_after_min_s=wait_after_min_s, on_result=on_result)
+                                        timeout_s=timeout_s, wait_after_min_s=wait_after_min_s, on_result=checked)

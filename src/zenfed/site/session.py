@@ -28,11 +28,12 @@ from typing import Any, TypeVar
 import torch
 
 from zenfed import protocol as P
+from zenfed.answer_auth import sign_answer
 from zenfed.atomic import atomic_write_bytes
 from zenfed.audit import events as E
 from zenfed.audit.sink import AuditSink
 from zenfed.data.jsonl import Example, load_jsonl
-from zenfed.digest import sha256_hex
+from zenfed.digest import CanonicalJSONError, sha256_hex
 from zenfed.engines import make_engine
 from zenfed.engines.base import Engine
 from zenfed.engines.base_model import model_fingerprint, resolve_base_model
@@ -116,7 +117,33 @@ class SiteSession:
 
     # -- the one entry point ------------------------------------------------------------------
     def handle(self, task: str, message: Message, *, should_abort: Callable[[], bool] = lambda: False) -> Message:
-        """Run one task; a policy refusal is answered (and audited), an error reported, never raised."""
+        """Run one task and sign the answer; a policy refusal is answered (and audited), an error reported."""
+        answer = self._answer(task, message, should_abort)
+        signer = self._answer_signer()
+        if signer is None:
+            return answer
+        # The number of the task answered binds the answer to it: an old answer cannot stand in for a new one.
+        answer_to = message.header.get(P.H_TASK_SEQ)
+        try:
+            return sign_answer(signer, job_id=self.job_id, task=task, site=self.site, answer=answer,
+                               answer_to=answer_to)
+        except (CanonicalJSONError, TypeError) as err:  # a field without a canonical form: say so, signed
+            _log.error("%s cannot sign its answer to %s: %s", self.site, task, err)
+            failed = Message(status=P.STATUS_ERROR, error={"kind": "AnswerAuthError", "message": (
+                f"the site could not sign its answer ({err}); this is a defect of the site's version")})
+            return sign_answer(signer, job_id=self.job_id, task=task, site=self.site, answer=failed,
+                               answer_to=answer_to if isinstance(answer_to, int) else None)
+
+    def _answer_signer(self) -> UpdateSigner | None:
+        """The site's key, also where the job could not be opened (the failure's reason is signed too)."""
+        if self._signer is None:
+            try:
+                self._signer = UpdateSigner.from_kit(self.folders.startup)
+            except ZenfedError as err:  # the server reports the answer as unsigned, quoting its reason
+                _log.error("%s cannot sign its answers: %s", self.site, err)
+        return self._signer
+
+    def _answer(self, task: str, message: Message, should_abort: Callable[[], bool]) -> Message:
         if task not in TASKS:
             return Message(status=P.STATUS_UNKNOWN_TASK)
         try:
