@@ -24,17 +24,22 @@ Kits without keys (the FLARE simulator) neither sign nor check.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from zenfed import protocol as P
 from zenfed.digest import CanonicalJSONError, canonical_json, sha256_hex
+from zenfed.errors import ZenfedError
 from zenfed.protocol import Message
 from zenfed.update_auth import UpdateAuthError, UpdateSigner, UpdateVerifier
 
 STATEMENT_FORMAT = "zenfed-answer-signature/1"
 AUTH_ERROR_KIND = "AnswerAuthError"
 _QUOTE_CHARS = 300  # how much of an unchecked answer's reason the server's error quotes
+
+_log = logging.getLogger(__name__)
 
 
 class AnswerAuthError(UpdateAuthError):
@@ -89,6 +94,48 @@ def sign_answer(signer: UpdateSigner, *, job_id: str, task: str, site: str, answ
     header[P.H_ANSWER_SIGNATURE] = signer.signature(answer_statement(job_id=job_id, task=task, site=site,
                                                                      answer=signed))
     return signed
+
+
+class SiteAnswerSigner:
+    """A site's signing of every answer, with its kit key (``startup/client.key``).
+
+    The key is loaded on the first answer, apart from the job's other set-up, so that an answer
+    saying why the job could not be opened is signed too.
+
+    Args:
+        startup: The site kit's ``startup/`` folder (None: no kit, nothing signed).
+        site: The site's name.
+        job_id: The site's job.
+    """
+
+    def __init__(self, startup: Path | None, *, site: str, job_id: str) -> None:
+        self.startup, self.site, self.job_id = startup, site, job_id
+        self._signer: UpdateSigner | None = None
+
+    def sign(self, task: str, message: Message, answer: Message) -> Message:
+        """Return ``answer`` to the task ``message`` signed; unchanged where the kit has no key (simulator).
+
+        An answer without a canonical form (a defect) is replaced by a signed error that says so.
+        """
+        if self._signer is None:
+            try:
+                self._signer = UpdateSigner.from_kit(self.startup)
+            except ZenfedError as err:  # the server reports the answer as unsigned, quoting its reason
+                _log.error("%s cannot sign its answers: %s", self.site, err)
+                return answer
+            if self._signer is None:
+                return answer
+        # The number of the task answered binds the answer to it: an old answer cannot stand in for a new one.
+        answer_to = message.header.get(P.H_TASK_SEQ)
+        try:
+            return sign_answer(self._signer, job_id=self.job_id, task=task, site=self.site, answer=answer,
+                               answer_to=answer_to)
+        except (CanonicalJSONError, TypeError) as err:
+            _log.error("%s cannot sign its answer to %s: %s", self.site, task, err)
+            failed = Message(status=P.STATUS_ERROR, error={"kind": AUTH_ERROR_KIND, "message": (
+                f"the site could not sign its answer ({err}); this is a defect of the site's version")})
+            return sign_answer(self._signer, job_id=self.job_id, task=task, site=self.site, answer=failed,
+                               answer_to=answer_to if isinstance(answer_to, int) else None)
 
 
 def from_the_carrier(answer: Message) -> bool:

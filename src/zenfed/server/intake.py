@@ -232,7 +232,7 @@ class RoundIntake:
             if not _SITE_NAME.fullmatch(site):
                 raise ZenfedError(f"cannot store the audit log of site {site!r}")
             last = data.rstrip(b"\n").split(b"\n")[-1]
-            (self.out_dir / "audit" / f"{site}.jsonl").write_bytes(data)
+            atomic_write_bytes(self.out_dir / "audit" / f"{site}.jsonl", data)  # a crash keeps the last whole copy
             # Pin the head of the site's log in the server's own log.
             self.audit.record(E.LOG_ANCHORED, participant=site, seq=int(json.loads(last)["seq"]),
                               sha256=sha256_hex(last))

@@ -23,9 +23,9 @@ from typing import Any
 from zenfed import protocol as P
 from zenfed.audit import events as E
 from zenfed.audit.sink import AuditSink
+from zenfed.digest import sha256_hex
 from zenfed.errors import PolicyError
 from zenfed.privacy.pairwise import (
-    CorrectionMask,
     PairwiseError,
     PairwiseMasker,
     check_cohort,
@@ -35,8 +35,10 @@ from zenfed.privacy.pairwise import (
     parse_public_key,
     public_key_text,
 )
+from zenfed.protocol import Message
+from zenfed.site.encryption import SiteEncryption
 from zenfed.site.run_state import SiteRunState
-from zenfed.update_auth import UpdateAuthError, UpdateSigner, UpdateVerifier
+from zenfed.update_auth import UpdateAuthError, UpdateSigner, UpdateVerifier, correction_statement
 
 KEY_FOLDER = "pairwise-key"  # inside the site's folder for the job
 
@@ -80,15 +82,16 @@ class SiteMasking:
         self._run_state = run_state
         self._last: _MaskedRound | None = self._restore_last()
 
-    def announce(self) -> dict[str, Any]:
-        """The header fields that announce this site's public key, signed where the site has a key."""
-        fields: dict[str, Any] = {P.H_PAIRWISE_KEY: self._public}
+    def announce(self, task: Mapping[str, Any]) -> Message:
+        """Answer the key task: this site's public key for the job, signed where the site has a key."""
+        fields: dict[str, Any] = {P.H_JOB_ID: task.get(P.H_JOB_ID), P.H_SITE: self.site,
+                                  P.H_PAIRWISE_KEY: self._public}
         if self._signer is not None:
             fields.update(self._signer.sign(key_statement(job_id=self.job_id, site=self.site,
                                                           public_key=self._public)))
         self._audit.record(E.PAIRWISE_KEY, public_sha256=key_fingerprint(self._public),
                            signed=self._signer is not None)
-        return fields
+        return Message(header=fields)
 
     def masker_for(self, round_index: int, task: Mapping[str, Any]) -> PairwiseMasker:
         """Check the round's cohort and its keys, record them, and return this site's masker.
@@ -119,8 +122,15 @@ class SiteMasking:
                            announcements_signed=self._verifier is not None)
         return masker
 
-    def correction_for(self, round_index: int, task: Mapping[str, Any]) -> CorrectionMask:
-        """The correction that cancels this site's masks with the round's dropped sites.
+    def correct(self, round_index: int, task: Mapping[str, Any], *, encryption: SiteEncryption,
+                sent_values: int) -> Message:
+        """Answer a correction request: the encrypted correction that cancels this site's masks with the dropped.
+
+        Args:
+            round_index: The round of the request.
+            task: The request's header (names the dropped sites).
+            encryption: This site's CKKS context (the correction is encrypted like an update).
+            sent_values: How many values this site's masked update of that round held.
 
         Raises:
             PolicyError: If the request is not for the round this site just masked, comes twice,
@@ -140,11 +150,19 @@ class SiteMasking:
         if len(survivors) < max(2, self.min_sites):
             raise PolicyError(f"refusing a mask correction for round {round_index}: it would leave "
                               f"{len(survivors)} site(s) in the sum, fewer than min_sites {self.min_sites}")
-        correction = last.masker.correction(dropped)
+        ciphertext, n_values = encryption.encrypt_correction(sent_values, last.masker.correction(dropped))
+        payload = encryption.envelope(ciphertext, n_values=n_values, job_id=self.job_id, round_index=round_index,
+                                      site=self.site)
         last.corrected = True
         self._keep_last()
-        self._audit.record(E.MASKS_CORRECTED, round=round_index, dropped=dropped, survivors=survivors)
-        return correction
+        digest = sha256_hex(payload)
+        header: dict[str, Any] = {P.H_JOB_ID: self.job_id, P.H_ROUND: round_index, P.H_SITE: self.site,
+                                  P.H_PAYLOAD_SHA256: digest, P.H_PAYLOAD_BYTES: len(payload)}
+        if self._signer is not None:
+            header.update(self._signer.sign(correction_statement(job_id=self.job_id, round_index=round_index,
+                                                                 site=self.site, payload=payload)))
+        self._audit.record(E.MASKS_CORRECTED, round=round_index, dropped=dropped, survivors=survivors, sha256=digest)
+        return Message(header=header, payload=payload)
 
     def _keep_last(self) -> None:
         """Write the masked round to the run state, if there is one."""

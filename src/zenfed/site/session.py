@@ -28,12 +28,12 @@ from typing import Any, TypeVar
 import torch
 
 from zenfed import protocol as P
-from zenfed.answer_auth import sign_answer
+from zenfed.answer_auth import SiteAnswerSigner
 from zenfed.atomic import atomic_write_bytes
 from zenfed.audit import events as E
 from zenfed.audit.sink import AuditSink
 from zenfed.data.jsonl import Example, load_jsonl
-from zenfed.digest import CanonicalJSONError, sha256_hex
+from zenfed.digest import sha256_hex
 from zenfed.engines import make_engine
 from zenfed.engines.base import Engine
 from zenfed.engines.base_model import model_fingerprint, resolve_base_model
@@ -60,7 +60,6 @@ from zenfed.types import AdapterState, check_compatible
 from zenfed.update_auth import (
     UpdateSigner,
     UpdateVerifier,
-    correction_statement,
     enrollment_statement,
     release_statement,
 )
@@ -107,6 +106,7 @@ class SiteSession:
         self._initial: AdapterState = {}
         self._signer: UpdateSigner | None = None
         self._task_verifier: TaskVerifier | None = None
+        self._answers = SiteAnswerSigner(folders.startup, site=site, job_id=job_id)
         self._started_fresh = False
         self._store: SiteStateStore | None = None
         self._train: list[Example] = []
@@ -118,30 +118,7 @@ class SiteSession:
     # -- the one entry point ------------------------------------------------------------------
     def handle(self, task: str, message: Message, *, should_abort: Callable[[], bool] = lambda: False) -> Message:
         """Run one task and sign the answer; a policy refusal is answered (and audited), an error reported."""
-        answer = self._answer(task, message, should_abort)
-        signer = self._answer_signer()
-        if signer is None:
-            return answer
-        # The number of the task answered binds the answer to it: an old answer cannot stand in for a new one.
-        answer_to = message.header.get(P.H_TASK_SEQ)
-        try:
-            return sign_answer(signer, job_id=self.job_id, task=task, site=self.site, answer=answer,
-                               answer_to=answer_to)
-        except (CanonicalJSONError, TypeError) as err:  # a field without a canonical form: say so, signed
-            _log.error("%s cannot sign its answer to %s: %s", self.site, task, err)
-            failed = Message(status=P.STATUS_ERROR, error={"kind": "AnswerAuthError", "message": (
-                f"the site could not sign its answer ({err}); this is a defect of the site's version")})
-            return sign_answer(signer, job_id=self.job_id, task=task, site=self.site, answer=failed,
-                               answer_to=answer_to if isinstance(answer_to, int) else None)
-
-    def _answer_signer(self) -> UpdateSigner | None:
-        """The site's key, also where the job could not be opened (the failure's reason is signed too)."""
-        if self._signer is None:
-            try:
-                self._signer = UpdateSigner.from_kit(self.folders.startup)
-            except ZenfedError as err:  # the server reports the answer as unsigned, quoting its reason
-                _log.error("%s cannot sign its answers: %s", self.site, err)
-        return self._signer
+        return self._answers.sign(task, message, self._answer(task, message, should_abort))
 
     def _answer(self, task: str, message: Message, should_abort: Callable[[], bool]) -> Message:
         if task not in TASKS:
@@ -157,7 +134,7 @@ class SiteSession:
             if message.header.get(P.H_SPEC_HASH) != spec.spec_hash():
                 raise PolicyError("the task does not carry this job's spec hash; refusing it")
             if task == P.TASK_KEYS:
-                return self._announce_key(message)
+                return self._masking_for(task).announce(message.header)
             if task == P.TASK_ENROLL:
                 profile = enrollment_profile(policy, spec)
                 self._record(E.ENROLLMENT_SENT, profile=profile)
@@ -170,7 +147,9 @@ class SiteSession:
             if task == P.TASK_RELEASE:
                 return self._release(message)
             if task == P.TASK_UNMASK:
-                return self._correct_masks(message)
+                return self._masking_for(task).correct(
+                    self._round_info(message.header).round, message.header, encryption=self._require(self._encryption),
+                    sent_values=int(self._require(self._run_state).get("last_sent_values", 0)))
             adapter = self._incoming_adapter(message)
             return self._run(task, spec, message.header, adapter, should_abort)
         except PolicyError as err:
@@ -280,32 +259,10 @@ class SiteSession:
         reply.audit_log = self._log_bytes()  # An excluded site's log still reaches the job result.
         return reply
 
-    def _announce_key(self, message: Message) -> Message:
-        """Announce this site's pairwise key for the job, signed with its provisioned key."""
+    def _masking_for(self, task: str) -> SiteMasking:
         if self._masking is None:
-            raise PolicyError("the server asked for a pairwise key, but this job does not use pairwise masks")
-        header = {P.H_JOB_ID: message.header.get(P.H_JOB_ID), P.H_SITE: self.site, **self._masking.announce()}
-        return Message(header=header)
-
-    def _correct_masks(self, message: Message) -> Message:
-        """Send the encrypted correction that cancels this site's masks with the round's dropped sites."""
-        header, masking = message.header, self._masking
-        if masking is None:
-            raise PolicyError("the server asked for a mask correction, but this job does not use pairwise masks")
-        encryption, info = self._require(self._encryption), self._round_info(header)
-        correction = masking.correction_for(info.round, header)
-        sent_values = int(self._require(self._run_state).get("last_sent_values", 0))
-        ciphertext, n_values = encryption.encrypt_correction(sent_values, correction)
-        payload = encryption.envelope(ciphertext, n_values=n_values, job_id=info.job_id, round_index=info.round,
-                                      site=self.site)
-        digest = sha256_hex(payload)
-        out: dict[str, Any] = {P.H_JOB_ID: info.job_id, P.H_ROUND: info.round, P.H_SITE: self.site,
-                               P.H_PAYLOAD_SHA256: digest, P.H_PAYLOAD_BYTES: len(payload)}
-        if self._signer is not None:
-            out.update(self._signer.sign(correction_statement(job_id=info.job_id, round_index=info.round,
-                                                              site=self.site, payload=payload)))
-        self._record(E.MASKS_CORRECTED, round=info.round, dropped=correction.dropped, sha256=digest)
-        return Message(header=out, payload=payload)
+            raise PolicyError(f"the server sent a {task} task, but this job does not use pairwise masks")
+        return self._masking
 
     def _incoming_adapter(self, message: Message, *, release: bool = False) -> AdapterState:
         """The site's adapter for a task: the shared global with this site's personal layers.
