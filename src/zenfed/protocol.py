@@ -140,8 +140,19 @@ class Message:
         )
 
 
+ERROR_ORIGIN = "origin"  # in an error: who wrote it, where not the site
+ORIGIN_SERVER = "server"  # the server, in place of an answer it does not act on (zenfed.answer_auth)
+
+
 def answer_error(answer: Message) -> str:
     """Why a site's answer failed, as one line: its status and, if it sent one, its typed error."""
     error = answer.error or {}
-    detail = f": {error.get('kind', 'error')}: {error.get('message', '')}" if error else ""
-    return f"the site returned {answer.status}{detail}"
+    detail = f"{error.get('kind', 'error')}: {error.get('message', '')}"
+    if error.get(ERROR_ORIGIN) == ORIGIN_SERVER:
+        return f"the server refused the site's answer: {detail}"
+    return f"the site returned {answer.status}" + (f": {detail}" if error else "")
+
+
+def as_sent(value: Any) -> Any:
+    """A message field as it arrives from the wire: ``Message.to_dict`` leaves out an empty one (None or {})."""
+    return None if value is None or value == {} else value

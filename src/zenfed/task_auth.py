@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from zenfed import protocol as P
 from zenfed.digest import CanonicalJSONError, canonical_json, sha256_hex
 from zenfed.errors import PolicyError
-from zenfed.protocol import Message
+from zenfed.protocol import Message, as_sent
 from zenfed.update_auth import UpdateAuthError, UpdateSigner, UpdateVerifier
 
 STATEMENT_FORMAT = "zenfed-task-signature/1"
@@ -72,13 +72,8 @@ def task_statement(*, job_id: str, task: str, message: Message) -> bytes:
     return canonical_json({
         "format": STATEMENT_FORMAT, "job": job_id, "task": task, "header": header,
         "payload_sha256": None if message.payload is None else sha256_hex(message.payload),
-        # As on the wire: Message.to_dict leaves out an empty field, so it arrives as None.
-        "attest": _as_sent(message.attest), "server_evidence": _as_sent(message.server_evidence),
+        "attest": as_sent(message.attest), "server_evidence": as_sent(message.server_evidence),
     })
-
-
-def _as_sent(value: Any) -> Any:
-    return None if value is None or value == {} else value
 
 
 def sign_task(signer: UpdateSigner, *, job_id: str, task: str, message: Message, seq: int,
@@ -114,11 +109,28 @@ class TaskVerifier:
         self.job_id = job_id
         self.facts = facts
 
-    def check(self, task: str, message: Message, *, now: dt.datetime | None = None) -> None:
-        """Check that the server signed exactly this task for this job, and that it is not a replay.
+    def check(self, task: str, message: Message, *, now: dt.datetime | None = None) -> str:
+        """Check that the server signed exactly this task for this job and this site, and that it is new.
+
+        Returns:
+            The SHA-256 of the task's statement: the site's answer names it (``zenfed.answer_auth``).
 
         Raises:
             TaskAuthError: With the reason, before the site acts on the task.
+            TaskResent: If it is FLARE's resend of the last task taken.
+        """
+        digest = self.authenticate(task, message, now=now)
+        self.check_new(task, message, digest)
+        return digest
+
+    def authenticate(self, task: str, message: Message, *, now: dt.datetime | None = None) -> str:
+        """Check that the server signed exactly this task, for this job and this site.
+
+        Returns:
+            The SHA-256 of the task's statement.
+
+        Raises:
+            TaskAuthError: With the reason.
         """
         header = message.header
         signature_b64, cert_pem = header.get(P.H_SERVER_SIGNATURE), header.get(P.H_SERVER_CERT)
@@ -143,10 +155,18 @@ class TaskVerifier:
         if not isinstance(targets, list) or self.site not in targets:
             raise TaskAuthError(f"the {task} task is addressed to {targets!r}, not to {self.site}: it was "
                                 "redirected on the way; refusing it")
-        seq = header.get(P.H_TASK_SEQ)
+        return sha256_hex(statement)
+
+    def check_new(self, task: str, message: Message, digest: str) -> None:
+        """Check that an authentic task (``digest``: its statement's SHA-256) is not one this site took before.
+
+        Raises:
+            TaskAuthError: If its number is not above the last taken (a replay).
+            TaskResent: If it is FLARE's resend of the last task taken.
+        """
+        seq = message.header.get(P.H_TASK_SEQ)
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
             raise TaskAuthError(f"the {task} task carries no valid sequence number ({seq!r})")
-        digest = sha256_hex(statement)
         # FLARE hands a site's job process one task at a time, so this read and write do not race.
         last = int(self.facts.get(LAST_SEQ, 0))
         if seq == last and digest == self.facts.get(LAST_STATEMENT):

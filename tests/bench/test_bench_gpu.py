@@ -33,8 +33,9 @@ def test_training_arms_are_timed_side_by_side_and_a_failing_arm_is_reported(benc
     # Assert
     json.dumps(result)
     rows = {(r["precision"], r.get("dp")): r for r in result["training"]}
+    # No upper bound on mfu here: on a CPU, fp32 training can outrun the bf16 matrix rate it is divided by.
     for key in (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)):
-        assert rows[key]["tokens_per_s"] > 0 and rows[key]["peak_mib"] > 0 and 0 < rows[key]["mfu"] < 1
+        assert rows[key]["tokens_per_s"] > 0 and rows[key]["peak_mib"] > 0 and rows[key]["mfu"] > 0
     assert "fp16-mixed needs a CUDA device" in rows[("fp16-mixed", None)]["error"]
     bf16 = next(r for r in result["ratios"] if r["precision"] == "bf16" and not r["dp"])
     assert bf16["bf16_over_fp32_speed"] > 0 and "bf16_over_fp32_memory" not in bf16  # no memory ratio on a CPU

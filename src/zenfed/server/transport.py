@@ -13,9 +13,10 @@ import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from zenfed.answer_auth import checked_answer
+from zenfed.answer_auth import AnswerAuthError, from_the_carrier, refused, screen_answer
+from zenfed.digest import sha256_hex
 from zenfed.protocol import Message
-from zenfed.task_auth import sign_task
+from zenfed.task_auth import sign_task, task_statement
 from zenfed.update_auth import UpdateSigner, UpdateVerifier
 
 # Called once per site answer, as it arrives: (site name, its message).
@@ -140,13 +141,23 @@ class SigningTransport:
                   timeout_s: float, wait_after_min_s: float, on_result: ResultCallback) -> bool:
         """Send a numbered, signed copy of ``message``; check each answer (see :meth:`Transport.broadcast`)."""
         self.seq += 1
-        seq, verifier = self.seq, self.verifier
-        signed = sign_task(self.signer, job_id=self.job_id, task=task, message=message, seq=seq, targets=targets)
+        signed = sign_task(self.signer, job_id=self.job_id, task=task, message=message, seq=self.seq,
+                           targets=targets)
+        verifier = self.verifier
         if verifier is None:
-            checked = on_result
+            screened = on_result
         else:
-            def checked(site: str, answer: Message) -> None:
-                on_result(site, checked_answer(verifier, job_id=self.job_id, task=task, site=site, answer=answer,
-                                               sent_seq=seq))
+            sent = sha256_hex(task_statement(job_id=self.job_id, task=task, message=signed))
+            answered: set[str] = set()
+
+            def screened(site: str, answer: Message) -> None:
+                checked = screen_answer(verifier, job_id=self.job_id, task=task, site=site, answer=answer,
+                                        sent_task=sent)
+                if checked is answer and not from_the_carrier(answer):
+                    if site in answered:  # the same genuine answer again, delivered twice on the way
+                        checked = refused(AnswerAuthError(
+                            f"a second answer of {site} to the same {task} task (the first was taken)"))
+                    answered.add(site)
+                on_result(site, checked)
         return self.transport.broadcast(task=task, message=signed, targets=targets, min_responses=min_responses,
-                                        timeout_s=timeout_s, wait_after_min_s=wait_after_min_s, on_result=checked)
+                                        timeout_s=timeout_s, wait_after_min_s=wait_after_min_s, on_result=screened)

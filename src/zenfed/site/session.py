@@ -107,6 +107,7 @@ class SiteSession:
         self._signer: UpdateSigner | None = None
         self._task_verifier: TaskVerifier | None = None
         self._answers = SiteAnswerSigner(folders.startup, site=site, job_id=job_id)
+        self._answering: str | None = None  # the SHA-256 of the statement of the task being answered, once verified
         self._started_fresh = False
         self._store: SiteStateStore | None = None
         self._train: list[Example] = []
@@ -118,15 +119,17 @@ class SiteSession:
     # -- the one entry point ------------------------------------------------------------------
     def handle(self, task: str, message: Message, *, should_abort: Callable[[], bool] = lambda: False) -> Message:
         """Run one task and sign the answer; a policy refusal is answered (and audited), an error reported."""
-        return self._answers.sign(task, message, self._answer(task, message, should_abort))
+        self._answering = None  # set once this task is verified: the answer names it
+        answer = self._answer(task, message, should_abort)
+        return self._answers.sign(task, answer, answer_to=self._answering)
 
     def _answer(self, task: str, message: Message, should_abort: Callable[[], bool]) -> Message:
         if task not in TASKS:
             return Message(status=P.STATUS_UNKNOWN_TASK)
         try:
+            self._open_log()
+            self._check_task(task, message)  # before anything else: signed by the server, for us, and new
             spec, policy = self._open()
-            if self._task_verifier is not None:  # the server signed it, for this job, and it is not a replay
-                self._task_verifier.check(task, message)
             if task == P.TASK_ATTEST:
                 return self._answer_attestation(message)
             # No model data moves until the server has proven its TEE, where this site requires it.
@@ -165,35 +168,48 @@ class SiteSession:
                            audit_log=self._log_bytes())
 
     # -- once per job ---------------------------------------------------------------------------
-    def _open(self) -> tuple[JobSpec, SitePolicy]:
-        """Open the audit log, read the spec and the site policy, decide: cheap, once per job."""
-        if self._spec is not None and self._policy is not None:
-            return self._spec, self._policy
+    def _open_log(self) -> None:
+        """Open this site's audit log for the job, and what an earlier process of this job run decided."""
         if self._audit is None:
             log_path = self.folders.run / "audit" / f"{self.site}.jsonl"
             continued = log_path.is_file()  # an earlier process of this job run started it
             self._audit = AuditSink.for_participant(startup_dir=self.folders.startup, participant=self.site,
                                                     log_path=log_path)
             self._audit.record(E.JOB_STARTED, job_id=self.job_id, **({"continued": True} if continued else {}))
-        self._run_state = SiteRunState(self.folders.run)  # what an earlier process of this job run decided
+        if self._run_state is None:
+            self._run_state = SiteRunState(self.folders.run)
+
+    def _check_task(self, task: str, message: Message) -> None:
+        """Check the task's signature, addressee and number (kits with keys); remember which task it is."""
+        if self._task_verifier is None:
+            verifier = UpdateVerifier.from_kit(self.folders.startup)
+            if verifier is None:  # the simulator's kits: nothing is signed
+                return
+            self._task_verifier = TaskVerifier(verifier, server=read_server_name(self.folders.root), site=self.site,
+                                               job_id=self.job_id, facts=self._require(self._run_state))
+        self._answering = self._task_verifier.authenticate(task, message)
+        self._task_verifier.check_new(task, message, self._answering)
+
+    def _open(self) -> tuple[JobSpec, SitePolicy]:
+        """Read the spec and the site policy, decide: cheap, once per job."""
+        if self._spec is not None and self._policy is not None:
+            return self._spec, self._policy
         spec = parse_model(JobSpec, self._spec_data, kind="job spec", source="the job's site config")
         policy = load_policy_for(site=self.site, site_config_dir=self.folders.local)
         check_job_allowed(policy, spec)
+        audit = self._require(self._audit)
         self._attestation = SiteAttestation(
-            workspace_root=self.folders.root, site=self.site, policy=policy, audit=self._audit,
+            workspace_root=self.folders.root, site=self.site, policy=policy, audit=audit,
             mode=spec.attestation.mode,
         )
         if spec.encryption.enabled:
             self._encryption = SiteEncryption(spec=spec, context_path=find_site_context(self.folders))
-        self._signer = UpdateSigner.from_kit(self.folders.startup)
-        verifier = UpdateVerifier.from_kit(self.folders.startup)
-        if verifier is not None:
-            self._task_verifier = TaskVerifier(verifier, server=read_server_name(self.folders.root), site=self.site,
-                                               job_id=self.job_id, facts=self._run_state)
+        self._signer = self._answers.key()
+        verifier = self._task_verifier.verifier if self._task_verifier is not None else None
         if spec.encryption.secure_aggregation == "pairwise":
             self._masking = SiteMasking(
                 site=self.site, job_id=self.job_id, job_folder=self.folders.run, max_sites=spec.encryption.max_sites,
-                min_sites=spec.federation.min_sites, signer=self._signer, verifier=verifier, audit=self._audit,
+                min_sites=spec.federation.min_sites, signer=self._signer, verifier=verifier, audit=audit,
                 run_state=self._run_state,
             )
         self._strategy = make_strategy(spec)
