@@ -85,14 +85,3 @@ def free_ports() -> tuple[int, int]:
         second = free_tcp_port()
     return first, second
 
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Keep each test module on one parallel worker (``--dist loadgroup``), so its module fixtures are built once.
-
-    A module marked ``spread`` (long tests, no costly shared fixture) lets each test go to any worker.
-    """
-    for item in items:
-        module = item.nodeid.split("::", 1)[0]
-        group = item.nodeid if item.get_closest_marker("spread") else module
-        item.add_marker(pytest.mark.xdist_group(group))

@@ -48,7 +48,7 @@ from zenfed.provisioning.link_check import diagnose_link
 from zenfed.provisioning.project import Deployment, provision
 from zenfed.spec import JobSpec
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900), pytest.mark.spread]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 VICTIM = "site-3"  # the site whose job process the three-site test kills
 
