@@ -31,11 +31,12 @@ $(CHROMIUM):
 	elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; \
 	else echo "chromium is missing and cannot be installed without root; the render test will skip"; fi
 
-# Two workers (one per core); each test module runs on one worker, so its shared fixtures are built once.
-TEST_WORKERS ?= 2
+# TEST_WORKERS=2 runs the tests on two workers (pytest-xdist), each test module on one worker so
+# that its shared fixtures are built once; the default runs them in one process, as CI does.
+TEST_WORKERS ?= 1
 
 test: install $(CHROMIUM)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
+	$(BIN)/python -m pytest -q $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) --durations=25 tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not e2e and not slow"
