@@ -82,13 +82,20 @@ def sign_task(signer: UpdateSigner, *, job_id: str, task: str, message: Message,
 
     The original is unchanged.
     """
+    return sign_task_with_digest(signer, job_id=job_id, task=task, message=message, seq=seq, targets=targets)[0]
+
+
+def sign_task_with_digest(signer: UpdateSigner, *, job_id: str, task: str, message: Message, seq: int,
+                          targets: Sequence[str]) -> tuple[Message, str]:
+    """Like :func:`sign_task`, and the SHA-256 of the signed statement, which the sites' answers name."""
     header = {k: v for k, v in message.header.items() if k not in SIGNATURE_FIELDS}
     header[P.H_TASK_SEQ] = seq
     header[P.H_TARGETS] = sorted(targets)
     signed = replace(message, header=header)
-    header[P.H_SERVER_SIGNATURE] = signer.signature(task_statement(job_id=job_id, task=task, message=signed))
+    statement = task_statement(job_id=job_id, task=task, message=signed)
+    header[P.H_SERVER_SIGNATURE] = signer.signature(statement)
     header[P.H_SERVER_CERT] = signer.cert_pem
-    return signed
+    return signed, sha256_hex(statement)
 
 
 class TaskVerifier:

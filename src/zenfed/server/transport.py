@@ -14,9 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from zenfed.answer_auth import AnswerAuthError, from_the_carrier, refused, screen_answer
-from zenfed.digest import sha256_hex
 from zenfed.protocol import Message
-from zenfed.task_auth import sign_task, task_statement
+from zenfed.task_auth import sign_task_with_digest
 from zenfed.update_auth import UpdateSigner, UpdateVerifier
 
 # Called once per site answer, as it arrives: (site name, its message).
@@ -141,13 +140,12 @@ class SigningTransport:
                   timeout_s: float, wait_after_min_s: float, on_result: ResultCallback) -> bool:
         """Send a numbered, signed copy of ``message``; check each answer (see :meth:`Transport.broadcast`)."""
         self.seq += 1
-        signed = sign_task(self.signer, job_id=self.job_id, task=task, message=message, seq=self.seq,
-                           targets=targets)
+        signed, sent = sign_task_with_digest(self.signer, job_id=self.job_id, task=task, message=message,
+                                             seq=self.seq, targets=targets)
         verifier = self.verifier
         if verifier is None:
             screened = on_result
         else:
-            sent = sha256_hex(task_statement(job_id=self.job_id, task=task, message=signed))
             answered: set[str] = set()
 
             def screened(site: str, answer: Message) -> None:
