@@ -6,7 +6,7 @@ local steps) through zenfed's own site and server sessions in one process
 less FLARE's transport. Arms: FedAvg, FedProx, FedAdam, SCAFFOLD, FFA-LoRA,
 FFA-LoRA with ranks capped at r_max/4, r_max/2 and r_max by site, FlexLoRA
 (product-space mean, SVD to r_max) with the same caps, and FedAvg with the top
-decoder layer personal. ``central`` trains one adapter on all sites'
+quarter of the decoder layers personal (at least one). ``central`` trains one adapter on all sites'
 data pooled, for the same total number of steps.
 
 Per arm: eval loss and accuracy of the released adapter on the union test set,
@@ -123,8 +123,13 @@ def _arm(name: str, config: AlgorithmsConfig, *, layers: int) -> tuple[dict[str,
         sites = {site: {"max_lora_rank": cap} for site, cap in caps.items()}
     elif name == "personal":
         federation["strategy"] = "fedavg"
-        lora["personal_layers"] = [layers - 1]
+        lora["personal_layers"] = personal_layers(layers)
     return federation, sites, lora
+
+
+def personal_layers(layers: int) -> list[int]:
+    """The layers the ``personal`` arm keeps at each site: the top quarter, at least one (FedPer's top layers)."""
+    return list(range(layers - max(1, layers // 4), layers))
 
 
 def _difference(results: dict[str, dict], arm: str, reference: str) -> float | None:
@@ -292,6 +297,13 @@ def _block(skew: float, results: dict[str, dict], central: dict | None, local: d
         fedavg_acc = federated["fedavg"]["accuracy"]
         gap = central["accuracy"] - fedavg_acc
         share = round((federated[best]["accuracy"] - fedavg_acc) / gap, 4) if gap > 0 else None
+    # The same goal on eval loss: continuous, so not tied to whole test examples as accuracy is.
+    best_by_loss = min(federated, key=lambda arm: federated[arm]["eval_loss"]) if federated else None
+    loss_share = None
+    if best_by_loss and central and "fedavg" in federated:
+        loss_gap = federated["fedavg"]["eval_loss"] - central["eval_loss"]
+        loss_share = (round((federated["fedavg"]["eval_loss"] - federated[best_by_loss]["eval_loss"]) / loss_gap, 4)
+                      if loss_gap > 0 else None)
     personal_vs_local = None
     if local and "personal" in federated:
         personal_vs_local = {site: round(federated["personal"]["own_task_accuracy"][site] - accuracy, 4)
@@ -299,6 +311,7 @@ def _block(skew: float, results: dict[str, dict], central: dict | None, local: d
     return {
         "skew": skew, "central": central, "local": local, "arms": federated, "best_arm": best,
         "best_closes_gap_share": share,
+        "best_arm_by_eval_loss": best_by_loss, "best_closes_eval_loss_gap_share": loss_share,
         "ranks_vs_full_rank_accuracy": _difference(federated, "ffa_lora_ranks", "ffa_lora"),
         # FlexLoRA with the same caps against FedAvg with every site at the job's rank.
         "flexlora_ranks_vs_full_rank_accuracy": _difference(federated, "flexlora_ranks", "fedavg"),
@@ -375,7 +388,8 @@ def run(*, tiny: bool, sites: int = 3, seed: int = 0, config: AlgorithmsConfig |
     return {
         "benchmark": "algorithms", "tiny": tiny, "blocks": blocks, "dp_comparison": dp,
         "config": {"model": model_name, "engine": "peft", "sites": 3, "seed": seed, "encrypted": False,
-                   **arms.config_fields(config, tiny=tiny), "threads": arms.THREADS},
+                   **arms.config_fields(config, tiny=tiny), "threads": arms.THREADS,
+                   "personal_layers": personal_layers(layers)},
         "seconds": round(time.perf_counter() - started, 1),
     }
 

@@ -13,12 +13,19 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_algorithms.py"
 
 
+def _bench():
+    """The benchmark module, loaded once (its dataclasses need it registered in sys.modules)."""
+    if "bench_algorithms" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_algorithms", BENCH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_algorithms"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_algorithms"]
+
+
 @pytest.fixture(scope="module")
 def result():
-    spec = importlib.util.spec_from_file_location("bench_algorithms", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_algorithms"] = module
-    spec.loader.exec_module(module)
+    module = _bench()
     config = dataclasses.replace(module.TINY, rounds=1, local_steps=1, batch_size=2, train_per_site=12,
                                  test_per_task=2, max_new_tokens=3, skews=(0.98,), dp_seeds=(0, 1), dp_rounds=1,
                                  dp_local_steps=1, dp_batch_size=4, dp_train_per_site=12, dp_test_per_task=2)
@@ -67,11 +74,13 @@ def test_personal_layers_are_compared_with_each_site_training_alone(result):
     assert block["personal_vs_local_own_task_accuracy"] == {
         site: round(personal[site] - local[site], 4) for site in local}
     assert block["central"]["accuracy"] >= 0 and block["best_arm"] in block["arms"]
+    assert block["best_arm_by_eval_loss"] in block["arms"]
+    assert result["config"]["personal_layers"] == [1]  # the top quarter of 2 layers, at least one
 
 
 def test_a_stopped_run_resumes_after_its_last_finished_arm(tmp_path):
     # Prepare
-    module = sys.modules["bench_algorithms"]
+    module = _bench()
     path = tmp_path / "progress.json"
     calls = []
 
@@ -101,3 +110,22 @@ def test_a_stopped_run_resumes_after_its_last_finished_arm(tmp_path):
     path.write_text('{"config": ')
     with pytest.raises(SystemExit, match="not a progress file"):
         module.Progress(path, {"rounds": 16})
+
+
+def test_the_gap_goal_is_computed_on_accuracy_and_on_eval_loss():
+    # Prepare: FedAvg 0.1 below central in accuracy; SCAFFOLD 0.08 above FedAvg, FedProx best on loss
+    module = _bench()
+    arms = {"fedavg": {"accuracy": 0.6, "eval_loss": 1.0}, "scaffold": {"accuracy": 0.68, "eval_loss": 0.8},
+            "fedprox": {"accuracy": 0.62, "eval_loss": 0.7}}
+
+    # Execute
+    block = module._block(0.98, arms, {"accuracy": 0.7, "eval_loss": 0.5}, None)
+
+    # Assert: shares of the gap closed by the best arm on each measure
+    assert block["best_arm"] == "scaffold" and block["best_closes_gap_share"] == pytest.approx(0.8)
+    assert block["best_arm_by_eval_loss"] == "fedprox"
+    assert block["best_closes_eval_loss_gap_share"] == pytest.approx(0.6)
+
+    # Assert: no central baseline, no share; central no better than FedAvg, no share either
+    assert module._block(0.98, arms, None, None)["best_closes_eval_loss_gap_share"] is None
+    assert module._block(0.98, arms, {"accuracy": 0.5, "eval_loss": 1.5}, None)["best_closes_gap_share"] is None
