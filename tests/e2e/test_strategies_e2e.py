@@ -1,5 +1,5 @@
-"""The federated algorithms through real FLARE: FFA-LoRA in the simulator; FedAdam, then SCAFFOLD with
-record-level DP, on one provisioned deployment.
+"""The federated algorithms through real FLARE: FFA-LoRA with a site's rank cap and record-level DP in the
+simulator; FedAdam with personal layers, then SCAFFOLD with record-level DP, on one provisioned deployment.
 
 All run under pairwise masks: signed key announcements and masked sums travel through FLARE.
 """
@@ -37,6 +37,7 @@ from zenfed.privacy.he.seal import SealKit
 from zenfed.privacy.he.wire import expand_ciphertexts
 from zenfed.provisioning.deploy import down, up
 from zenfed.provisioning.project import provision
+from zenfed.site.personal import PERSONAL_FILE
 from zenfed.site.state import SiteStateStore
 from zenfed.spec import JobSpec
 
@@ -52,9 +53,9 @@ def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return model, data
 
 
-def _spec(model: Path, *, name: str, federation: dict, dp: bool = False) -> JobSpec:
+def _spec(model: Path, *, name: str, federation: dict, dp: bool = False, lora: dict | None = None) -> JobSpec:
     return JobSpec.model_validate({
-        "name": name, "model": {"base": str(model)}, "lora": {"rank": 4, "alpha": 8},
+        "name": name, "model": {"base": str(model)}, "lora": {"rank": 4, "alpha": 8, **(lora or {})},
         "training": {"local_steps": 4, "batch_size": 8, "seq_len": 128, "learning_rate": 0.01},
         "federation": {"rounds": 2, "min_sites": 2, **federation},
         "evaluation": {"max_examples": 8, "max_new_tokens": 4},
@@ -64,10 +65,11 @@ def _spec(model: Path, *, name: str, federation: dict, dp: bool = False) -> JobS
 
 
 def test_ffa_lora_in_the_simulator_keeps_the_shared_a(tiny_setup: tuple[Path, Path], tmp_path: Path) -> None:
-    # Prepare
+    # Prepare: site-1's policy caps its rank at 2 of the job's 4
     model, data = tiny_setup
     spec = _spec(model, name="ffa-sim", federation={"strategy": "ffa_lora"}, dp=True)
     policies = builtin_policies(data, sites=2, dataset="builtin", allow_any_model=True)
+    policies["site-1"] = policies["site-1"].model_copy(update={"max_lora_rank": 2})
 
     # Execute
     out = run_simulation(spec, workspace=tmp_path / "sim", policies=policies)
@@ -80,6 +82,10 @@ def test_ffa_lora_in_the_simulator_keeps_the_shared_a(tiny_setup: tuple[Path, Pa
     names = [k for k in initial if ".lora_A." in k]
     assert names and all(k in released for k in names)
     assert all(float((released[k] - initial[k]).abs().max()) == 0.0 for k in names)
+    # B keeps the job's rank; ranks 2-3, which only site-2 trains, moved too
+    b_names = [k for k in initial if ".lora_B." in k]
+    assert all(released[k].shape == initial[k].shape == (released[k].shape[0], 4) for k in b_names)
+    assert any(float((released[k][:, 2:] - initial[k][:, 2:]).abs().max()) > 0 for k in b_names)
 
 
 def _audit(result_dir: Path, site: str, event: str) -> list[dict]:
@@ -92,8 +98,9 @@ def test_fedadam_and_scaffold_on_a_deployment_step_identically_at_every_site(tin
     # Prepare
     model, data = tiny_setup
     deployment = provision(loopback_project("fedadam-e2e", data_dir=data, sites=2), out=tmp_path / "ws")
-    job = export_job(_spec(model, name="fedadam-deploy", federation={
-        "strategy": "fedadam", "server_optimizer": {"learning_rate": 0.05}}), out=tmp_path / "jobs" / "fedadam")
+    fedadam_spec = _spec(model, name="fedadam-deploy", federation={
+        "strategy": "fedadam", "server_optimizer": {"learning_rate": 0.05}}, lora={"personal_layers": [1]})
+    job = export_job(fedadam_spec, out=tmp_path / "jobs" / "fedadam")
     scaffold_job = export_job(_spec(model, name="scaffold-deploy", federation={"strategy": "scaffold"}, dp=True),
                               out=tmp_path / "jobs" / "scaffold")
 
@@ -132,6 +139,19 @@ def test_fedadam_and_scaffold_on_a_deployment_step_identically_at_every_site(tin
               for site in ("site-1", "site-2")}
     assert [rnd for rnd, _ in states["site-1"]] == [1, 2]
     assert states["site-1"] == states["site-2"]
+    # Layer 1's LoRA is personal: released as initialised; each site keeps its own trained copy (0600)
+    released = load_file(str(outcome.result_dir / "adapter" / "adapter_model.safetensors"))
+    initial = make_engine(fedadam_spec, model_dir=model, threads=1).initial_adapter()
+    personal = sorted(k for k in initial if ".layers.1." in k)
+    assert personal and all(torch.equal(released[k], initial[k]) for k in personal)
+    assert any(not torch.equal(released[k], initial[k]) for k in initial if ".layers.0." in k)
+    store = {site: SiteStateStore(root=Path(deployment.site_kits[site]), spec=fedadam_spec).folder
+             / PERSONAL_FILE for site in ("site-1", "site-2")}
+    assert all(path.stat().st_mode & 0o777 == 0o600 for path in store.values())
+    mine = {site: load_file(str(path)) for site, path in store.items()}
+    assert all(sorted(tensors) == personal for tensors in mine.values())
+    trained_b = [k for k in personal if ".lora_B." in k]
+    assert any(not torch.equal(mine["site-1"][k], mine["site-2"][k]) for k in trained_b)
     # Each site masked both rounds with both sites' keys, checked against the project's root CA
     for site in ("site-1", "site-2"):
         lines = (outcome.result_dir / "audit" / f"{site}.jsonl").read_text().splitlines()
