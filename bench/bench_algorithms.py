@@ -288,22 +288,26 @@ def _local_own_task(engine: Any, start: dict, train: dict[str, list], test: Sequ
     return {"own_task_accuracy": own, "seconds": round(time.perf_counter() - started, 1)}
 
 
+def _best_and_gap_share(federated: dict[str, dict], central: dict | None, metric: str,
+                        *, sign: int) -> tuple[str | None, float | None]:
+    """The best arm on ``metric`` (``sign`` 1: higher is better, -1: lower) and the share of FedAvg's gap to
+    central it closes; None where an arm it needs did not run or central is no better than FedAvg."""
+    if not federated:
+        return None, None
+    best = max(federated, key=lambda arm: sign * federated[arm][metric])
+    if not central or "fedavg" not in federated:
+        return best, None
+    fedavg = federated["fedavg"][metric]
+    gap = sign * (central[metric] - fedavg)
+    return best, (round(sign * (federated[best][metric] - fedavg) / gap, 4) if gap > 0 else None)
+
+
 def _block(skew: float, results: dict[str, dict], central: dict | None, local: dict | None) -> dict[str, Any]:
     """One skew's arms and the goals computed from them (``None`` where an arm it needs did not run)."""
     federated = {name: figures for name, figures in results.items() if name not in BASELINES}
-    best = max(federated, key=lambda arm: federated[arm]["accuracy"]) if federated else None
-    share = None
-    if best and central and "fedavg" in federated:
-        fedavg_acc = federated["fedavg"]["accuracy"]
-        gap = central["accuracy"] - fedavg_acc
-        share = round((federated[best]["accuracy"] - fedavg_acc) / gap, 4) if gap > 0 else None
+    best, share = _best_and_gap_share(federated, central, "accuracy", sign=1)
     # The same goal on eval loss: continuous, so not tied to whole test examples as accuracy is.
-    best_by_loss = min(federated, key=lambda arm: federated[arm]["eval_loss"]) if federated else None
-    loss_share = None
-    if best_by_loss and central and "fedavg" in federated:
-        loss_gap = federated["fedavg"]["eval_loss"] - central["eval_loss"]
-        loss_share = (round((federated["fedavg"]["eval_loss"] - federated[best_by_loss]["eval_loss"]) / loss_gap, 4)
-                      if loss_gap > 0 else None)
+    best_by_loss, loss_share = _best_and_gap_share(federated, central, "eval_loss", sign=-1)
     personal_vs_local = None
     if local and "personal" in federated:
         personal_vs_local = {site: round(federated["personal"]["own_task_accuracy"][site] - accuracy, 4)
